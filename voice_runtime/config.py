@@ -1,0 +1,120 @@
+"""The one place that reads environment variables.
+
+Everything else takes explicit arguments and falls back to :func:`settings`, which reads
+the environment at call time (never at import), so tests and apps can change variables
+before constructing objects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from voice_runtime.errors import ConfigurationError
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One documented environment variable."""
+
+    name: str
+    default: str | None
+    meaning: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("VOICE_STREAM_URL", None, "public base URL of this server (https:// or wss://)"),
+    EnvVar("VOICE_SERVER_PORT", "8080", "port the voice server listens on"),
+    EnvVar("VOICE_PUBLIC_URL", None, "public base URL Twilio uses for webhooks (signatures)"),
+    EnvVar("TWILIO_ACCOUNT_SID", None, "Twilio account SID (AC…)"),
+    EnvVar("TWILIO_AUTH_TOKEN", None, "Twilio auth token; enables signature checks"),
+    EnvVar("TWILIO_PHONE_NUMBER", None, "the Twilio number calls and SMS come from"),
+    EnvVar("TWILIO_SKIP_SIGNATURE_VALIDATION", "", "1/true disables signature checks (dev only)"),
+    EnvVar("TWILIO_HTTP_TIMEOUT", "15", "seconds before a Twilio REST request times out"),
+    EnvVar("TWILIO_API_BASE_URL", None, "override of https://api.twilio.com (fakes, proxies)"),
+    EnvVar("ELEVENLABS_API_KEY", None, "ElevenLabs API key"),
+    EnvVar("ELEVENLABS_VOICE_ID", "21m00Tcm4TlvDq8ikWAM", "ElevenLabs TTS voice"),
+    EnvVar("ELEVENLABS_MODEL", "eleven_multilingual_v2", "ElevenLabs TTS model"),
+    EnvVar("STT_MODEL_ID", "scribe_v2_realtime", "ElevenLabs realtime STT model"),
+    EnvVar("STT_LANGUAGE_CODE", None, "language hint for the ElevenLabs STT"),
+    EnvVar("AZURE_SPEECH_KEY", None, "Azure Speech subscription key"),
+    EnvVar("AZURE_SPEECH_REGION", "westeurope", "Azure Speech region"),
+    EnvVar("AZURE_TTS_VOICE", "fi-FI-NooraNeural", "Azure TTS voice"),
+    EnvVar("VOICE_MONITOR", "", "1/true plays both call legs through ffplay"),
+    EnvVar("TRANSPORT", "twilio", "twilio, or mock for the loopback bridge"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of every voice_runtime environment variable."""
+
+    voice_stream_url: str | None = None
+    voice_server_port: int = 8080
+    voice_public_url: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_phone_number: str | None = None
+    twilio_skip_signature_validation: bool = False
+    twilio_http_timeout: float = 15.0
+    twilio_api_base_url: str | None = None
+    elevenlabs_api_key: str | None = None
+    elevenlabs_voice_id: str = "21m00Tcm4TlvDq8ikWAM"
+    elevenlabs_model: str = "eleven_multilingual_v2"
+    stt_model_id: str = "scribe_v2_realtime"
+    stt_language_code: str | None = None
+    azure_speech_key: str | None = None
+    azure_speech_region: str = "westeurope"
+    azure_tts_voice: str = "fi-FI-NooraNeural"
+    voice_monitor: bool = False
+    transport: str = "twilio"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every documented variable from ``environ`` (default ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name.upper(), f.type, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _convert(name: str, kind: object, raw: str) -> object:
+    kind = str(kind)
+    if kind == "bool":
+        return raw.strip().lower() in _TRUE
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+        if name == "TWILIO_HTTP_TIMEOUT" and (not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{name} must be a finite positive number, got {raw!r}")
+        return value
+    return raw
+
+
+def settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Return the settings as the environment says now."""
+    return Settings.from_env(environ)
+
+
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Read a boolean flag variable (1/true/yes/on)."""
+    env = os.environ if environ is None else environ
+    return env.get(name, "").strip().lower() in _TRUE
+
+
+__all__ = ["ENV_VARS", "EnvVar", "Settings", "env_flag", "settings"]

@@ -1,0 +1,145 @@
+"""The exception tree of voice_runtime.
+
+::
+
+    VoiceRuntimeError
+    ├── ConfigurationError              a required setting is missing or invalid
+    │   ├── MissingCredentialError      names the environment variable to set
+    │   └── MissingStreamUrlError       VOICE_STREAM_URL is not set
+    ├── SessionError
+    │   ├── CallNotAnsweredError        the media stream did not connect in time
+    │   ├── CallHangupError             the call ended during a listen operation
+    │   ├── NoEventLoopError            a cross-thread call before the session has a loop
+    │   ├── LoopThreadError             a blocking call made on the event-loop thread
+    │   └── QueueFullError              a bounded queue refused an item (policy "raise")
+    ├── ProtocolError                   a wire message we cannot use
+    └── ProviderError                   a vendor failed; ``retryable`` says whether to retry
+        └── ProviderConnectionError     the vendor could not be reached (retryable)
+
+Twilio REST errors (``TwilioCallNotFoundError``, ``TwilioCallListIncompleteError``) also
+derive from ``RuntimeError`` for compatibility with the 0.1.x package.
+"""
+
+from __future__ import annotations
+
+
+class VoiceRuntimeError(Exception):
+    """Root of every error raised by voice_runtime."""
+
+
+class ConfigurationError(VoiceRuntimeError):
+    """A required setting is missing or invalid."""
+
+
+class MissingCredentialError(ConfigurationError):
+    """A credential was neither passed explicitly nor found in the environment."""
+
+    def __init__(self, variable: str, what: str | None = None) -> None:
+        self.variable = variable
+        label = what or variable
+        super().__init__(f"{label} is not configured: pass it explicitly or set {variable}")
+
+
+class MissingStreamUrlError(ConfigurationError):
+    """Raised when VOICE_STREAM_URL is not set."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Set VOICE_STREAM_URL to the public https:// (or wss://) base URL of this "
+            "server, so Twilio can open the media stream (use a tunnel for local development)"
+        )
+
+
+class SessionError(VoiceRuntimeError):
+    """Misuse or failure of a VoiceSession."""
+
+
+class CallNotAnsweredError(SessionError):
+    """Raised when the media stream does not connect within the timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(f"WebSocket did not connect within {timeout}s")
+
+
+class CallHangupError(SessionError):
+    """Raised when the call is hung up during a listen operation."""
+
+    def __init__(self) -> None:
+        super().__init__("Call was hung up during listen operation")
+
+
+class NoEventLoopError(SessionError):
+    """A thread-safe session call was made before the session was bound to a loop."""
+
+
+class LoopThreadError(SessionError):
+    """A blocking call was made on the event-loop thread, where it would deadlock."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        super().__init__(
+            f"{method}() blocks and was called on the event-loop thread, where it would "
+            f"deadlock; await its async twin instead, or call it from a worker thread"
+        )
+
+
+class QueueFullError(SessionError):
+    """A bounded session queue is full and its policy is to refuse."""
+
+
+class ProtocolError(VoiceRuntimeError):
+    """A wire message that cannot be used (malformed, unknown, out of order)."""
+
+
+class ProviderError(VoiceRuntimeError):
+    """A speech or agent vendor failed.
+
+    ``retryable`` is True for connection errors, timeouts, 408, 429 and 5xx answers;
+    False for other 4xx answers and terminal vendor errors (auth, quota, bad input).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        retryable: bool = False,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        self.provider = provider
+        self.retryable = retryable
+        self.status = status
+        self.code = code
+        super().__init__(f"{provider}: {message}" if provider else message)
+
+
+class ProviderConnectionError(ProviderError):
+    """The vendor could not be reached; always retryable."""
+
+    def __init__(self, message: str, *, provider: str = "") -> None:
+        super().__init__(message, provider=provider, retryable=True)
+
+
+def is_retryable_status(status: int) -> bool:
+    """Return True for HTTP statuses worth retrying (408, 429, 5xx)."""
+    return status in (408, 429) or 500 <= status <= 599
+
+
+__all__ = [
+    "CallHangupError",
+    "CallNotAnsweredError",
+    "ConfigurationError",
+    "LoopThreadError",
+    "MissingCredentialError",
+    "MissingStreamUrlError",
+    "NoEventLoopError",
+    "ProtocolError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "QueueFullError",
+    "SessionError",
+    "VoiceRuntimeError",
+    "is_retryable_status",
+]
