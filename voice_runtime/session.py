@@ -1,0 +1,846 @@
+"""VoiceSession: the per-call coordinator between consumer code and a transport.
+
+The session owns the call's queues, marks, intents and lifecycle. It knows nothing about
+Twilio JSON, websockets or vendors. Consumer code is often synchronous and runs in its own
+threads; the session lives on the transport's event loop. Every method says which side may
+call it:
+
+* "any thread": safe from the loop thread and from other threads. On the loop thread the
+  work is done inline; from another thread it is handed to the loop.
+* "blocking": waits; raises :class:`~voice_runtime.errors.LoopThreadError` on the loop thread
+  (it would deadlock there). Each has an ``*_async`` twin for coroutines.
+* "loop only": called by transports and providers from coroutines on the session's loop.
+
+Outbound ordering: agent audio and marks leave in the order they were queued. A mark records
+how many outbound chunks had been queued before it and is handed to the transport only after
+the transport has taken all of them, whichever threads or coroutines produced the two.
+
+Playback position: the transport reports the audio it sends (:meth:`note_audio_sent`) and
+echoes of marks; ``played_ms`` advances only on echoes of marks sent since the last ``clear``,
+so audio discarded by a clear never counts as heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from voice_runtime._sync import Flag, call_on_loop, forbid_on_loop, running_loop
+from voice_runtime.errors import (
+    CallHangupError,
+    CallNotAnsweredError,
+    MissingStreamUrlError,
+    NoEventLoopError,
+)
+from voice_runtime.types import CallInfo, SessionEvent
+
+if TYPE_CHECKING:
+    from voice_runtime.providers import SttProvider
+
+logger = logging.getLogger(__name__)
+
+FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
+INBOUND_MAXSIZE = 1500  # 30 s of 20 ms caller frames
+OUTBOUND_MAXSIZE = 3000
+DTMF_MAXSIZE = 256
+_POSITION_PREFIX = "vr~pos~"
+_END_PREFIX = "vr~end~"
+_DROP_LOG_EVERY = 500
+
+MarkStatus = Literal["played", "cleared", "disconnected", "timeout"]
+
+__all__ = [
+    "FRAME_BYTES",
+    "CallHangupError",
+    "CallNotAnsweredError",
+    "MissingStreamUrlError",
+    "OutboundClear",
+    "OutboundMark",
+    "SessionStats",
+    "VoiceSession",
+]
+
+
+class _CountingQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An asyncio.Queue that counts items put and taken and wakes a listener on put."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.put_count = 0
+        self.taken_count = 0
+        self.on_put: Callable[[], None] | None = None
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)  # type: ignore[misc]
+        self.put_count += 1
+        if self.on_put is not None:
+            self.on_put()
+
+    def _get(self) -> Any:
+        item = super()._get()  # type: ignore[misc]
+        self.taken_count += 1
+        return item
+
+
+@dataclass
+class SessionStats:
+    """Counters of one call; drops are never silent."""
+
+    inbound_frames: int = 0
+    inbound_dropped: int = 0
+    outbound_chunks: int = 0
+    outbound_dropped: int = 0
+    outbound_cleared: int = 0
+    audio_sent_bytes: int = 0
+    marks_sent: int = 0
+    marks_echoed: int = 0
+    unknown_marks: int = 0
+    clears_sent: int = 0
+    dtmf_digits: int = 0
+    dtmf_dropped: int = 0
+    bad_frames: dict[str, int] = field(default_factory=dict)
+
+    def count_bad(self, reason: str) -> int:
+        """Count one malformed or unusable inbound message; return the new count."""
+        n = self.bad_frames.get(reason, 0) + 1
+        self.bad_frames[reason] = n
+        return n
+
+
+@dataclass(eq=False)
+class OutboundMark:
+    """A mark handed to the transport, in order with the audio around it."""
+
+    name: str
+    after: int  # outbound chunks queued before this mark
+    internal: bool = False
+    sent_ms: float = 0.0
+    generation: int = 0
+
+
+class OutboundClear:
+    """The transport should send a ``clear`` now."""
+
+    __slots__ = ()
+
+
+_CLEAR = OutboundClear()
+
+
+@dataclass(eq=False)
+class _MarkWaiter:
+    future: concurrent.futures.Future[MarkStatus]
+    mark: OutboundMark | None = None
+
+
+def _new_inbound() -> asyncio.Queue[bytes | None]:
+    return asyncio.Queue(INBOUND_MAXSIZE)
+
+
+def _new_outbound() -> asyncio.Queue[bytes]:
+    return _CountingQueue(OUTBOUND_MAXSIZE)
+
+
+@dataclass
+class VoiceSession:
+    """Per-call coordinator: queues, marks, intents and lifecycle of one call at a time."""
+
+    call_sid: str | None = None
+    stream_sid: str | None = None
+    caller_number: str | None = None
+    inbound: asyncio.Queue[bytes | None] = field(default_factory=_new_inbound)
+    outbound: asyncio.Queue[bytes] = field(default_factory=_new_outbound)
+    stt: SttProvider | None = field(default=None, repr=False)
+    stt_factory: Callable[[], SttProvider] | None = field(default=None, repr=False)
+    stt_secondary_factory: Callable[[], SttProvider] | None = field(default=None, repr=False)
+    on_stt_ready: Callable[[SttProvider], None] | None = field(default=None, repr=False)
+    on_disconnected: Callable[[], None] | None = field(default=None, repr=False)
+    on_dtmf: Callable[[str], None] | None = field(default=None, repr=False)
+    on_event: Callable[[SessionEvent], None] | None = field(default=None, repr=False)
+
+    call_info: CallInfo | None = field(default=None, repr=False)
+    stats: SessionStats = field(default_factory=SessionStats, repr=False)
+
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _ws_connected: Flag = field(default_factory=Flag, repr=False)
+    _disconnected: Flag = field(default_factory=Flag, repr=False)
+    _pending_marks: dict[str, _MarkWaiter] = field(default_factory=dict, repr=False)
+    _marks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _mixer: Any = field(default=None, repr=False)
+    _call_generation: int = field(default=0, repr=False)
+    _disconnect_requested: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _pending_disconnect: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._out_marks: collections.deque[OutboundMark] = collections.deque()
+        self._out_wakeup = asyncio.Event()
+        self._clear_pending = 0
+        self._clear_generation = 0
+        self._sent_ms = 0.0
+        self._played_ms = 0.0
+        self._dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_none_warned = False
+        self._bind_outbound()
+
+    def _bind_outbound(self) -> None:
+        if isinstance(self.outbound, _CountingQueue):
+            self.outbound.on_put = self._out_wakeup.set
+
+    # ------------------------------------------------------------------ loop binding
+
+    def set_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind the session to the transport's event loop (any thread)."""
+        self._loop = loop
+        if self._pending_disconnect:
+            self._pending_disconnect = False
+            call_on_loop(loop, self._disconnect_requested.set)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the session is bound to, or None."""
+        return self._loop
+
+    def _require_loop(self, method: str) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise NoEventLoopError(
+                f"{method}() needs the session's event loop, and no transport has bound one yet "
+                f"(the media stream has not connected: call wait_for_ws_connect() first)"
+            )
+        return self._loop
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        return call_on_loop(loop, fn, *args)
+
+    # ------------------------------------------------------------------ caller audio
+
+    def put_inbound(self, data: bytes | None) -> None:
+        """Queue caller audio for the STT (any thread); ``None`` ends the stream.
+
+        The queue is bounded: when full, the oldest frame is dropped and counted, so the STT
+        always gets the most recent audio. Without a loop the frame is dropped and a warning
+        is logged once.
+        """
+        if self._loop is None:
+            if not self._loop_none_warned:
+                self._loop_none_warned = True
+                logger.warning("caller audio dropped: session has no event loop yet")
+            if data is not None:
+                self.stats.inbound_dropped += 1
+            return
+        if not self._on_loop(self._put_inbound_now, data) and data is not None:
+            self.stats.inbound_dropped += 1
+
+    def _put_inbound_now(self, data: bytes | None) -> None:
+        q = self.inbound
+        if data is not None:
+            if self._disconnected.is_set():
+                return
+            self.stats.inbound_frames += 1
+        while q.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                q.get_nowait()
+            self.stats.inbound_dropped += 1
+            if self.stats.inbound_dropped % _DROP_LOG_EVERY == 1:
+                logger.warning(
+                    "caller audio dropped: STT is not keeping up",
+                    extra={"call_sid": self.call_sid, "dropped": self.stats.inbound_dropped},
+                )
+        q.put_nowait(data)
+
+    def clear_inbound(self) -> None:
+        """Drop caller audio queued for the STT (any thread; waits up to 1 s off the loop)."""
+        loop = self._loop
+        if loop is None:
+            self._drain_inbound()
+            return
+        if running_loop() is loop:
+            self._drain_inbound()
+            return
+        done = concurrent.futures.Future[int]()
+
+        def _drain() -> None:
+            done.set_result(self._drain_inbound())
+
+        if call_on_loop(loop, _drain):
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                done.result(timeout=1.0)
+
+    def _drain_inbound(self) -> int:
+        n = 0
+        while True:
+            try:
+                item = self.inbound.get_nowait()
+            except asyncio.QueueEmpty:
+                return n
+            if item is None:
+                # The end-of-call sentinel must survive a drain.
+                self.inbound.put_nowait(None)
+                return n
+            n += 1
+
+    # ------------------------------------------------------------------ agent audio
+
+    def put_outbound_sync(self, data: bytes) -> None:
+        """Queue agent audio for the caller (any thread).
+
+        Before a transport binds a loop the audio is buffered in the queue and sent once the
+        stream starts. When the bounded queue is full the chunk is dropped, counted and logged.
+        """
+        if not data:
+            return
+        if self._loop is None:
+            self._put_outbound_now(data)
+            return
+        if not self._on_loop(self._put_outbound_now, data):
+            self._count_outbound_drop("event loop closed")
+
+    async def put_outbound(self, data: bytes) -> None:
+        """Queue agent audio from a coroutine on the loop, waiting while the queue is full."""
+        if data and not self._disconnected.is_set():
+            await self.outbound.put(data)
+
+    def _put_outbound_now(self, data: bytes) -> None:
+        if self._disconnected.is_set():
+            return
+        try:
+            self.outbound.put_nowait(data)
+        except asyncio.QueueFull:
+            self._count_outbound_drop("outbound queue full")
+
+    def _count_outbound_drop(self, why: str) -> None:
+        self.stats.outbound_dropped += 1
+        if self.stats.outbound_dropped % _DROP_LOG_EVERY == 1:
+            logger.warning(
+                "agent audio dropped: %s",
+                why,
+                extra={"call_sid": self.call_sid, "dropped": self.stats.outbound_dropped},
+            )
+
+    async def get_outbound(self) -> bytes:
+        """Return the next queued agent audio chunk (loop only)."""
+        return await self.outbound.get()
+
+    # ------------------------------------------------------------------ marks
+
+    def _new_mark_name(self, mark_name: str) -> str:
+        while True:
+            unique = f"{mark_name}__{uuid.uuid4().hex[:8]}"
+            if unique not in self._pending_marks:
+                return unique
+
+    def _queue_mark(self, mark: OutboundMark) -> None:
+        mark.after = self.outbound.put_count if isinstance(self.outbound, _CountingQueue) else 0
+        self._out_marks.append(mark)
+        self._out_wakeup.set()
+
+    def _register_mark(self, mark_name: str) -> tuple[str, _MarkWaiter]:
+        unique = self._new_mark_name(mark_name)
+        waiter = _MarkWaiter(concurrent.futures.Future())
+        with self._marks_lock:
+            self._pending_marks[unique] = waiter
+        if self._disconnected.is_set():
+            self._resolve(waiter, "disconnected")
+        return unique, waiter
+
+    def _enqueue_user_mark(self, unique: str, waiter: _MarkWaiter) -> None:
+        if waiter.future.done():
+            return
+        mark = OutboundMark(unique, 0)
+        waiter.mark = mark
+        self._queue_mark(mark)
+
+    def send_mark_and_wait(self, mark_name: str, timeout: float = 10.0) -> bool:
+        """Queue a mark behind the audio queued so far and block until the caller heard it.
+
+        Blocking. The wire name is ``f"{mark_name}__{8 hex}"``, unique per send. Returns True
+        when the audio before the mark was played, False when it was cleared or the call
+        ended. Raises the built-in TimeoutError on timeout unless the call is disconnected.
+        """
+        loop = self._require_loop("send_mark_and_wait")
+        forbid_on_loop(loop, "send_mark_and_wait")
+        unique, waiter = self._register_mark(mark_name)
+        try:
+            if not call_on_loop(loop, self._enqueue_user_mark, unique, waiter):
+                return False
+            try:
+                status = waiter.future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                if self.is_disconnected:
+                    return False
+                raise TimeoutError(
+                    f"Mark {mark_name!r} ({unique}) not received within {timeout}s"
+                ) from None
+            return status == "played"
+        finally:
+            with self._marks_lock:
+                self._pending_marks.pop(unique, None)
+
+    async def send_mark_and_wait_async(self, mark_name: str, timeout: float = 10.0) -> bool:
+        """Async twin of :meth:`send_mark_and_wait` (loop only)."""
+        if self._loop is None:
+            self.set_loop(asyncio.get_running_loop())
+        unique, waiter = self._register_mark(mark_name)
+        try:
+            self._enqueue_user_mark(unique, waiter)
+            try:
+                status = await asyncio.wait_for(asyncio.wrap_future(waiter.future), timeout)
+            except TimeoutError:
+                if self.is_disconnected:
+                    return False
+                raise TimeoutError(
+                    f"Mark {mark_name!r} ({unique}) not received within {timeout}s"
+                ) from None
+            return status == "played"
+        finally:
+            with self._marks_lock:
+                self._pending_marks.pop(unique, None)
+
+    def signal_mark_received(self, name: str) -> None:
+        """Handle a mark echo from the far end (loop only); unknown names log a warning."""
+        self.stats.marks_echoed += 1
+        if name.startswith(_POSITION_PREFIX):
+            self._position_echo(name)
+            return
+        if name.startswith(_END_PREFIX):
+            self._position_echo(name)
+            self._set_disconnect_requested()
+            return
+        with self._marks_lock:
+            waiter = self._pending_marks.get(name)
+        if waiter is None:
+            self.stats.unknown_marks += 1
+            logger.warning("unknown mark echoed", extra={"call_sid": self.call_sid, "mark": name})
+            return
+        mark = waiter.mark
+        if mark is not None and mark.generation == self._clear_generation:
+            self._played_ms = max(self._played_ms, mark.sent_ms)
+            self._resolve(waiter, "played")
+        else:
+            self._resolve(waiter, "cleared")
+
+    def _position_echo(self, name: str) -> None:
+        try:
+            _, _, gen, ms = name.split("~")
+            generation, sent_ms = int(gen), float(ms)
+        except ValueError:
+            self.stats.unknown_marks += 1
+            return
+        if generation == self._clear_generation:
+            self._played_ms = max(self._played_ms, sent_ms)
+
+    @staticmethod
+    def _resolve(waiter: _MarkWaiter, status: MarkStatus) -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            waiter.future.set_result(status)
+
+    async def get_pending_mark(self) -> str:
+        """Return the next mark name for a transport that sends marks on its own (loop only).
+
+        Transports that care about ordering use :meth:`next_outbound` instead.
+        """
+        while True:
+            if self._out_marks:
+                mark = self._out_marks.popleft()
+                self._hand_out(mark)
+                return mark.name
+            self._out_wakeup.clear()
+            await self._out_wakeup.wait()
+
+    # ------------------------------------------------------------------ transport side
+
+    async def next_outbound(self) -> bytes | OutboundMark | OutboundClear:
+        """Return the next thing to send, in queue order: a clear, audio or a mark (loop only)."""
+        out = self.outbound
+        counting = isinstance(out, _CountingQueue)
+        while True:
+            if self._clear_pending:
+                self._clear_pending = 0
+                return _CLEAR
+            marks = self._out_marks
+            if marks and (not counting or marks[0].after <= out.taken_count):  # type: ignore[attr-defined]
+                mark = marks.popleft()
+                self._hand_out(mark)
+                return mark
+            if not out.empty():
+                return out.get_nowait()
+            self._out_wakeup.clear()
+            await self._out_wakeup.wait()
+
+    def outbound_pending(self) -> bool:
+        """True while agent audio, marks or a clear are waiting to be sent (loop only)."""
+        return bool(self._clear_pending or self._out_marks or not self.outbound.empty())
+
+    def _hand_out(self, mark: OutboundMark) -> None:
+        mark.sent_ms = self._sent_ms
+        mark.generation = self._clear_generation
+        self.stats.marks_sent += 1
+
+    def note_audio_sent(self, nbytes: int) -> None:
+        """Record that ``nbytes`` of μ-law agent audio went to the far end (loop only)."""
+        self._sent_ms += nbytes / 8.0
+        self.stats.audio_sent_bytes += nbytes
+        self.stats.outbound_chunks += 1
+
+    def position_mark_name(self) -> str:
+        """Name of a mark that, when echoed, moves the playback position to now (loop only)."""
+        self.stats.marks_sent += 1
+        return f"{_POSITION_PREFIX}{self._clear_generation}~{self._sent_ms:.3f}"
+
+    @property
+    def clear_pending(self) -> bool:
+        """True when a clear was requested and not yet handed to the transport."""
+        return bool(self._clear_pending)
+
+    @property
+    def sent_ms(self) -> float:
+        """Milliseconds of agent audio sent to the far end in this call."""
+        return self._sent_ms
+
+    @property
+    def played_ms(self) -> float:
+        """Milliseconds of agent audio the caller has heard, from mark echoes."""
+        return self._played_ms
+
+    @property
+    def clear_generation(self) -> int:
+        """How many clears this call has had; echoes of older marks are not counted."""
+        return self._clear_generation
+
+    @property
+    def agent_audio_pending(self) -> bool:
+        """True while agent audio is queued locally or sent but not yet confirmed played."""
+        return (not self.outbound.empty()) or self._sent_ms > self._played_ms + 0.5
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def signal_ws_connected(self, stream_sid: str) -> None:
+        """Record the stream as connected and wake ``wait_for_ws_connect`` (transport)."""
+        self.stream_sid = stream_sid
+        if self._loop is None:
+            loop = running_loop()
+            if loop is not None:
+                self.set_loop(loop)
+        self._ws_connected.set()
+        logger.info("media stream connected", extra={"call_sid": self.call_sid})
+
+    def apply_call_info(self, info: CallInfo) -> None:
+        """Store what the stream's ``start`` said about the call (transport)."""
+        self.call_info = info
+        self.call_sid = info.call_sid
+        if info.caller_number:
+            self.caller_number = info.caller_number
+
+    def wait_for_ws_connect(self, timeout: float = 30.0) -> None:
+        """Block until the media stream connects; CallNotAnsweredError on timeout."""
+        forbid_on_loop(self._loop, "wait_for_ws_connect")
+        if not self._ws_connected.wait(timeout):
+            raise CallNotAnsweredError(timeout)
+
+    async def wait_for_ws_connect_async(self, timeout: float = 30.0) -> None:
+        """Async twin of :meth:`wait_for_ws_connect`."""
+        if not await self._ws_connected.wait_async(timeout):
+            raise CallNotAnsweredError(timeout)
+
+    @property
+    def is_connected(self) -> bool:
+        """True once the media stream has started and until reset."""
+        return self._ws_connected.is_set()
+
+    def signal_disconnected(self) -> None:
+        """Mark the call as ended (idempotent, any thread).
+
+        Puts ``None`` on inbound, releases every pending mark, ends the DTMF iterators and
+        calls ``on_disconnected`` once.
+        """
+        if self._disconnected.is_set():
+            return
+        self._disconnected.set()
+        logger.info("call disconnected", extra={"call_sid": self.call_sid})
+        if self._loop is not None:
+            self._on_loop(self._finish_disconnect)
+        else:
+            self._finish_disconnect()
+        with self._marks_lock:
+            waiters = list(self._pending_marks.values())
+        for waiter in waiters:
+            self._resolve(waiter, "disconnected")
+        if self.on_disconnected is not None:
+            try:
+                self.on_disconnected()
+            except Exception:
+                logger.exception("on_disconnected callback failed")
+
+    def _finish_disconnect(self) -> None:
+        self._put_inbound_now(None)
+        self._out_marks.clear()
+        self._out_wakeup.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._dtmf_queue.put_nowait(None)
+        for task in list(self._tasks):
+            task.cancel()
+
+    @property
+    def is_disconnected(self) -> bool:
+        """True once the call has ended."""
+        return self._disconnected.is_set()
+
+    def wait_until_disconnected(self, timeout: float | None = None) -> bool:
+        """Block until the call ends; False on timeout."""
+        forbid_on_loop(self._loop, "wait_until_disconnected")
+        return self._disconnected.wait(timeout)
+
+    async def wait_until_disconnected_async(self, timeout: float | None = None) -> bool:
+        """Async twin of :meth:`wait_until_disconnected`."""
+        return await self._disconnected.wait_async(timeout)
+
+    @property
+    def generation(self) -> int:
+        """Call generation; bumps on every reset(), so stale requests can be told apart."""
+        return self._call_generation
+
+    def reset(self) -> None:
+        """Prepare the session for the next call.
+
+        Releases and clears pending marks, clears the connected/disconnected flags, the
+        stream_sid, the intents and the call info, stops and drops the STT and drains both
+        queues; keeps call_sid, caller_number, factories and mixer.
+        """
+        self._call_generation += 1
+        with self._marks_lock:
+            waiters = list(self._pending_marks.values())
+            self._pending_marks.clear()
+        for waiter in waiters:
+            self._resolve(waiter, "disconnected")
+        stt, self.stt = self.stt, None
+        loop = self._loop
+        if stt is not None:
+            if loop is not None and loop.is_running():
+                if running_loop() is loop:
+                    task = loop.create_task(self._stop_stt(stt))
+                    self._keep(task, cancel_on_disconnect=False)
+                else:
+                    asyncio.run_coroutine_threadsafe(self._stop_stt(stt), loop)
+            else:
+                logger.debug("STT dropped without stop: no running loop")
+        self._ws_connected = Flag()
+        self._disconnected = Flag()
+        self.stream_sid = None
+        self.call_info = None
+        self._pending_disconnect = False
+        if loop is not None and loop.is_running() and running_loop() is not loop:
+            done = concurrent.futures.Future[None]()
+
+            def _reset_on_loop() -> None:
+                self._reset_queues()
+                done.set_result(None)
+
+            if call_on_loop(loop, _reset_on_loop):
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    done.result(timeout=2.0)
+                    return
+        self._reset_queues()
+
+    def _reset_queues(self) -> None:
+        self._disconnect_requested = asyncio.Event()
+        self._out_marks.clear()
+        self._clear_pending = 0
+        self._sent_ms = 0.0
+        self._played_ms = 0.0
+        self._clear_generation = 0
+        self.stats = SessionStats()
+        while True:
+            try:
+                self.inbound.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+        while True:
+            try:
+                self.outbound.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+        self._dtmf_queue = asyncio.Queue(DTMF_MAXSIZE)
+        self._out_wakeup.set()
+        logger.info("session reset for the next call")
+
+    @staticmethod
+    async def _stop_stt(stt: SttProvider) -> None:
+        try:
+            await asyncio.wait_for(stt.stop(), 5.0)
+        except Exception:
+            logger.warning("STT stop failed during reset", exc_info=True)
+
+    def _keep(self, task: asyncio.Task[Any], *, cancel_on_disconnect: bool = True) -> None:
+        if cancel_on_disconnect:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            holder: set[asyncio.Task[Any]] = getattr(self, "_bg_tasks", set())
+            self._bg_tasks = holder
+            holder.add(task)
+            task.add_done_callback(holder.discard)
+
+    # ------------------------------------------------------------------ intents
+
+    def request_disconnect(self, generation: int | None = None, *, after_playback: bool = False) -> None:
+        """Ask the transport to end the call (any thread); a stale ``generation`` is ignored.
+
+        With ``after_playback=True`` the call ends once the agent audio queued so far has been
+        heard (its mark echoed), so the last sentence is not cut off.
+        """
+        if generation is not None and generation != self._call_generation:
+            logger.warning(
+                "stale disconnect request ignored",
+                extra={"generation": generation, "current": self._call_generation},
+            )
+            return
+        if self._loop is None:
+            self._pending_disconnect = True
+            logger.info("disconnect requested before the stream started; will apply on start")
+            return
+        if after_playback:
+            self._on_loop(self._queue_end_mark)
+        else:
+            self._on_loop(self._set_disconnect_requested)
+        logger.info("disconnect requested", extra={"call_sid": self.call_sid})
+
+    def _queue_end_mark(self) -> None:
+        if self._disconnected.is_set():
+            return
+        self._queue_mark(OutboundMark(f"{_END_PREFIX}{self._clear_generation}~0", 0, internal=True))
+
+    def _set_disconnect_requested(self) -> None:
+        self._disconnect_requested.set()
+
+    @property
+    def disconnect_requested(self) -> bool:
+        """True once consumer code asked the transport to end the call."""
+        return self._disconnect_requested.is_set() or self._pending_disconnect
+
+    async def wait_disconnect_requested(self) -> None:
+        """Wait until consumer code asks to end the call (transport, loop only)."""
+        await self._disconnect_requested.wait()
+
+    def request_clear_buffer(self) -> None:
+        """Discard agent audio not yet heard (any thread).
+
+        Drops audio and marks still queued locally (their waiters return as cleared) and
+        asks the transport to send a ``clear`` for what the far end has buffered.
+        """
+        if self._loop is None:
+            self._clear_now()
+            return
+        self._on_loop(self._clear_now)
+
+    def _clear_now(self) -> None:
+        dropped = 0
+        while True:
+            try:
+                self.outbound.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            dropped += 1
+        self.stats.outbound_cleared += dropped
+        self._clear_generation += 1
+        marks, self._out_marks = self._out_marks, collections.deque()
+        for mark in marks:
+            if mark.name.startswith(_END_PREFIX):
+                self._set_disconnect_requested()
+                continue
+            with self._marks_lock:
+                waiter = self._pending_marks.get(mark.name)
+            if waiter is not None:
+                self._resolve(waiter, "cleared")
+        self._sent_ms = self._played_ms
+        if self.stream_sid is not None and not self._disconnected.is_set():
+            self._clear_pending += 1
+        self._out_wakeup.set()
+
+    def note_clear_sent(self) -> None:
+        """Record that the transport sent a clear (loop only)."""
+        self.stats.clears_sent += 1
+
+    # ------------------------------------------------------------------ DTMF and events
+
+    def signal_dtmf(self, digit: str) -> None:
+        """Deliver a DTMF digit from the caller (transport, loop only)."""
+        self.stats.dtmf_digits += 1
+        try:
+            self._dtmf_queue.put_nowait(digit)
+        except asyncio.QueueFull:
+            self.stats.dtmf_dropped += 1
+            logger.warning("DTMF digit dropped: nobody reads the DTMF iterator")
+        if self.on_dtmf is not None:
+            try:
+                self.on_dtmf(digit)
+            except Exception:
+                logger.exception("on_dtmf callback failed")
+
+    async def dtmf(self) -> AsyncIterator[str]:
+        """Yield the caller's DTMF digits until the call ends (loop only)."""
+        queue = self._dtmf_queue
+        while True:
+            digit = await queue.get()
+            if digit is None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(None)
+                return
+            yield digit
+
+    def iter_dtmf(self, timeout: float | None = None) -> Iterator[str]:
+        """Yield the caller's DTMF digits from a worker thread until the call ends.
+
+        Blocking. Stops early when no digit arrives within ``timeout`` seconds.
+        """
+        loop = self._require_loop("iter_dtmf")
+        forbid_on_loop(loop, "iter_dtmf")
+        queue = self._dtmf_queue
+        while True:
+            fut = asyncio.run_coroutine_threadsafe(queue.get(), loop)
+            try:
+                digit = fut.result(timeout)
+            except concurrent.futures.TimeoutError:
+                fut.cancel()
+                return
+            if digit is None:
+                call_on_loop(loop, queue.put_nowait, None)
+                return
+            yield digit
+
+    def emit_event(self, event: SessionEvent) -> None:
+        """Deliver a lifecycle event to ``on_event`` (any thread; runs on the caller's thread)."""
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            logger.exception("on_event callback failed", extra={"event": event.kind})
+
+    # ------------------------------------------------------------------ monitoring
+
+    def set_mixer(self, m: Any) -> None:
+        """Attach an AudioMixer that receives both call legs."""
+        self._mixer = m
+
+    def tap_caller(self, b: bytes) -> None:
+        """Feed caller audio to the mixer, if one is set."""
+        mixer = self._mixer
+        if mixer is not None:
+            mixer.write_caller(b)
+
+    def tap_agent(self, b: bytes) -> None:
+        """Feed agent audio to the mixer, if one is set."""
+        mixer = self._mixer
+        if mixer is not None:
+            mixer.write_agent(b)

@@ -1,0 +1,155 @@
+"""Run an ASGI app on a free 127.0.0.1 port, in a thread or in the current event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import uvicorn
+
+T = TypeVar("T")
+
+__all__ = ["ServerThread", "serve_in_loop"]
+
+
+def _bind_free_socket(host: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _config(app: Any, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", ws_max_size=1 << 20)
+
+
+class _Base:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Base HTTP URL of the server."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """Base websocket URL of the server."""
+        return f"ws://{self.host}:{self.port}"
+
+
+class ServerThread(_Base):
+    """A uvicorn server on its own event loop in a background thread.
+
+    Use as a context manager; ``stop()`` shuts the server down and joins the thread.
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+        self.app = app
+        self.host = host
+        self._sock = _bind_free_socket(host)
+        self.port = self._sock.getsockname()[1]
+        self._server = uvicorn.Server(_config(app, log_level))
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        """Start serving; return once the server accepts connections."""
+        self._thread = threading.Thread(target=self._run, name="voice-test-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("test server did not start")
+        if self._error is not None:
+            raise RuntimeError("test server failed to start") from self._error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve(self) -> None:
+        task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            if task.done():
+                await task
+                return
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        await task
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run a coroutine on the server's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def tasks(self) -> list[str]:
+        """Names of the tasks alive on the server's loop (besides uvicorn's own)."""
+
+        async def _names() -> list[str]:
+            me = asyncio.current_task()
+            return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+
+        return self.call(_names())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the server down and join its thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _LoopServer(_Base):
+    def __init__(self, host: str, port: int, server: uvicorn.Server) -> None:
+        self.host = host
+        self.port = port
+        self.server = server
+
+
+@contextlib.asynccontextmanager
+async def serve_in_loop(
+    app: Any, *, host: str = "127.0.0.1", log_level: str = "warning"
+) -> AsyncIterator[_LoopServer]:
+    """Serve ``app`` in the running event loop for the duration of the block."""
+    sock = _bind_free_socket(host)
+    server = uvicorn.Server(_config(app, log_level))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="voice-test-uvicorn")
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError("server stopped during startup")
+            await asyncio.sleep(0.005)
+        yield _LoopServer(host, sock.getsockname()[1], server)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 10)
+        sock.close()

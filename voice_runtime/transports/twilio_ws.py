@@ -1,0 +1,367 @@
+"""Twilio Media Streams over a FastAPI/Starlette websocket.
+
+:func:`register_voice_websocket` serves ``/voice`` (and the routed ``/voice/{token}``) for one
+:class:`~voice_runtime.session.VoiceSession`. :class:`MediaStreamCall` runs one stream: it
+turns frames into session calls (via the socket-free parser in ``twilio_protocol``) and the
+session's outbound items into frames, paced a little ahead of real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
+from voice_runtime.transports import twilio_protocol as proto
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from voice_runtime.providers import SttProvider
+
+logger = logging.getLogger(__name__)
+
+REST_CLOSE_WAIT_S = 5.0
+STT_STOP_TIMEOUT_S = 5.0
+POSITION_MARK_EVERY_MS = 100.0
+
+__all__ = [
+    "MediaStreamCall",
+    "StreamOptions",
+    "register_voice_websocket",
+]
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a media stream is served.
+
+    ``frame_bytes`` is the size of each outbound media message (160 = 20 ms);
+    ``lead_ms`` is how far ahead of real time agent audio may be sent, so a ``clear`` has
+    little to discard; ``max_message_bytes`` bounds one inbound frame.
+    """
+
+    frame_bytes: int = FRAME_BYTES
+    lead_ms: float = 120.0
+    max_message_bytes: int = 64 * 1024
+    position_mark_every_ms: float = POSITION_MARK_EVERY_MS
+
+
+class _Pacer:
+    """Keeps outbound audio at most ``lead`` seconds ahead of the far end's playback."""
+
+    __slots__ = ("_lead", "_loop", "_until")
+
+    def __init__(self, lead_s: float) -> None:
+        self._lead = lead_s
+        self._loop = asyncio.get_running_loop()
+        self._until = 0.0
+
+    async def before(self, duration_s: float) -> None:
+        now = self._loop.time()
+        until = self._until
+        if until < now:
+            until = now
+        ahead = until - now
+        if ahead > self._lead:
+            await asyncio.sleep(ahead - self._lead)
+        self._until = until + duration_s
+
+    def reset(self) -> None:
+        self._until = 0.0
+
+
+class MediaStreamCall:
+    """One Twilio media stream bound to one session, from accept to cleanup."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        session: VoiceSession,
+        *,
+        options: StreamOptions | None = None,
+        hangup: Callable[[str], Awaitable[bool]] | None = None,
+        on_start: Callable[[VoiceSession], Any] | None = None,
+    ) -> None:
+        self.ws = websocket
+        self.session = session
+        self.options = options or StreamOptions()
+        self._hangup = hangup
+        self._on_start = on_start
+        self._parser = proto.MediaStreamParser()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stt_from_factory = False
+        self._closed = False
+
+    async def run(self) -> None:
+        """Serve the stream until it ends, then release everything the call created."""
+        session = self.session
+        session.set_loop(asyncio.get_running_loop())
+        try:
+            await self._receive_loop()
+        except Exception:
+            logger.exception("media stream failed", extra={"call_sid": session.call_sid})
+        finally:
+            await self._cleanup()
+
+    async def _receive_loop(self) -> None:
+        ws = self.ws
+        session = self.session
+        parser = self._parser
+        max_bytes = self.options.max_message_bytes
+        while True:
+            message = await ws.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self._bad("binary_frame")
+                continue
+            if len(text) > max_bytes:
+                self._bad("too_large")
+                continue
+            try:
+                event = parser.parse(text)
+            except proto.MediaStreamError as exc:
+                self._bad(exc.reason)
+                continue
+            if type(event) is proto.Media:
+                if event.track != "outbound":
+                    session.put_inbound(event.payload)
+                    session.tap_caller(event.payload)
+            elif type(event) is proto.Mark:
+                session.signal_mark_received(event.name)
+            elif type(event) is proto.Start:
+                await self._started(event)
+            elif type(event) is proto.Dtmf:
+                session.signal_dtmf(event.digit)
+            elif type(event) is proto.Stop:
+                logger.info("stream stopped by the far end", extra={"call_sid": session.call_sid})
+                return
+
+    def _bad(self, reason: str) -> None:
+        n = self.session.stats.count_bad(reason)
+        if n == 1 or n % 100 == 0:
+            logger.warning(
+                "unusable media stream frame dropped",
+                extra={"call_sid": self.session.call_sid, "reason": reason, "count": n},
+            )
+
+    async def _started(self, start: proto.Start) -> None:
+        session = self.session
+        if session.is_disconnected or session.is_connected:
+            # A previous call on this session ended without reset(): start clean.
+            session.reset()
+        session.apply_call_info(start.call_info())
+        session.signal_ws_connected(start.stream_sid)
+        logger.info("media stream started", extra={"call_sid": start.call_sid})
+        self._spawn(self._send_loop(), "vr-send")
+        self._spawn(self._watch_disconnect(), "vr-disconnect")
+        stt = self._build_stt()
+        if stt is not None:
+            if session.on_stt_ready is not None:
+                try:
+                    session.on_stt_ready(stt)
+                except Exception:
+                    logger.exception("on_stt_ready callback failed")
+            self._spawn(stt.start(session.inbound), "vr-stt-start")
+        if self._on_start is not None:
+            result = self._on_start(session)
+            if asyncio.iscoroutine(result):
+                self._spawn(result, "vr-on-start")
+
+    def _build_stt(self) -> SttProvider | None:
+        session = self.session
+        if session.stt is None and session.stt_factory is not None:
+            primary = session.stt_factory()
+            if session.stt_secondary_factory is not None:
+                from voice_runtime.stt_tee import SttTee
+
+                session.stt = SttTee(primary, session.stt_secondary_factory())
+            else:
+                session.stt = primary
+            self._stt_from_factory = True
+        return session.stt
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _send(self, text: str) -> bool:
+        if self._closed:
+            return False
+        try:
+            await self.ws.send_text(text)
+        except Exception:
+            # A failed send means the far end is gone.
+            logger.info("send failed; treating the call as ended", extra={"call_sid": self.session.call_sid})
+            self._closed = True
+            self.session.signal_disconnected()
+            return False
+        return True
+
+    async def _send_loop(self) -> None:
+        session = self.session
+        sid = session.stream_sid or ""
+        opts = self.options
+        frame = opts.frame_bytes
+        pacer = _Pacer(opts.lead_ms / 1000.0)
+        every = opts.position_mark_every_ms
+        last_position = 0.0
+        encode_media = proto.encode_media
+        while not session.is_disconnected:
+            item = await session.next_outbound()
+            if session.is_disconnected:
+                return
+            if isinstance(item, OutboundClear):
+                pacer.reset()
+                if await self._send(proto.encode_clear(sid)):
+                    session.note_clear_sent()
+                last_position = session.sent_ms
+                continue
+            if isinstance(item, OutboundMark):
+                if not await self._send(proto.encode_mark(sid, item.name)):
+                    return
+                last_position = session.sent_ms
+                continue
+            for i in range(0, len(item), frame):
+                if session.clear_pending:
+                    break
+                chunk = item[i : i + frame]
+                await pacer.before(len(chunk) / 8000.0)
+                if session.clear_pending:
+                    break
+                if not await self._send(encode_media(sid, chunk)):
+                    return
+                session.note_audio_sent(len(chunk))
+                session.tap_agent(chunk)
+                if session.sent_ms - last_position >= every:
+                    # Periodic marks keep played_ms fresh inside long utterances.
+                    if not await self._send(proto.encode_mark(sid, session.position_mark_name())):
+                        return
+                    last_position = session.sent_ms
+            if session.clear_pending:
+                continue
+            if session.sent_ms > last_position and not session.outbound_pending():
+                if not await self._send(proto.encode_mark(sid, session.position_mark_name())):
+                    return
+                last_position = session.sent_ms
+
+    async def _watch_disconnect(self) -> None:
+        session = self.session
+        await session.wait_disconnect_requested()
+        if session.is_disconnected:
+            return
+        if self._hangup is not None and session.call_sid:
+            try:
+                ended = await self._hangup(session.call_sid)
+            except Exception:
+                logger.warning("REST hangup failed; closing the stream instead", exc_info=True)
+                ended = False
+            if ended and await session.wait_until_disconnected_async(REST_CLOSE_WAIT_S):
+                return
+        logger.info("closing the media stream to end the call", extra={"call_sid": session.call_sid})
+        await self._close(1000)
+
+    async def _close(self, code: int) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code)
+
+    async def _cleanup(self) -> None:
+        session = self.session
+        session.signal_disconnected()
+        stt = session.stt
+        if stt is not None:
+            try:
+                await asyncio.wait_for(stt.stop(), STT_STOP_TIMEOUT_S)
+            except Exception:
+                logger.warning("STT stop failed", exc_info=True, extra={"call_sid": session.call_sid})
+            if self._stt_from_factory:
+                session.stt = None
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(BaseException):
+                    await task
+        self._tasks.clear()
+        await self._close(1000)
+        logger.info(
+            "media stream finished",
+            extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
+        )
+
+
+def _rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
+    """Return a coroutine function that ends a call over REST, or None without credentials."""
+    from voice_runtime.config import settings
+
+    cfg = settings()
+    if regions is None and not (cfg.twilio_account_sid and cfg.twilio_auth_token):
+        return None
+
+    async def hangup(call_sid: str) -> bool:
+        from voice_runtime.transports import twilio_call
+
+        if regions is None:
+            await asyncio.to_thread(twilio_call.hangup_call, call_sid)
+        else:
+            await asyncio.to_thread(twilio_call.hangup_call, call_sid, regions=regions)
+        return True
+
+    return hangup
+
+
+def register_voice_websocket(
+    app: FastAPI,
+    session: VoiceSession,
+    *,
+    hangup_regions: Any = None,
+    path: str = "/voice",
+    options: StreamOptions | None = None,
+) -> None:
+    """Serve Twilio media streams for ``session`` at ``path`` and ``{path}/{token}``.
+
+    The single-session form of the 0.1.x package: one call at a time. A second stream that
+    arrives while a call is live is refused (close code 1013).
+    """
+    if hangup_regions is not None:
+        from voice_runtime.transports import twilio_call
+
+        hangup_regions = twilio_call._validated_regions(hangup_regions)
+    busy = asyncio.Lock()
+
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        from voice_runtime.transports.security import check_websocket_signature
+
+        if not check_websocket_signature(websocket):
+            await websocket.close(code=1008)
+            return
+        if busy.locked():
+            logger.warning("second media stream refused: the single session is in a call")
+            await websocket.close(code=1013)
+            return
+        async with busy:
+            await websocket.accept()
+            call = MediaStreamCall(
+                websocket, session, options=options, hangup=_rest_hangup(hangup_regions)
+            )
+            await call.run()
+
+    async def routed_endpoint(websocket: WebSocket, token: str) -> None:
+        await websocket_endpoint(websocket)
+
+    app.websocket(path)(websocket_endpoint)
+    app.websocket(path.rstrip("/") + "/{token}")(routed_endpoint)
