@@ -76,13 +76,13 @@ class _CountingQueue(asyncio.Queue):  # type: ignore[type-arg]
         super().__init__(maxsize)
         self.put_count = 0
         self.taken_count = 0
-        self.on_put: Callable[[], None] | None = None
+        self.on_put: Callable[[Any], None] | None = None
 
     def _put(self, item: Any) -> None:
         super()._put(item)  # type: ignore[misc]
         self.put_count += 1
         if self.on_put is not None:
-            self.on_put()
+            self.on_put(item)
 
     def _get(self) -> Any:
         item = super()._get()  # type: ignore[misc]
@@ -186,6 +186,7 @@ class VoiceSession:
         self._clear_generation = 0
         self._sent_ms = 0.0
         self._played_ms = 0.0
+        self._queued_ms = 0.0
         self._dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_none_warned = False
@@ -193,7 +194,11 @@ class VoiceSession:
 
     def _bind_outbound(self) -> None:
         if isinstance(self.outbound, _CountingQueue):
-            self.outbound.on_put = self._out_wakeup.set
+            self.outbound.on_put = self._on_outbound_put
+
+    def _on_outbound_put(self, item: bytes) -> None:
+        self._queued_ms += len(item) / 8.0
+        self._out_wakeup.set()
 
     # ------------------------------------------------------------------ loop binding
 
@@ -509,6 +514,15 @@ class VoiceSession:
         return self._sent_ms
 
     @property
+    def queued_ms(self) -> float:
+        """Milliseconds of agent audio queued in this call so far (reset to played_ms by a clear).
+
+        Sent, played and queued positions share one axis, so a producer can note
+        ``queued_ms`` before queueing an utterance and later compare ``played_ms`` to it.
+        """
+        return self._queued_ms
+
+    @property
     def played_ms(self) -> float:
         """Milliseconds of agent audio the caller has heard, from mark echoes."""
         return self._played_ms
@@ -658,8 +672,11 @@ class VoiceSession:
         self._clear_pending = 0
         self._sent_ms = 0.0
         self._played_ms = 0.0
+        self._queued_ms = 0.0
         self._clear_generation = 0
         self.stats = SessionStats()
+        self._out_wakeup = asyncio.Event()
+        self._bind_outbound()
         while True:
             try:
                 self.inbound.get_nowait()
@@ -763,6 +780,7 @@ class VoiceSession:
             if waiter is not None:
                 self._resolve(waiter, "cleared")
         self._sent_ms = self._played_ms
+        self._queued_ms = self._played_ms
         if self.stream_sid is not None and not self._disconnected.is_set():
             self._clear_pending += 1
         self._out_wakeup.set()

@@ -378,6 +378,7 @@ class CallerSimulator:
             self._event("agent_audio_start" if playing else "agent_audio_stop")
 
     async def _player(self) -> None:
+        # Each frame counts as heard when it has finished playing, 20 ms after it started.
         fifo = self._fifo
         next_t = self.clock.now()
         while not self._closed.is_set():
@@ -390,29 +391,24 @@ class CallerSimulator:
                 next_t = max(next_t, self.clock.now())
                 continue
             self._set_playing(True)
-            await self.clock.sleep_until(next_t)
-            next_t += FRAME_S
-            need = FRAME
+            clears = self.clears
             frame = bytearray()
-            while need and fifo:
+            need = FRAME
+            while need and fifo and not isinstance(fifo[0], _Mark):
                 head = fifo[0]
-                if isinstance(head, _Mark):
-                    fifo.popleft()
-                    if frame:
-                        self._play(bytes(frame))
-                        frame.clear()
-                    await self._echo(head.name)
-                    continue
-                take = head[:need]
+                take = head[:need]  # type: ignore[index]
                 frame.extend(take)
                 need -= len(take)
                 self._fifo_bytes -= len(take)
                 if len(take) == len(head):
                     fifo.popleft()
                 else:
-                    fifo[0] = head[len(take) :]
-            if frame:
-                self._play(bytes(frame))
+                    fifo[0] = head[len(take) :]  # type: ignore[index]
+            next_t += len(frame) / 8000.0
+            await self.clock.sleep_until(next_t)
+            if self.clears != clears:
+                continue  # cleared while this frame was playing
+            self._play(bytes(frame))
 
     # ------------------------------------------------------------------ waiting and results
 
