@@ -151,6 +151,11 @@ class CallerSimulator:
         await self.hangup()
 
     @property
+    def started_at(self) -> float:
+        """Clock reading when the stream started; event times are relative to it."""
+        return self._t0
+
+    @property
     def closed(self) -> bool:
         """True once the websocket has closed (either side)."""
         return self._closed.is_set()

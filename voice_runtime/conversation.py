@@ -1,0 +1,126 @@
+"""Conversation: the say/listen/hang-up loop most call scripts need, on one session.
+
+It wires the session's STT (whenever the transport builds it) to a transcript queue and
+keeps the STT's echo discard in step with the agent's speech. Sync methods run in the
+consumer's thread; they raise :class:`~voice_runtime.errors.CallHangupError` when the call
+ends while they wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from voice_runtime.errors import CallHangupError
+from voice_runtime.providers import SttProvider, TtsProvider
+from voice_runtime.session import VoiceSession
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Conversation", "Turn"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One thing said on the call; ``t`` is ``time.monotonic()`` when it was final."""
+
+    speaker: str
+    text: str
+    t: float
+
+
+class Conversation:
+    """Say and listen on a call with any TTS and STT provider."""
+
+    def __init__(
+        self,
+        session: VoiceSession,
+        tts: TtsProvider,
+        *,
+        on_turn: Callable[[Turn], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.tts = tts
+        self.on_turn = on_turn
+        self.turns: list[Turn] = []
+        self.stop_event = threading.Event()
+        self._heard: queue.Queue[str | None] = queue.Queue()
+        self._stt: SttProvider | None = None
+        previous_ready = session.on_stt_ready
+        previous_disc = session.on_disconnected
+
+        def on_stt_ready(stt: SttProvider) -> None:
+            self._attach(stt)
+            if previous_ready is not None:
+                previous_ready(stt)
+
+        def on_disconnected() -> None:
+            self._heard.put(None)
+            if previous_disc is not None:
+                previous_disc()
+
+        session.on_stt_ready = on_stt_ready
+        session.on_disconnected = on_disconnected
+        if session.stt is not None:
+            self._attach(session.stt)
+
+    def _attach(self, stt: SttProvider) -> None:
+        self._stt = stt
+        stt.on_committed = self._committed
+
+    def _committed(self, text: str) -> None:
+        text = text.strip()
+        if text:
+            self._heard.put(text)
+
+    def _record(self, speaker: str, text: str) -> None:
+        turn = Turn(speaker, text, time.monotonic())
+        self.turns.append(turn)
+        if self.on_turn is not None:
+            try:
+                self.on_turn(turn)
+            except Exception:
+                logger.exception("on_turn callback failed")
+
+    def say(self, text: str) -> dict[str, Any]:
+        """Speak and return when the caller heard it (the TTS result dict)."""
+        if self.session.is_disconnected:
+            raise CallHangupError()
+        self.stop_event.clear()
+        stt = self._stt
+        if stt is not None:
+            stt.set_speaking(True)
+        try:
+            result = self.tts.speak(text, self.session, self.stop_event)
+        finally:
+            if stt is not None:
+                stt.set_speaking(False)
+        self._record("agent", result.get("last_spoken", text))
+        return result
+
+    def listen(self, timeout: float = 15.0) -> str | None:
+        """Return the caller's next utterance, or None when nothing was said in time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.session.is_disconnected and self._heard.empty():
+                raise CallHangupError()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                text = self._heard.get(timeout=min(remaining, 0.25))
+            except queue.Empty:
+                continue
+            if text is None:
+                raise CallHangupError()
+            self._record("caller", text)
+            return text
+
+    def hangup(self) -> None:
+        """End the call once everything said has been heard."""
+        self.session.request_disconnect(after_playback=True)
