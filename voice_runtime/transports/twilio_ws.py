@@ -326,21 +326,36 @@ def _rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
 
 def register_voice_websocket(
     app: FastAPI,
-    session: VoiceSession,
+    session: VoiceSession | None = None,
     *,
     hangup_regions: Any = None,
     path: str = "/voice",
     options: StreamOptions | None = None,
-) -> None:
-    """Serve Twilio media streams for ``session`` at ``path`` and ``{path}/{token}``.
+    session_factory: Callable[[], VoiceSession] | None = None,
+    on_call: Callable[[VoiceSession], Any] | None = None,
+) -> Any:
+    """Serve Twilio media streams at ``path`` and ``{path}/{token}``.
 
-    The single-session form of the 0.1.x package: one call at a time. A second stream that
-    arrives while a call is live is refused (close code 1013).
+    With ``session``: the single-session form of the 0.1.x package, one call at a time; a
+    second stream that arrives while a call is live is refused (close code 1013).
+    With ``session_factory`` and/or ``on_call`` instead: every stream gets its own session,
+    and the :class:`~voice_runtime.server.VoiceServer` that serves them is returned.
     """
+    if session is None:
+        from voice_runtime.server import VoiceServer
+
+        return VoiceServer(
+            app=app,
+            on_call=on_call,
+            session_factory=session_factory or VoiceSession,
+            path=path,
+            stream_options=options,
+            hangup_regions=hangup_regions,
+        )
     if hangup_regions is not None:
         from voice_runtime.transports import twilio_call
 
-        hangup_regions = twilio_call._validated_regions(hangup_regions)
+        hangup_regions = twilio_call.validate_regions(hangup_regions)
     busy = asyncio.Lock()
 
     async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -365,3 +380,4 @@ def register_voice_websocket(
 
     app.websocket(path)(websocket_endpoint)
     app.websocket(path.rstrip("/") + "/{token}")(routed_endpoint)
+    return None
