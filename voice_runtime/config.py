@@ -35,6 +35,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("TWILIO_PHONE_NUMBER", None, "the Twilio number calls and SMS come from"),
     EnvVar("TWILIO_SKIP_SIGNATURE_VALIDATION", "", "1/true disables signature checks (dev only)"),
     EnvVar("TWILIO_HTTP_TIMEOUT", "15", "seconds before a Twilio REST request times out"),
+    EnvVar("TWILIO_REGION", None, "Twilio region for REST requests (e.g. ie1)"),
+    EnvVar("TWILIO_EDGE", None, "Twilio edge location for REST requests (e.g. dublin)"),
     EnvVar("TWILIO_API_BASE_URL", None, "override of https://api.twilio.com (fakes, proxies)"),
     EnvVar("ELEVENLABS_API_KEY", None, "ElevenLabs API key"),
     EnvVar("ELEVENLABS_VOICE_ID", "21m00Tcm4TlvDq8ikWAM", "ElevenLabs TTS voice"),
@@ -61,6 +63,8 @@ class Settings:
     twilio_phone_number: str | None = None
     twilio_skip_signature_validation: bool = False
     twilio_http_timeout: float = 15.0
+    twilio_region: str | None = None
+    twilio_edge: str | None = None
     twilio_api_base_url: str | None = None
     elevenlabs_api_key: str | None = None
     elevenlabs_voice_id: str = "21m00Tcm4TlvDq8ikWAM"

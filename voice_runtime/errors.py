@@ -31,7 +31,7 @@ class ConfigurationError(VoiceRuntimeError):
     """A required setting is missing or invalid."""
 
 
-class MissingCredentialError(ConfigurationError):
+class MissingCredentialError(ConfigurationError, RuntimeError):
     """A credential was neither passed explicitly nor found in the environment."""
 
     def __init__(self, variable: str, what: str | None = None) -> None:
@@ -40,7 +40,7 @@ class MissingCredentialError(ConfigurationError):
         super().__init__(f"{label} is not configured: pass it explicitly or set {variable}")
 
 
-class MissingStreamUrlError(ConfigurationError):
+class MissingStreamUrlError(ConfigurationError, RuntimeError):
     """Raised when VOICE_STREAM_URL is not set."""
 
     def __init__(self) -> None:

@@ -1,0 +1,1 @@
+"""Test doubles users can run their own bots against (fakes over real sockets)."""

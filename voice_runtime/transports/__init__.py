@@ -1,0 +1,1 @@
+"""Transports: Twilio Media Streams, Twilio REST (calls, SMS) and the loopback bridge."""
