@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import numpy as np
 from conftest import VoiceServer, wait_for
@@ -28,7 +29,7 @@ async def test_caller_audio_reaches_stt_byte_exact_and_in_order(voice_server: Vo
     stts: list[MockStt] = []
     voice_server.session.stt_factory = lambda: stts.append(MockStt()) or stts[-1]
     audio = _noise(160 * 25 + 37)
-    async with voice_server.simulator() as sim:
+    async with voice_server.simulator(silence_when_idle=False) as sim:
         await voice_server.session.wait_for_ws_connect_async(5)
         await sim.send_audio(audio, realtime=False)
         assert await wait_for(lambda: len(stts) == 1 and len(stts[0].audio) == len(audio))
@@ -143,7 +144,7 @@ async def test_reset_then_a_second_call_works(voice_server: VoiceServer) -> None
     made: list[MockStt] = []
     s.stt_factory = lambda: made.append(MockStt()) or made[-1]
     for n in range(2):
-        async with voice_server.simulator(call_sid=f"CA{n:032d}") as sim:
+        async with voice_server.simulator(call_sid=f"CA{n:032d}", silence_when_idle=False) as sim:
             await s.wait_for_ws_connect_async(5)
             assert s.call_sid == f"CA{n:032d}"
             await sim.send_audio(b"\x33" * 320, realtime=False)
@@ -162,7 +163,7 @@ async def test_malformed_frames_are_counted_and_the_call_goes_on(voice_server: V
     s = voice_server.session
     stt = MockStt()
     s.stt_factory = lambda: stt
-    async with voice_server.simulator() as sim:
+    async with voice_server.simulator(silence_when_idle=False) as sim:
         await s.wait_for_ws_connect_async(5)
         await sim.send_raw("this is not json")
         await sim.send_bytes(b"\x00\x01\x02")
@@ -245,7 +246,10 @@ def test_sync_outbound_script_leaves_no_thread_or_task_behind() -> None:
         assert session.wait_until_disconnected(5)
         t.join(10)
         assert sim_done.is_set()
-        assert [n for n in server.tasks() if n.startswith(("vr-", "mock-stt"))] == []
+        deadline = time.monotonic() + 5
+        while [n for n in server.tasks() if n.startswith(("vr-", "mock-stt"))]:
+            assert time.monotonic() < deadline, server.tasks()
+            time.sleep(0.02)
     leftover = [t for t in threading.enumerate() if t.ident not in threads_before and t.is_alive()]
     assert leftover == []
     if fds_before is not None:

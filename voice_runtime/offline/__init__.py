@@ -34,3 +34,39 @@ def require_offline(module_name: str) -> ModuleType:
 
 
 __all__ = ["OFFLINE_INSTALL_HINT", "require_offline"]
+
+
+def synthesize_ulaw(text: str, voice: str = "piper") -> bytes:
+    """Speak ``text`` with an offline voice ("piper" or "espeak") as 8 kHz μ-law bytes."""
+    from voice_runtime.audio import pcm16_to_ulaw, resample
+
+    engine = tts_engine(voice)
+    audio, rate = engine.synthesize(text)
+    return pcm16_to_ulaw(resample(audio, rate, 8000).tobytes())
+
+
+def tts_engine(voice: str = "piper") -> object:
+    """The offline TTS engine for a voice name: "piper" (natural) or "espeak" (formant)."""
+    if voice == "piper":
+        from voice_runtime.offline.piper import PiperEngine
+
+        return PiperEngine()
+    if voice == "espeak":
+        from voice_runtime.offline.espeak import EspeakEngine
+
+        return EspeakEngine()
+    raise ValueError(f"unknown offline voice {voice!r}: use 'piper' or 'espeak'")
+
+
+def preload_all() -> None:
+    """Load every offline model now, so the first call does not wait for it."""
+    from voice_runtime.audio.vad import SileroVad
+    from voice_runtime.offline.piper import PiperEngine
+    from voice_runtime.offline.whisper import WhisperEngine
+
+    PiperEngine().preload()
+    WhisperEngine().preload()
+    SileroVad(8000)
+
+
+__all__ += ["preload_all", "synthesize_ulaw", "tts_engine"]

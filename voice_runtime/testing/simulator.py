@@ -73,6 +73,7 @@ class CallerSimulator:
         clock: Clock | None = None,
         echo_marks: bool = True,
         send_connected: bool = True,
+        silence_when_idle: bool = True,
     ) -> None:
         self.url = url
         self.call_sid = call_sid or _sid("CA")
@@ -85,6 +86,8 @@ class CallerSimulator:
         self.clock: Clock = clock or RealClock()
         self.echo_marks = echo_marks
         self.send_connected = send_connected
+        # Twilio streams the caller's line continuously, silence included; VADs rely on it.
+        self.silence_when_idle = silence_when_idle
 
         self.received = bytearray()  # every agent byte that arrived
         self.heard = bytearray()  # agent bytes actually played (cleared audio excluded)
@@ -109,6 +112,10 @@ class CallerSimulator:
         self._agent_track = bytearray()
         self._playing = False
         self._heard_changed = asyncio.Event()
+        self._mic: collections.deque[bytes] = collections.deque()
+        self._mic_wake = asyncio.Event()
+        self._mic_empty = asyncio.Event()
+        self._mic_empty.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,6 +149,7 @@ class CallerSimulator:
         self._tasks.append(asyncio.create_task(self._reader(), name="sim-reader"))
         if self.playback == "realtime":
             self._tasks.append(asyncio.create_task(self._player(), name="sim-player"))
+        self._tasks.append(asyncio.create_task(self._microphone(), name="sim-mic"))
         return self
 
     async def __aenter__(self) -> CallerSimulator:
@@ -226,30 +234,65 @@ class CallerSimulator:
             await self._ws.send(data)
 
     async def send_audio(self, ulaw: bytes, *, realtime: bool = True) -> None:
-        """Send caller μ-law audio as 20 ms ``media`` frames, paced unless ``realtime=False``."""
-        next_t = self.clock.now()
+        """Send caller μ-law audio as 20 ms ``media`` frames.
+
+        Paced in real time (on the simulator's clock) through the line, which otherwise
+        carries silence; with ``realtime=False`` the frames go out at once.
+        """
+        if not realtime:
+            for i in range(0, len(ulaw), FRAME):
+                if self._closed.is_set():
+                    return
+                await self._send_media(ulaw[i : i + FRAME])
+            return
         for i in range(0, len(ulaw), FRAME):
-            frame = ulaw[i : i + FRAME]
-            if realtime:
-                await self.clock.sleep_until(next_t)
-                next_t += FRAME_S
-            if self._closed.is_set():
+            self._mic.append(ulaw[i : i + FRAME])
+        self._mic_empty.clear()
+        self._mic_wake.set()
+        closed = asyncio.ensure_future(self._closed.wait())
+        drained = asyncio.ensure_future(self._mic_empty.wait())
+        try:
+            await asyncio.wait({closed, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            drained.cancel()
+
+    async def _send_media(self, frame: bytes) -> None:
+        ts = int(self._elapsed() * 1000)
+        self._place(self._caller_track, frame)
+        await self._send_json(
+            {
+                "event": "media",
+                "sequenceNumber": str(next(self._seq)),
+                "streamSid": self.stream_sid,
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(next(self._chunk)),
+                    "timestamp": str(ts),
+                    "payload": base64.b64encode(frame).decode("ascii"),
+                },
+            }
+        )
+
+    async def _microphone(self) -> None:
+        mic = self._mic
+        silence = bytes([SILENCE]) * FRAME
+        next_t = self.clock.now()
+        while not self._closed.is_set():
+            if not mic:
+                self._mic_empty.set()
+                if not self.silence_when_idle:
+                    self._mic_wake.clear()
+                    await self._mic_wake.wait()
+                    next_t = max(next_t, self.clock.now())
+                    continue
+            await self.clock.sleep_until(next_t)
+            next_t += FRAME_S
+            frame = mic.popleft() if mic else silence
+            try:
+                await self._send_media(frame)
+            except websockets.ConnectionClosed:
                 return
-            ts = int(self._elapsed() * 1000)
-            self._place(self._caller_track, frame)
-            await self._send_json(
-                {
-                    "event": "media",
-                    "sequenceNumber": str(next(self._seq)),
-                    "streamSid": self.stream_sid,
-                    "media": {
-                        "track": "inbound",
-                        "chunk": str(next(self._chunk)),
-                        "timestamp": str(ts),
-                        "payload": base64.b64encode(frame).decode("ascii"),
-                    },
-                }
-            )
 
     async def send_silence(self, ms: float, *, realtime: bool = True) -> None:
         """Send ``ms`` of μ-law silence."""
