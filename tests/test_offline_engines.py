@@ -6,7 +6,6 @@ with it installed). Models load once per module; no test may touch the network.
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ from voice_runtime.offline import require_offline
 from voice_runtime.offline.espeak import EspeakEngine
 from voice_runtime.offline.piper import PiperEngine
 from voice_runtime.offline.whisper import WhisperEngine, model_dir
+from voice_runtime.testing.metrics import word_accuracy, word_errors, words
 
 SENTENCES = [
     "Please call me back tomorrow morning.",
@@ -92,31 +92,6 @@ def piper_sentences_8k(piper: PiperEngine) -> list[np.ndarray]:
     return out
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def _word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """Word-level edit distance and reference length."""
-    ref, hyp = _words(reference), _words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, ref_word in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, hyp_word in enumerate(hyp, 1):
-            current = min(row[j] + 1, row[j - 1] + 1, previous + (ref_word != hyp_word))
-            previous, row[j] = row[j], current
-    return row[len(hyp)], len(ref)
-
-
-def _word_accuracy(pairs: list[tuple[str, str]]) -> float:
-    errors = total = 0
-    for reference, hypothesis in pairs:
-        e, n = _word_errors(reference, hypothesis)
-        errors += e
-        total += n
-    return 1.0 - errors / total
-
-
 def _rms(audio: np.ndarray) -> float:
     return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
 
@@ -129,9 +104,9 @@ def _segment(segmenter: SpeechSegmenter, pcm: np.ndarray) -> list[SpeechStart | 
 
 
 def test_word_error_helper() -> None:
-    assert _word_errors("the quick brown fox", "the quick brown fox") == (0, 4)
-    assert _word_errors("the quick brown fox", "a quick fox jumps") == (3, 4)
-    assert _word_accuracy([("one two", "one"), ("three four", "three four")]) == 0.75
+    assert word_errors("the quick brown fox", "the quick brown fox") == (0, 4)
+    assert word_errors("the quick brown fox", "a quick fox jumps") == (3, 4)
+    assert word_accuracy([("one two", "one"), ("three four", "three four")]) == 0.75
 
 
 def test_require_offline_names_the_extra() -> None:
@@ -144,7 +119,7 @@ def test_require_offline_names_the_extra() -> None:
 
 def test_espeak_sentence_has_plausible_length(espeak: EspeakEngine) -> None:
     audio, rate = espeak.synthesize(LONG_SENTENCE)
-    expected = len(_words(LONG_SENTENCE)) / 175 * 60
+    expected = len(words(LONG_SENTENCE)) / 175 * 60
     assert rate == 22050
     assert audio.dtype == np.int16
     assert 0.6 * expected < audio.size / rate < 1.6 * expected
@@ -229,7 +204,7 @@ def test_espeak_empty_text_gives_no_audio(espeak: EspeakEngine) -> None:
 
 def test_piper_sentence_has_plausible_length(piper: PiperEngine) -> None:
     audio, rate = piper.synthesize(LONG_SENTENCE)
-    expected = len(_words(LONG_SENTENCE)) / 170 * 60
+    expected = len(words(LONG_SENTENCE)) / 170 * 60
     assert rate == 22050
     assert audio.dtype == np.int16
     assert 0.6 * expected < audio.size / rate < 1.6 * expected
@@ -287,7 +262,7 @@ def test_round_trip_text_speech_text(
     for text in SENTENCES:
         audio, rate = engine.synthesize(text)
         pairs.append((text, whisper.transcribe(resample(audio, rate, 16000))))
-    assert _word_accuracy(pairs) >= 0.85, pairs
+    assert word_accuracy(pairs) >= 0.85, pairs
 
 
 @pytest.mark.parametrize("level_dbfs", [None, -60.0, -30.0, -20.0])
@@ -342,7 +317,7 @@ def test_segmenter_cuts_one_utterance_per_sentence(
         (text, whisper.transcribe(resample(u.pcm, 8000, 16000)))
         for text, u in zip(SENTENCES[:3], utterances, strict=True)
     ]
-    assert _word_accuracy(pairs) >= 0.85, pairs
+    assert word_accuracy(pairs) >= 0.85, pairs
 
 
 def test_segmenter_flush_and_max_length(piper_sentences_8k: list[np.ndarray]) -> None:
