@@ -52,7 +52,9 @@ async def test_agent_audio_reaches_the_caller_byte_exact(voice_server: VoiceServ
         assert s.played_ms == len(audio) / 8
 
 
-async def test_mark_returns_only_after_the_audio_before_it_was_played(voice_server: VoiceServer) -> None:
+async def test_mark_returns_only_after_the_audio_before_it_was_played(
+    voice_server: VoiceServer,
+) -> None:
     s = voice_server.session
     clock = ManualClock()
     async with voice_server.simulator(clock=clock) as sim:
@@ -82,7 +84,9 @@ async def test_marks_leave_after_audio_queued_before_them_from_other_threads(
             return s.send_mark_and_wait("after_audio", 5)
 
         assert await asyncio.to_thread(producer) is True
-        mark_time = [e for e in sim.events if e.kind == "mark" and e.detail.startswith("after_audio")]
+        mark_time = [
+            e for e in sim.events if e.kind == "mark" and e.detail.startswith("after_audio")
+        ]
         assert mark_time and len(sim.received) == 8000
 
 
@@ -91,9 +95,11 @@ async def test_clear_mid_utterance_stops_playback_there(voice_server: VoiceServe
     audio = _noise(8000 * 3, seed=3)
     async with voice_server.simulator() as sim:
         await s.wait_for_ws_connect_async(5)
-        waiter = asyncio.create_task(asyncio.to_thread(
-            lambda: (s.put_outbound_sync(audio), s.send_mark_and_wait("tts_complete", 10))[1]
-        ))
+        waiter = asyncio.create_task(
+            asyncio.to_thread(
+                lambda: (s.put_outbound_sync(audio), s.send_mark_and_wait("tts_complete", 10))[1]
+            )
+        )
         assert await sim.wait_for_heard(500, 5)
         s.request_clear_buffer()
         assert await asyncio.wait_for(waiter, 5) is False  # cleared, not played
@@ -115,7 +121,9 @@ async def test_disconnect_request_ends_the_call(voice_server: VoiceServer) -> No
         assert await s.wait_until_disconnected_async(5)
 
 
-async def test_disconnect_after_playback_lets_the_last_words_play(voice_server: VoiceServer) -> None:
+async def test_disconnect_after_playback_lets_the_last_words_play(
+    voice_server: VoiceServer,
+) -> None:
     s = voice_server.session
     async with voice_server.simulator() as sim:
         await s.wait_for_ws_connect_async(5)
@@ -168,9 +176,11 @@ async def test_malformed_frames_are_counted_and_the_call_goes_on(voice_server: V
         await sim.send_raw("this is not json")
         await sim.send_bytes(b"\x00\x01\x02")
         await sim.send_raw('{"event":"what"}')
-        await sim.send_raw('{"event":"media","streamSid":"%s","media":{"payload":"**"}}' % sim.stream_sid)
+        await sim.send_raw(
+            f'{{"event":"media","streamSid":"{sim.stream_sid}","media":{{"payload":"**"}}}}'
+        )
         await sim.send_raw('{"event":"media","streamSid":"MZwrong","media":{"payload":"AAAA"}}')
-        await sim.send_raw('{"event":"media","streamSid":"%s"}' % sim.stream_sid)
+        await sim.send_raw(f'{{"event":"media","streamSid":"{sim.stream_sid}"}}')
         await sim.send_raw("x" * 70_000)
         await sim.send_audio(b"\x42" * 160, realtime=False)
         assert await wait_for(lambda: bytes(stt.audio) == b"\x42" * 160)

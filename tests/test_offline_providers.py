@@ -37,7 +37,7 @@ async def _transcripts(server: VoiceServer, audio: list[bytes]) -> list[str]:
             before = len(got)
             # Timing does not matter to the VAD: send fast, with 0.8 s of line silence after.
             await sim.send_audio(clip + b"\xff" * 6400, realtime=False)
-            assert await wait_for(lambda: len(got) > before, timeout=20)
+            assert await wait_for(lambda n=before: len(got) > n, timeout=20)
     return got
 
 
@@ -52,7 +52,9 @@ async def test_offline_stt_transcribes_piper_speech_through_the_transport(
 
 
 @pytest.mark.parametrize("kind", ["silence", "noise"])
-async def test_offline_stt_commits_nothing_for_silence_or_noise(voice_server: VoiceServer, kind: str) -> None:
+async def test_offline_stt_commits_nothing_for_silence_or_noise(
+    voice_server: VoiceServer, kind: str
+) -> None:
     if kind == "silence":
         audio = b"\xff" * 80_000  # 10 s
     else:
@@ -90,7 +92,9 @@ async def test_offline_tts_round_trip_through_the_call(voice_server: VoiceServer
 
 def test_offline_tts_streams_first_audio_before_synthesis_ends() -> None:
     tts = OfflineTts(voice="espeak")
-    chunks = list(tts.stream_ulaw("This sentence is long enough to need several audio buffers. " * 3))
+    chunks = list(
+        tts.stream_ulaw("This sentence is long enough to need several audio buffers. " * 3)
+    )
     assert len(chunks) > 3
     assert all(isinstance(c, bytes) and c for c in chunks)
 

@@ -75,7 +75,9 @@ async def test_put_inbound_on_loop_thread_needs_no_hop() -> None:
     assert s.inbound.get_nowait() == b"1" * 160
 
 
-async def test_inbound_is_bounded_and_drops_oldest_with_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_inbound_is_bounded_and_drops_oldest_with_a_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     s = VoiceSession(inbound=asyncio.Queue(3))
     s.set_loop(asyncio.get_running_loop())
     for i in range(5):
@@ -121,7 +123,9 @@ async def test_signal_disconnected_is_idempotent_and_releases_waiters() -> None:
     assert await s.inbound.get() is None
 
 
-async def test_mark_names_are_unique_and_unknown_echoes_warn(caplog: pytest.LogCaptureFixture) -> None:
+async def test_mark_names_are_unique_and_unknown_echoes_warn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     s = VoiceSession()
     s.set_loop(asyncio.get_running_loop())
     s.signal_ws_connected("MZ1")
@@ -139,7 +143,9 @@ async def test_mark_names_are_unique_and_unknown_echoes_warn(caplog: pytest.LogC
     ) == [True, True]
     await echo
     assert len(set(names)) == 2
-    assert all(n.startswith("tts_complete__") and len(n) == len("tts_complete__") + 8 for n in names)
+    assert all(
+        n.startswith("tts_complete__") and len(n) == len("tts_complete__") + 8 for n in names
+    )
     with caplog.at_level(logging.WARNING):
         s.signal_mark_received("nobody__12345678")
     assert s.stats.unknown_marks == 1

@@ -32,7 +32,9 @@ def started() -> proto.MediaStreamParser:
 
 def test_start_carries_call_info() -> None:
     p = proto.MediaStreamParser()
-    assert isinstance(p.parse('{"event":"connected","protocol":"Call","version":"1.0.0"}'), proto.Connected)
+    assert isinstance(
+        p.parse('{"event":"connected","protocol":"Call","version":"1.0.0"}'), proto.Connected
+    )
     ev = p.parse(json.dumps(START))
     assert isinstance(ev, proto.Start)
     info = ev.call_info()
@@ -59,7 +61,9 @@ def test_media_mark_dtmf_stop() -> None:
     assert media.payload == bytes(range(160)) and media.timestamp == 20 and media.chunk == 1
     mark = p.parse('{"event":"mark","streamSid":"MZ1","mark":{"name":"a__1"}}')
     assert mark == proto.Mark("a__1", None)
-    dtmf = p.parse('{"event":"dtmf","streamSid":"MZ1","dtmf":{"track":"inbound_track","digit":"#"}}')
+    dtmf = p.parse(
+        '{"event":"dtmf","streamSid":"MZ1","dtmf":{"track":"inbound_track","digit":"#"}}'
+    )
     assert isinstance(dtmf, proto.Dtmf) and dtmf.digit == "#"
     stop = p.parse('{"event":"stop","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}')
     assert isinstance(stop, proto.Stop) and stop.call_sid == "CA1"

@@ -1,4 +1,4 @@
-"""voice_runtime: phone calls over Twilio Media Streams, from application code that says what happens.
+"""voice_runtime: phone calls over Twilio Media Streams.
 
 Import the public API from here. See the README for a tour.
 """

@@ -100,12 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the example app on a free local port and call it with the caller "
         "simulator; print the call's timeline and write a stereo recording.",
     )
-    demo.add_argument("--engine", choices=("auto", "offline", "mock"), default="auto",
-                      help="speech engines: offline (real speech), mock (tones); auto picks offline when installed")
-    demo.add_argument("--line", action="append", metavar="TEXT",
-                      help="a line the caller says (repeat for several; default: two lines)")
-    demo.add_argument("--record", default="demo_call.wav", metavar="PATH",
-                      help="where to write the stereo recording (default demo_call.wav)")
+    demo.add_argument(
+        "--engine",
+        choices=("auto", "offline", "mock"),
+        default="auto",
+        help="offline (real speech), mock (tones); auto: offline when installed",
+    )
+    demo.add_argument(
+        "--line",
+        action="append",
+        metavar="TEXT",
+        help="a line the caller says (repeat for several; default: two lines)",
+    )
+    demo.add_argument(
+        "--record",
+        default="demo_call.wav",
+        metavar="PATH",
+        help="where to write the stereo recording (default demo_call.wav)",
+    )
     demo.add_argument("--no-record", action="store_true", help="do not write a recording")
     demo.add_argument("-q", "--quiet", action="store_true", help="print one summary line only")
     demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
@@ -118,10 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
         "print what happens.",
     )
     sim.add_argument("url", help="websocket URL, e.g. ws://127.0.0.1:8080/voice")
-    sim.add_argument("--param", action="append", metavar="NAME=VALUE", help="a <Parameter> of the stream")
+    sim.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="a <Parameter> of the stream"
+    )
     sim.add_argument("--wav", help="play this WAV file as the caller")
-    sim.add_argument("--say", action="append", metavar="TEXT", help="say this (offline TTS) after the agent goes quiet")
-    sim.add_argument("--voice", default="piper", choices=("piper", "espeak"), help="caller voice for --say")
+    sim.add_argument(
+        "--say",
+        action="append",
+        metavar="TEXT",
+        help="say this (offline TTS) after the agent goes quiet",
+    )
+    sim.add_argument(
+        "--voice", default="piper", choices=("piper", "espeak"), help="caller voice for --say"
+    )
     sim.add_argument("--duration", type=float, default=30.0, help="hang up after this many seconds")
     sim.add_argument("--record", help="write a stereo recording (caller left, agent right)")
     sim.set_defaults(func=_cmd_simulate)

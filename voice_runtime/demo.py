@@ -56,7 +56,11 @@ def agent_script(conv: Conversation, listen_timeout: float = 20.0) -> None:
         conv.say("Hello! Thanks for calling the demo restaurant. What is your name?")
         name_line = conv.listen(listen_timeout) or ""
         name = _name_from(name_line)
-        conv.say(f"Nice to meet you, {name}. How can I help you today?" if name else "Nice to meet you. How can I help you today?")
+        conv.say(
+            f"Nice to meet you, {name}. How can I help you today?"
+            if name
+            else "Nice to meet you. How can I help you today?"
+        )
         request = conv.listen(listen_timeout) or ""
         if "table" in request.lower() or "book" in request.lower():
             conv.say("Your table is booked. We look forward to seeing you. Goodbye!")
@@ -116,17 +120,15 @@ async def _caller(
     deadline = loop.time() + timeout
     for line in lines:
         # Speak once the agent has said something and gone quiet.
-        while sim.heard_ms == 0 and not sim.closed and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await sim.wait_for_heard(1, timeout=max(0.1, deadline - loop.time()))
         await sim.wait_idle(quiet_s=0.6, timeout=max(0.1, deadline - loop.time()))
         if sim.closed:
             return
         await sim.say(line, voice)
         if inject is not None:
             inject(line)
-        heard = sim.heard_ms
-        while sim.heard_ms == heard and not sim.closed and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        # The agent's answer starts playing before the next line is said.
+        await sim.wait_for_heard(sim.heard_ms + 1, timeout=max(0.1, deadline - loop.time()))
     await sim.wait_closed(max(0.1, deadline - loop.time()))
 
 
@@ -140,6 +142,8 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole demo call and return what happened."""
     started = time.monotonic()
+    # The demo server listens on 127.0.0.1 only: the no-auth-token warning is not for it.
+    logging.getLogger("voice_runtime.transports.security").setLevel(logging.ERROR)
     stt_factory, agent_tts, caller_voice = _providers(engine)
     preload(engine)
     session = VoiceSession(stt_factory=stt_factory)
@@ -156,12 +160,18 @@ def run_demo(
             print(f"  {t:6.2f}s  {who:<7} {what}", file=out, flush=True)
 
     call_t0 = [0.0]
-    conv = Conversation(session, agent_tts, on_turn=lambda turn: note(
-        "agent" if turn.speaker == "agent" else "stt", f"said: {turn.text}" if turn.speaker == "agent" else f"heard: {turn.text}"
-    ))
+    conv = Conversation(
+        session,
+        agent_tts,
+        on_turn=lambda turn: note(
+            "agent" if turn.speaker == "agent" else "stt",
+            f"said: {turn.text}" if turn.speaker == "agent" else f"heard: {turn.text}",
+        ),
+    )
     stt_made: list[Any] = []
     inject: Callable[[str], None] | None = None
     if engine == "mock":
+
         def inject(text: str) -> None:  # noqa: F811 - the mock STT needs the words handed to it
             if session.stt is not None:
                 session.stt.inject(text)  # type: ignore[attr-defined]
@@ -170,7 +180,11 @@ def run_demo(
         print(f"voice_runtime demo: engine={engine}", file=out, flush=True)
     with ServerThread(app) as server:
         if out is not None:
-            print(f"  server listening on {server.url} (Media Streams at /voice)", file=out, flush=True)
+            print(
+                f"  server listening on {server.url} (Media Streams at /voice)",
+                file=out,
+                flush=True,
+            )
 
         def agent() -> None:
             session.wait_for_ws_connect(15)
@@ -180,8 +194,19 @@ def run_demo(
         agent_thread.start()
 
         async def place_call() -> CallerSimulator:
-            sim = CallerSimulator(server.ws_url + "/voice", parameters={"caller_number": "+15550100"})
-            shown = {"agent_audio_start", "agent_audio_stop", "caller_says", "caller_done", "clear", "closed", "start", "dtmf"}
+            sim = CallerSimulator(
+                server.ws_url + "/voice", parameters={"caller_number": "+15550100"}
+            )
+            shown = {
+                "agent_audio_start",
+                "agent_audio_stop",
+                "caller_says",
+                "caller_done",
+                "clear",
+                "closed",
+                "start",
+                "dtmf",
+            }
 
             def on_event(ev: SimEvent) -> None:
                 if ev.kind in shown:

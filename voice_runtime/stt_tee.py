@@ -22,7 +22,9 @@ class SttTee:
     primary; its queue is bounded, and frames it cannot take in time are dropped and counted.
     """
 
-    def __init__(self, primary: Any, secondary: Any, *, secondary_maxsize: int = SECONDARY_MAXSIZE) -> None:
+    def __init__(
+        self, primary: Any, secondary: Any, *, secondary_maxsize: int = SECONDARY_MAXSIZE
+    ) -> None:
         self.primary = primary
         self.secondary = secondary
         self.secondary_dropped = 0

@@ -68,10 +68,7 @@ class OfflineStt:
         segmenter = self._segmenter
         while True:
             frame = await queue.get()
-            if frame is None:
-                events = segmenter.flush()
-            else:
-                events = segmenter.process(ulaw_decode(frame))
+            events = segmenter.flush() if frame is None else segmenter.process(ulaw_decode(frame))
             for event in events:
                 if isinstance(event, SpeechStart):
                     if self.on_recognizing is not None and self._echo.allow_partial():

@@ -123,7 +123,10 @@ class CallerSimulator:
         """Open the websocket and send ``connected`` and ``start``."""
         self._ws = await asyncio.wait_for(
             websockets.connect(
-                self.url, additional_headers=self.headers or None, max_size=2**22, open_timeout=timeout
+                self.url,
+                additional_headers=self.headers or None,
+                max_size=2**22,
+                open_timeout=timeout,
             ),
             timeout,
         )
@@ -319,7 +322,7 @@ class CallerSimulator:
         *,
         realtime: bool = True,
     ) -> None:
-        """Speak ``text`` as the caller through a TTS (a callable returning μ-law, or an engine name)."""
+        """Speak ``text`` as the caller through a TTS (callable returning μ-law, or engine name)."""
         if isinstance(tts, str):
             from voice_runtime.offline import synthesize_ulaw
 

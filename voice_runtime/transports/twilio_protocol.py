@@ -272,7 +272,13 @@ def encode_media(stream_sid: str, audio: bytes) -> str:
     """Build an outbound ``media`` frame carrying raw μ-law ``audio``."""
     # Built by hand: base64 needs no JSON escaping and this runs for every 20 ms frame.
     payload = base64.b64encode(audio).decode("ascii")
-    return '{"event":"media","streamSid":' + _sid_json(stream_sid) + ',"media":{"payload":"' + payload + '"}}'
+    return (
+        '{"event":"media","streamSid":'
+        + _sid_json(stream_sid)
+        + ',"media":{"payload":"'
+        + payload
+        + '"}}'
+    )
 
 
 def encode_mark(stream_sid: str, name: str) -> str:
