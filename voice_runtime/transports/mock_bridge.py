@@ -167,13 +167,13 @@ def initiate_mock_call(target_url: str, caller_url: str | None = None) -> str:
 
 def create_text_relay(peer_url: str) -> Callable[[str], None]:
     """Return an ``on_spoken`` callback that POSTs each spoken text to the peer's inject URL."""
-    client = httpx.Client(timeout=10.0)
     key = peer_url.rstrip("/")
 
     def relay(text: str) -> None:
         url = _relay_url_by_peer.get(key, f"{key}/test/inject")
         try:
-            client.post(url, json={"text": text}).raise_for_status()
+            # One short request per text: no client left open when the relay is dropped.
+            httpx.post(url, json={"text": text}, timeout=10.0).raise_for_status()
         except httpx.HTTPError:
             logger.warning("text relay to the peer failed", exc_info=True)
 
