@@ -462,3 +462,30 @@ def test_mixer_keeps_recording_when_ffplay_dies(
     data = read_wav(path).data
     assert len(data) % FRAME_BYTES == 0
     assert tone in data
+
+
+@pytest.mark.parametrize(
+    ("in_rate", "out_rate"), [(24000, 8000), (16000, 8000), (8000, 16000), (8000, 24000)]
+)
+def test_low_latency_resampler_outputs_every_chunk_and_matches_soxr(
+    in_rate: int, out_rate: int
+) -> None:
+    t = np.arange(in_rate) / in_rate
+    x = (np.sin(2 * np.pi * 440 * t) * 10000).astype(np.int16)
+    stream = StreamResampler(in_rate, out_rate, low_latency=True)
+    step = in_rate // 50
+    chunks = [stream.process(x[i : i + step]) for i in range(0, len(x), step)]
+    assert {len(c) for c in chunks} == {out_rate // 50}  # no chunk is held back
+    y = np.concatenate(chunks).astype(float)
+    ref = resample(x, in_rate, out_rate).astype(float)
+    factor = max(in_rate // out_rate, out_rate // in_rate)
+    delay = (24 * factor // 2) // (in_rate // out_rate if in_rate > out_rate else 1)
+    assert np.abs(y[delay:] - ref[: len(ref) - delay]).max() < 0.01 * 10000
+
+
+def test_low_latency_downsampling_removes_what_the_lower_rate_cannot_carry() -> None:
+    t = np.arange(24000) / 24000
+    tone = (np.sin(2 * np.pi * 6000 * t) * 10000).astype(np.int16)  # above 4 kHz Nyquist
+    stream = StreamResampler(24000, 8000, low_latency=True)
+    y = np.concatenate([stream.process(tone[i : i + 480]) for i in range(0, 24000, 480)])
+    assert np.sqrt(np.mean(y[200:].astype(float) ** 2)) < 100

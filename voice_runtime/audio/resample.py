@@ -6,10 +6,15 @@ samples as :func:`resample` over the whole signal.
 
 Latency: libsoxr's streaming engine works on blocks, so at "HQ" a stream of 20 ms chunks
 gets output in bursts of roughly 60–100 ms, and the first output arrives after a few
-chunks. Nothing is lost: :meth:`StreamResampler.flush` returns the tail.
+chunks. Nothing is lost: :meth:`StreamResampler.flush` returns the tail. For live audio
+(realtime agents, streamed TTS) ``StreamResampler(..., low_latency=True)`` uses a windowed-sinc
+FIR instead whenever one rate is an integer multiple of the other (24k→8k, 8k→16k, ...):
+every chunk comes out at once, about 1.5 ms late.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,13 +48,17 @@ class StreamResampler:
     Equal rates make it a passthrough with no delay.
     """
 
-    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+    def __init__(
+        self, in_rate: int, out_rate: int, quality: str = "HQ", *, low_latency: bool = False
+    ) -> None:
         _check(in_rate, out_rate, quality)
         self.in_rate = int(in_rate)
         self.out_rate = int(out_rate)
         self.quality = quality.upper()
-        self._stream = None
-        if self.in_rate != self.out_rate:
+        self._stream: Any = None
+        if low_latency and self.in_rate != self.out_rate and _integer_ratio(in_rate, out_rate):
+            self._stream = _FirStream(self.in_rate, self.out_rate)
+        elif self.in_rate != self.out_rate:
             self._stream = soxr.ResampleStream(
                 self.in_rate, self.out_rate, 1, dtype="float32", quality=self.quality
             )
@@ -104,6 +113,61 @@ def resample(
         return samples.copy()
     out = soxr.resample(_to_float(samples), in_rate, out_rate, quality=quality.upper())
     return float_to_pcm16(out)
+
+
+def _integer_ratio(in_rate: int, out_rate: int) -> bool:
+    hi, lo = max(in_rate, out_rate), min(in_rate, out_rate)
+    return hi % lo == 0
+
+
+class _FirStream:
+    """Integer-ratio resampling with a Kaiser-windowed sinc FIR and kept history.
+
+    Quacks like ``soxr.ResampleStream`` (``resample_chunk``, ``clear``) so StreamResampler
+    can use either. Output follows input with a delay of half the filter (about 1.5 ms).
+    """
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.down = in_rate // out_rate if in_rate > out_rate else 1
+        self.up = out_rate // in_rate if out_rate > in_rate else 1
+        factor = max(self.down, self.up)
+        taps = 24 * factor + 1
+        n = np.arange(taps) - (taps - 1) / 2.0
+        cutoff = 0.45 / factor  # cycles per sample at the filter's (higher) rate
+        h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(taps, 8.0)
+        h *= self.up / h.sum()
+        self._h = h.astype(np.float32)
+        self._history = np.zeros(taps - 1, dtype=np.float32)
+        self._phase = 0
+
+    def resample_chunk(
+        self, x: npt.NDArray[np.float32], last: bool = False
+    ) -> npt.NDArray[np.float32]:
+        if self.up > 1:
+            stuffed = np.zeros(len(x) * self.up, dtype=np.float32)
+            stuffed[:: self.up] = x
+            x = stuffed
+        buf = np.concatenate((self._history, x))
+        y = np.convolve(buf, self._h, mode="valid")  # one output per new input sample
+        self._history = buf[len(buf) - len(self._history) :]
+        if self.down > 1:
+            out = y[self._phase :: self.down]
+            self._phase = (self._phase - len(x)) % self.down
+            y = out
+        if last:
+            tail = np.convolve(
+                np.concatenate((self._history, np.zeros(len(self._history), np.float32))),
+                self._h,
+                mode="valid",
+            )[: len(self._history) // 2]
+            if self.down > 1:
+                tail = tail[self._phase :: self.down]
+            y = np.concatenate((y, tail))
+        return y.astype(np.float32, copy=False)
+
+    def clear(self) -> None:
+        self._history[:] = 0
+        self._phase = 0
 
 
 __all__ = ["SUPPORTED_RATES", "StreamResampler", "resample"]
