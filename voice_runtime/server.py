@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
@@ -43,6 +44,7 @@ from voice_runtime.types import SessionEvent
 logger = logging.getLogger(__name__)
 
 TWIML = "application/xml"
+MAX_WEBHOOK_BYTES = 64 * 1024
 ENDED_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
 
 __all__ = ["CallRegistry", "Route", "VoiceServer"]
@@ -287,7 +289,9 @@ class VoiceServer:
             raise MissingStreamUrlError()
         return base
 
-    def place_call(self, phone: str, *, parameters: Mapping[str, str] | None = None, **options: Any) -> VoiceSession:
+    def place_call(
+        self, phone: str, *, parameters: Mapping[str, str] | None = None, **options: Any
+    ) -> VoiceSession:
         """Call ``phone``; return the session its stream will use (blocking REST request).
 
         ``options`` go to :func:`~voice_runtime.transports.twilio_call.initiate_outbound_call`
@@ -297,7 +301,7 @@ class VoiceServer:
         from voice_runtime.transports import twilio_call
 
         session, route = self._outbound_route(parameters)
-        options.setdefault("status_callback", self._status_url())
+        self._default_callbacks(options)
         call_sid = twilio_call.initiate_outbound_call(
             phone,
             stream_url=self._public_base(),
@@ -315,7 +319,7 @@ class VoiceServer:
         from voice_runtime.transports import twilio_call
 
         session, route = self._outbound_route(parameters)
-        options.setdefault("status_callback", self._status_url())
+        self._default_callbacks(options)
         call_sid = await twilio_call.initiate_outbound_call_async(
             phone,
             stream_url=self._public_base(),
@@ -337,6 +341,14 @@ class VoiceServer:
         session.call_sid = call_sid
         route.call_sid = call_sid
         self.registry.bind_call(call_sid, session)
+
+    def _default_callbacks(self, options: dict[str, Any]) -> None:
+        # Status posts and async AMD results come back to /twilio/status as session events;
+        # without an explicit URL Twilio would not post async AMD results at all.
+        status_url = self._status_url()
+        options.setdefault("status_callback", status_url)
+        if options.get("async_amd") and status_url is not None:
+            options.setdefault("async_amd_status_callback", status_url)
 
     def _status_url(self) -> str | None:
         try:
@@ -369,14 +381,18 @@ class VoiceServer:
             await websocket.close(code=1008)
             return
         if self.draining and (route is None or route.session is None):
-            await websocket.close(code=1013)
+            await _close_try_again_later(websocket)
             return
         if self.registry.live_count >= self.max_calls:
             self.refused_busy += 1
             logger.warning("media stream refused: server is at max_calls")
-            await websocket.close(code=1013)
+            await _close_try_again_later(websocket)
             return
-        session = route.session if route is not None and route.session is not None else self.session_factory()
+        session = (
+            route.session
+            if route is not None and route.session is not None
+            else self.session_factory()
+        )
         await websocket.accept()
         call = MediaStreamCall(
             websocket,
@@ -420,7 +436,11 @@ class VoiceServer:
             with contextlib.suppress(BaseException):
                 await handler
             if handler.done() and not handler.cancelled() and handler.exception() is not None:
-                logger.error("call handler failed", exc_info=handler.exception(), extra={"call_sid": session.call_sid})
+                logger.error(
+                    "call handler failed",
+                    exc_info=handler.exception(),
+                    extra={"call_sid": session.call_sid},
+                )
         finally:
             ended.cancel()
             handler.cancel()
@@ -437,8 +457,13 @@ class VoiceServer:
     # ------------------------------------------------------------------ webhooks
 
     async def _form(self, request: Request) -> dict[str, str] | None:
-        form = await request.form()
-        data = {k: str(v) for k, v in form.items()}
+        # Twilio posts application/x-www-form-urlencoded; parsing it here avoids needing
+        # python-multipart (Starlette's request.form()) and bounds the body size.
+        body = await request.body()
+        if len(body) > MAX_WEBHOOK_BYTES:
+            logger.warning("webhook refused: body too large", extra={"bytes": len(body)})
+            return None
+        data = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         if not check_request_signature(request, data, self._policy()):
             return None
         return data
@@ -487,13 +512,16 @@ class VoiceServer:
             return Response(status_code=204)
         status = form.get("CallStatus")
         if status:
-            session.emit_event(SessionEvent("call_status", {"status": status, **_status_fields(form)}))
+            session.emit_event(
+                SessionEvent("call_status", {"status": status, **_status_fields(form)})
+            )
         answered_by = form.get("AnsweredBy")
         if answered_by:
             session.emit_event(SessionEvent("answered_by", {"answered_by": answered_by}))
         if status in ENDED_STATUSES and not session.is_connected:
             # The call never reached the stream (busy, no answer, ...): release its waiters.
             session.signal_disconnected()
+            self.registry.ended(session)
         return Response(status_code=204)
 
     async def _sms_webhook(self, request: Request) -> Response:
@@ -509,7 +537,9 @@ class VoiceServer:
         return Response(sms_reply_twiml(reply), media_type=TWIML)
 
     async def _health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining})
+        return JSONResponse(
+            {"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining}
+        )
 
     async def _ready(self) -> JSONResponse:
         if self.draining:
@@ -531,7 +561,8 @@ class VoiceServer:
         deadline = loop.time() + timeout
         goodbye_budget = min(10.0, timeout * 0.4)
         logger.info("draining", extra={"live_calls": self.registry.live_count})
-        while self.registry.live_count and loop.time() < deadline - goodbye_budget:
+        # Polls a thread-safe counter; 50 ms granularity is plenty for a drain.
+        while self.registry.live_count and loop.time() < deadline - goodbye_budget:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         remaining = self.registry.live_sessions()
         if remaining:
@@ -540,7 +571,7 @@ class VoiceServer:
                 *(asyncio.wait_for(self._say_goodbye(s), budget) for s in remaining),
                 return_exceptions=True,
             )
-        while self.registry.live_count and loop.time() < deadline:
+        while self.registry.live_count and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for session in self.registry.live_sessions():
             session.request_disconnect()
@@ -556,6 +587,20 @@ class VoiceServer:
         session.request_disconnect(after_playback=True)
 
 
+async def _close_try_again_later(websocket: WebSocket) -> None:
+    # A close code only reaches the client after the handshake (before it, ASGI servers
+    # answer HTTP 403), so accept first: 1013 tells the far end to retry later.
+    await websocket.accept()
+    await websocket.close(code=1013)
+
+
 def _status_fields(form: Mapping[str, str]) -> dict[str, str]:
-    keys = ("CallDuration", "SequenceNumber", "Timestamp", "CallbackSource", "SipResponseCode", "Direction")
+    keys = (
+        "CallDuration",
+        "SequenceNumber",
+        "Timestamp",
+        "CallbackSource",
+        "SipResponseCode",
+        "Direction",
+    )
     return {k: form[k] for k in keys if k in form}

@@ -60,7 +60,7 @@ class SignaturePolicy:
 
     @property
     def mode(self) -> str:
-        """"enforce", "skip" (explicitly disabled) or "off" (no auth token)."""
+        """ "enforce", "skip" (explicitly disabled) or "off" (no auth token)."""
         if self.skip:
             return "skip"
         if not self.auth_token:
@@ -143,7 +143,9 @@ def check_request_signature(
 
     url = public_url_for(conn, policy, websocket=False)
     signature = conn.headers.get("x-twilio-signature", "")
-    ok = bool(signature) and RequestValidator(policy.auth_token).validate(url, dict(form), signature)
+    ok = bool(signature) and RequestValidator(policy.auth_token).validate(
+        url, dict(form), signature
+    )
     if not ok:
         logger.warning("webhook refused: bad or missing X-Twilio-Signature")
     return ok

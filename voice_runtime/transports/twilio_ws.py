@@ -200,7 +200,9 @@ class MediaStreamCall:
             await self.ws.send_text(text)
         except Exception:
             # A failed send means the far end is gone.
-            logger.info("send failed; treating the call as ended", extra={"call_sid": self.session.call_sid})
+            logger.info(
+                "send failed; treating the call as ended", extra={"call_sid": self.session.call_sid}
+            )
             self._closed = True
             self.session.signal_disconnected()
             return False
@@ -266,7 +268,9 @@ class MediaStreamCall:
                 ended = False
             if ended and await session.wait_until_disconnected_async(REST_CLOSE_WAIT_S):
                 return
-        logger.info("closing the media stream to end the call", extra={"call_sid": session.call_sid})
+        logger.info(
+            "closing the media stream to end the call", extra={"call_sid": session.call_sid}
+        )
         await self._close(1000)
 
     async def _close(self, code: int) -> None:
@@ -285,7 +289,9 @@ class MediaStreamCall:
             try:
                 await asyncio.wait_for(stt.stop(), STT_STOP_TIMEOUT_S)
             except Exception:
-                logger.warning("STT stop failed", exc_info=True, extra={"call_sid": session.call_sid})
+                logger.warning(
+                    "STT stop failed", exc_info=True, extra={"call_sid": session.call_sid}
+                )
             if self._stt_from_factory:
                 session.stt = None
         current = asyncio.current_task()

@@ -1,0 +1,48 @@
+"""Every example runs end to end against FakeTwilioRest and the caller simulator (--fake)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any Twilio or voice server settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "VOICE_"))}
+
+
+def test_examples_run_against_fake_twilio() -> None:
+    # Started together: each takes a couple of seconds of simulated call time.
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, str(EXAMPLES / name), "--fake"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            cwd=EXAMPLES.parent,
+        )
+        for name in ("outbound_call.py", "inbound_app.py", "send_sms.py", "subclass_session.py")
+    }
+    results = {}
+    try:
+        for name, proc in runs.items():
+            out, err = proc.communicate(timeout=45)
+            results[name] = (proc.returncode, out, err)
+    finally:
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, (code, out, err) in results.items():
+        assert code == 0, f"{name} exited {code}\nstdout:\n{out}\nstderr:\n{err}"
+
+    assert "confirmed: True" in results["outbound_call.py"][1]
+    assert "call status completed" in results["outbound_call.py"][1]
+    assert "hung up over REST: True" in results["inbound_app.py"][1]
+    assert '"status": "queued"' in results["send_sms.py"][1]
+    assert results["subclass_session.py"][1].count("record: CA") == 2

@@ -1,0 +1,434 @@
+"""``voice-runtime serve``, ``call`` and ``sms``, and the helpers that run a VoiceServer.
+
+:func:`serve_forever` runs a :class:`~voice_runtime.server.VoiceServer` under uvicorn in the
+main thread and drains it on SIGTERM/SIGINT *before* uvicorn closes the sockets (uvicorn's own
+shutdown ends live websockets with 1012 before the app's lifespan shutdown runs).
+:class:`BackgroundVoiceServer` runs one in a background thread, for sync scripts that place
+calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from voice_runtime.config import settings
+from voice_runtime.errors import CallNotAnsweredError, ConfigurationError, VoiceRuntimeError
+from voice_runtime.server import VoiceServer
+from voice_runtime.session import VoiceSession
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BackgroundVoiceServer", "add_commands", "load_target", "serve_forever"]
+
+SERVE_ENV = (
+    "VOICE_SERVER_PORT",
+    "VOICE_PUBLIC_URL",
+    "VOICE_STREAM_URL",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_SKIP_SIGNATURE_VALIDATION",
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_HTTP_TIMEOUT",
+)
+CALL_ENV = (
+    "VOICE_SERVER_PORT",
+    "VOICE_PUBLIC_URL",
+    "VOICE_STREAM_URL",
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_PHONE_NUMBER",
+    "TWILIO_SKIP_SIGNATURE_VALIDATION",
+    "TWILIO_HTTP_TIMEOUT",
+    "TWILIO_REGION",
+    "TWILIO_EDGE",
+    "TWILIO_API_BASE_URL",
+)
+SMS_ENV = (
+    "TWILIO_ACCOUNT_SID",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_PHONE_NUMBER",
+    "TWILIO_HTTP_TIMEOUT",
+    "TWILIO_REGION",
+    "TWILIO_EDGE",
+    "TWILIO_API_BASE_URL",
+)
+
+
+# --------------------------------------------------------------------------- loading APP
+
+
+def load_target(spec: str, app_dir: str | None = ".") -> Any:
+    """Import ``"module:attribute"`` (like uvicorn's APP argument) and return the attribute.
+
+    ``app_dir`` is put first on ``sys.path`` so modules next to the caller are found.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"expected MODULE:ATTRIBUTE, got {spec!r}")
+    if app_dir is not None:
+        path = str(Path(app_dir).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"could not import module {module_name!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return target
+
+
+# --------------------------------------------------------------------------- running servers
+
+
+class _DrainingUvicorn(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the VoiceServer, then exits cleanly."""
+
+    def __init__(self, config: uvicorn.Config, voice: VoiceServer) -> None:
+        super().__init__(config)
+        self.voice = voice
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's handler: that one re-raises the signal after shutdown, so a drained
+        # server would still die of SIGTERM instead of exiting 0.
+        loop = self._loop
+        if loop is None or self._drain_requested:
+            # Before startup, or a second signal: stop now.
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._drain_requested = True
+        loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._drain_task is None:
+            logger.info("shutdown requested: draining live calls")
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self.voice.drain()
+        finally:
+            self.should_exit = True
+
+
+def _uvicorn_config(
+    voice: VoiceServer, host: str, port: int, log_level: str, proxy_headers: bool
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        voice.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        proxy_headers=proxy_headers,
+        ws_max_size=1 << 20,
+    )
+
+
+def serve_forever(
+    voice: VoiceServer,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
+
+    ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. uvicorn applies
+    ``X-Forwarded-Proto`` only when ``voice.trust_forwarded_headers`` is set.
+    """
+    port = settings().voice_server_port if port is None else port
+    config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+    _DrainingUvicorn(config, voice).run()
+
+
+class BackgroundVoiceServer:
+    """A VoiceServer served by uvicorn on its own thread; ``stop()`` drains it first.
+
+    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        voice: VoiceServer,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+    ) -> None:
+        self.voice = voice
+        self.host = host
+        config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+        self._server = _DrainingUvicorn(config, voice)
+        self._thread: threading.Thread | None = None
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the running server."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> BackgroundVoiceServer:
+        """Start serving; return once the server accepts connections."""
+        server = self._server
+        self._thread = threading.Thread(target=server.run, name="voice-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the voice server failed to start (is the port in use?)")
+            if time.monotonic() >= deadline:
+                raise TimeoutError("the voice server did not start")
+            time.sleep(0.01)
+        if self.port == 0:
+            self.port = server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Drain live calls (unless ``drain=False``), stop the server and join its thread."""
+        server, thread = self._server, self._thread
+        if thread is None:
+            return
+        loop = server._loop
+        if drain and loop is not None and thread.is_alive():
+            wait = (self.voice.drain_timeout if timeout is None else timeout) + 5.0
+            future = asyncio.run_coroutine_threadsafe(self.voice.drain(timeout), loop)
+            with contextlib.suppress(Exception):
+                future.result(wait)
+        server.should_exit = True
+        thread.join(10.0)
+        self._thread = None
+
+    def __enter__(self) -> BackgroundVoiceServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _parameters(pairs: Sequence[str] | None) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigurationError(f"--param expects NAME=VALUE, got {pair!r}")
+        params[name] = value
+    return params
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        target = load_target(args.app, args.app_dir)
+        factory = load_target(args.session_factory, args.app_dir) if args.session_factory else None
+    except ConfigurationError as exc:
+        return _fail(str(exc))
+    if isinstance(target, VoiceServer):
+        voice = target
+        if factory is not None:
+            voice.session_factory = factory
+    elif callable(target):
+        voice = VoiceServer(on_call=target, session_factory=factory or VoiceSession)
+    else:
+        return _fail(f"{args.app} is neither a call handler nor a VoiceServer")
+    if args.public_url is not None:
+        voice.public_url = args.public_url
+    if args.max_calls is not None:
+        voice.max_calls = args.max_calls
+    if args.drain_timeout is not None:
+        voice.drain_timeout = args.drain_timeout
+    if args.trust_proxy:
+        voice.trust_forwarded_headers = True
+    serve_forever(voice, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _end_when_answered(session: VoiceSession) -> None:
+    """Default ``call`` handler: the callee answered, so the test call is done."""
+    session.request_disconnect(after_playback=True)
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    try:
+        params = _parameters(args.param)
+        cfg = settings()
+        public_url = args.public_url or cfg.voice_public_url or cfg.voice_stream_url
+        if args.twiml_only:
+            from voice_runtime.transports.twilio_call import build_stream_twiml
+
+            if not public_url:
+                return _fail("--twiml-only needs --public-url (or VOICE_PUBLIC_URL)")
+            print(build_stream_twiml(public_url, parameters=params or None))
+            return 0
+        handler = load_target(args.app, args.app_dir) if args.app else _end_when_answered
+        voice = VoiceServer(on_call=handler, public_url=public_url)
+        options: dict[str, Any] = {"parameters": params}
+        if args.ring_timeout is not None:
+            options["timeout"] = args.ring_timeout
+        if args.machine_detection:
+            options["machine_detection"] = args.machine_detection
+        if args.record:
+            options["record"] = True
+        if args.time_limit is not None:
+            options["time_limit"] = args.time_limit
+        port = cfg.voice_server_port if args.port is None else args.port
+        with BackgroundVoiceServer(voice, host=args.host, port=port, log_level=args.log_level):
+            session = voice.place_call(args.number, **options)
+            print(f"call placed: {session.call_sid}")
+            try:
+                session.wait_for_ws_connect(args.answer_timeout)
+            except CallNotAnsweredError:
+                print("call not answered", file=sys.stderr)
+                return 1
+            print("call answered")
+            if not session.wait_until_disconnected(args.max_duration):
+                session.request_disconnect(after_playback=True)
+                session.wait_until_disconnected(10.0)
+            print("call ended")
+        return 0
+    except (VoiceRuntimeError, ValueError) as exc:
+        return _fail(str(exc))
+
+
+def _cmd_sms(args: argparse.Namespace) -> int:
+    from voice_runtime.transport import get_sms_transport
+
+    try:
+        result = get_sms_transport().send_sms(
+            args.number,
+            args.text,
+            media_urls=args.media_url,
+            messaging_service_sid=args.messaging_service_sid,
+            status_callback=args.status_callback,
+            from_=args.sender,
+        )
+    except (VoiceRuntimeError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(result))
+    return 0
+
+
+def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> None:
+    """Add ``serve``, ``call`` and ``sms`` to the ``voice-runtime`` command."""
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve Twilio calls with a call handler (like uvicorn MODULE:FUNCTION)",
+        description="Serve the Twilio voice webhook (POST /twilio/voice), status callbacks, "
+        "the media streams (/voice, /voice/{token}), /health and /ready, running APP once "
+        "per call. SIGTERM drains: new calls get a busy answer, live calls may finish up to "
+        "--drain-timeout, then the process exits 0.",
+        epilog=env_help(SERVE_ENV),
+        formatter_class=fmt,
+    )
+    serve.add_argument(
+        "app",
+        metavar="APP",
+        help="MODULE:FUNCTION call handler, run with each call's session (a plain function "
+        "runs in a worker thread, a coroutine function on the loop), or MODULE:NAME of a "
+        "VoiceServer",
+    )
+    serve.add_argument("--app-dir", default=".", help="look for MODULE here first (default .)")
+    serve.add_argument(
+        "--session-factory", metavar="MODULE:NAME", help="make each call's session with this"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default VOICE_SERVER_PORT, 8080)")
+    serve.add_argument(
+        "--public-url", help="public base URL Twilio reaches this server at (VOICE_PUBLIC_URL)"
+    )
+    serve.add_argument("--max-calls", type=int, help="concurrent calls before busy (default 200)")
+    serve.add_argument(
+        "--drain-timeout", type=float, help="seconds live calls get on shutdown (default 30)"
+    )
+    serve.add_argument(
+        "--trust-proxy",
+        action="store_true",
+        help="honour X-Forwarded-Proto/-Host from the proxy in front (signatures, stream URLs)",
+    )
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    serve.set_defaults(func=_cmd_serve)
+
+    call = subparsers.add_parser(
+        "call",
+        help="place an outbound call and run a handler on it",
+        description="Serve the media stream on --port, place a call to NUMBER whose stream "
+        "comes back to --public-url, and run --app (MODULE:FUNCTION) with the call's session. "
+        "Without --app the call is hung up as soon as it is answered. Exit status: 0 "
+        "answered, 1 not answered, 2 error. --twiml-only prints the stream TwiML and exits.",
+        epilog=env_help(CALL_ENV),
+        formatter_class=fmt,
+    )
+    call.add_argument("number", metavar="NUMBER", help="the number to call (E.164)")
+    call.add_argument("--app", metavar="MODULE:FUNCTION", help="call handler to run")
+    call.add_argument("--app-dir", default=".", help="look for MODULE here first (default .)")
+    call.add_argument("--public-url", help="public base URL of this server (VOICE_PUBLIC_URL)")
+    call.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    call.add_argument("--port", type=int, help="port (default VOICE_SERVER_PORT, 8080)")
+    call.add_argument(
+        "--param", action="append", metavar="NAME=VALUE", help="a <Parameter> of the stream"
+    )
+    call.add_argument("--ring-timeout", type=int, help="seconds to let it ring")
+    call.add_argument(
+        "--machine-detection", choices=("Enable", "DetectMessageEnd"), help="answering machine"
+    )
+    call.add_argument("--record", action="store_true", help="record the call")
+    call.add_argument("--time-limit", type=int, help="longest call, seconds")
+    call.add_argument(
+        "--answer-timeout", type=float, default=60.0, help="give up unanswered after (60 s)"
+    )
+    call.add_argument(
+        "--max-duration", type=float, default=600.0, help="hang up after this long (600 s)"
+    )
+    call.add_argument("--twiml-only", action="store_true", help="print the TwiML and exit")
+    call.add_argument("--log-level", default="warning", help="uvicorn log level")
+    call.set_defaults(func=_cmd_call)
+
+    sms = subparsers.add_parser(
+        "sms",
+        help="send an SMS",
+        description="Send TEXT to NUMBER through the Twilio REST API and print the result "
+        '({"message_sid", "status", "to"}) as JSON.',
+        epilog=env_help(SMS_ENV),
+        formatter_class=fmt,
+    )
+    sms.add_argument("number", metavar="NUMBER", help="recipient (E.164)")
+    sms.add_argument("text", metavar="TEXT", help="message body")
+    sms.add_argument("--media-url", action="append", help="attach media (MMS); repeatable")
+    sms.add_argument("--messaging-service-sid", help="send through this Messaging Service (MG…)")
+    sms.add_argument("--status-callback", help="URL for delivery status callbacks")
+    sms.add_argument("--from", dest="sender", help="sender number (default TWILIO_PHONE_NUMBER)")
+    sms.set_defaults(func=_cmd_sms)
