@@ -190,6 +190,11 @@ class VoiceSession:
         self._dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_none_warned = False
+        # Set when the stream connects or the call ends first (e.g. no answer), so
+        # wait_for_ws_connect() returns at once in either case.
+        self._settled = Flag()
+        # Called on the loop thread with each caller frame (barge-in VAD, meters); keep cheap.
+        self.inbound_taps: list[Callable[[bytes], None]] = []
         self._bind_outbound()
 
     def _bind_outbound(self) -> None:
@@ -253,6 +258,11 @@ class VoiceSession:
             if self._disconnected.is_set():
                 return
             self.stats.inbound_frames += 1
+            for tap in self.inbound_taps:
+                try:
+                    tap(data)
+                except Exception:
+                    logger.exception("inbound tap failed")
         while q.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 q.get_nowait()
@@ -503,6 +513,16 @@ class VoiceSession:
         self.stats.marks_sent += 1
         return f"{_POSITION_PREFIX}{self._clear_generation}~{self._sent_ms:.3f}"
 
+    def queue_position_mark(self) -> None:
+        """Queue a mark behind the agent audio queued so far; its echo moves played_ms (loop only).
+
+        Nothing waits for it, so it is cheap enough to follow every 20 ms chunk.
+        """
+        if self._disconnected.is_set():
+            return
+        name = f"{_POSITION_PREFIX}{self._clear_generation}~{self._queued_ms:.3f}"
+        self._queue_mark(OutboundMark(name, 0, internal=True))
+
     @property
     def clear_pending(self) -> bool:
         """True when a clear was requested and not yet handed to the transport."""
@@ -547,6 +567,7 @@ class VoiceSession:
             if loop is not None:
                 self.set_loop(loop)
         self._ws_connected.set()
+        self._settled.set()
         logger.info("media stream connected", extra={"call_sid": self.call_sid})
 
     def apply_call_info(self, info: CallInfo) -> None:
@@ -557,14 +578,20 @@ class VoiceSession:
             self.caller_number = info.caller_number
 
     def wait_for_ws_connect(self, timeout: float = 30.0) -> None:
-        """Block until the media stream connects; CallNotAnsweredError on timeout."""
+        """Block until the media stream connects; CallNotAnsweredError on timeout.
+
+        Also raises CallNotAnsweredError at once when the call ends before its stream
+        connects (busy, no answer, failed: the server's status callback reports it).
+        """
         forbid_on_loop(self._loop, "wait_for_ws_connect")
-        if not self._ws_connected.wait(timeout):
+        self._settled.wait(timeout)
+        if not self._ws_connected.is_set():
             raise CallNotAnsweredError(timeout)
 
     async def wait_for_ws_connect_async(self, timeout: float = 30.0) -> None:
         """Async twin of :meth:`wait_for_ws_connect`."""
-        if not await self._ws_connected.wait_async(timeout):
+        await self._settled.wait_async(timeout)
+        if not self._ws_connected.is_set():
             raise CallNotAnsweredError(timeout)
 
     @property
@@ -581,6 +608,7 @@ class VoiceSession:
         if self._disconnected.is_set():
             return
         self._disconnected.set()
+        self._settled.set()
         logger.info("call disconnected", extra={"call_sid": self.call_sid})
         if self._loop is not None:
             self._on_loop(self._finish_disconnect)
@@ -650,6 +678,7 @@ class VoiceSession:
                 logger.debug("STT dropped without stop: no running loop")
         self._ws_connected = Flag()
         self._disconnected = Flag()
+        self._settled = Flag()
         self.stream_sid = None
         self.call_info = None
         self._pending_disconnect = False
@@ -710,7 +739,9 @@ class VoiceSession:
 
     # ------------------------------------------------------------------ intents
 
-    def request_disconnect(self, generation: int | None = None, *, after_playback: bool = False) -> None:
+    def request_disconnect(
+        self, generation: int | None = None, *, after_playback: bool = False
+    ) -> None:
         """Ask the transport to end the call (any thread); a stale ``generation`` is ignored.
 
         With ``after_playback=True`` the call ends once the agent audio queued so far has been
