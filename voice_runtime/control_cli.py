@@ -1,33 +1,24 @@
-"""``voice-runtime serve``, ``call`` and ``sms``, and the helpers that run a VoiceServer.
+"""The ``voice-runtime serve``, ``call`` and ``sms`` commands.
 
-:func:`serve_forever` runs a :class:`~voice_runtime.server.VoiceServer` under uvicorn in the
-main thread and drains it on SIGTERM/SIGINT *before* uvicorn closes the sockets (uvicorn's own
-shutdown ends live websockets with 1012 before the app's lifespan shutdown runs).
-:class:`BackgroundVoiceServer` runs one in a background thread, for sync scripts that place
-calls.
+Running a server lives in :mod:`voice_runtime.serving` (re-exported here for scripts that
+imported it from this module).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import importlib
 import json
 import logging
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
-
-import uvicorn
 
 from voice_runtime.config import settings
 from voice_runtime.errors import CallNotAnsweredError, ConfigurationError, VoiceRuntimeError
 from voice_runtime.server import VoiceServer
+from voice_runtime.serving import BackgroundVoiceServer, serve_forever
 from voice_runtime.session import VoiceSession
 
 logger = logging.getLogger(__name__)
@@ -92,143 +83,6 @@ def load_target(spec: str, app_dir: str | None = ".") -> Any:
         except AttributeError:
             raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
     return target
-
-
-# --------------------------------------------------------------------------- running servers
-
-
-class _DrainingUvicorn(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT drains the VoiceServer, then exits cleanly."""
-
-    def __init__(self, config: uvicorn.Config, voice: VoiceServer) -> None:
-        super().__init__(config)
-        self.voice = voice
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_requested = False
-        self._drain_task: asyncio.Task[None] | None = None
-
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Not uvicorn's handler: that one re-raises the signal after shutdown, so a drained
-        # server would still die of SIGTERM instead of exiting 0.
-        loop = self._loop
-        if loop is None or self._drain_requested:
-            # Before startup, or a second signal: stop now.
-            if self.should_exit:
-                self.force_exit = True
-            self.should_exit = True
-            return
-        self._drain_requested = True
-        loop.call_soon_threadsafe(self._begin_drain)
-
-    def _begin_drain(self) -> None:
-        if self._drain_task is None:
-            logger.info("shutdown requested: draining live calls")
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            await self.voice.drain()
-        finally:
-            self.should_exit = True
-
-
-def _uvicorn_config(
-    voice: VoiceServer, host: str, port: int, log_level: str, proxy_headers: bool
-) -> uvicorn.Config:
-    return uvicorn.Config(
-        voice.app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        lifespan="on",
-        proxy_headers=proxy_headers,
-        ws_max_size=1 << 20,
-    )
-
-
-def serve_forever(
-    voice: VoiceServer,
-    *,
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    log_level: str = "info",
-) -> None:
-    """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
-
-    ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. uvicorn applies
-    ``X-Forwarded-Proto`` only when ``voice.trust_forwarded_headers`` is set.
-    """
-    port = settings().voice_server_port if port is None else port
-    config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
-    _DrainingUvicorn(config, voice).run()
-
-
-class BackgroundVoiceServer:
-    """A VoiceServer served by uvicorn on its own thread; ``stop()`` drains it first.
-
-    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`).
-    """
-
-    def __init__(
-        self,
-        voice: VoiceServer,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        log_level: str = "warning",
-    ) -> None:
-        self.voice = voice
-        self.host = host
-        config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
-        self._server = _DrainingUvicorn(config, voice)
-        self._thread: threading.Thread | None = None
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        """``http://host:port`` of the running server."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> BackgroundVoiceServer:
-        """Start serving; return once the server accepts connections."""
-        server = self._server
-        self._thread = threading.Thread(target=server.run, name="voice-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError("the voice server failed to start (is the port in use?)")
-            if time.monotonic() >= deadline:
-                raise TimeoutError("the voice server did not start")
-            time.sleep(0.01)
-        if self.port == 0:
-            self.port = server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Drain live calls (unless ``drain=False``), stop the server and join its thread."""
-        server, thread = self._server, self._thread
-        if thread is None:
-            return
-        loop = server._loop
-        if drain and loop is not None and thread.is_alive():
-            wait = (self.voice.drain_timeout if timeout is None else timeout) + 5.0
-            future = asyncio.run_coroutine_threadsafe(self.voice.drain(timeout), loop)
-            with contextlib.suppress(Exception):
-                future.result(wait)
-        server.should_exit = True
-        thread.join(10.0)
-        self._thread = None
-
-    def __enter__(self) -> BackgroundVoiceServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- commands

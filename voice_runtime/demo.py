@@ -143,7 +143,23 @@ def run_demo(
     """Run the whole demo call and return what happened."""
     started = time.monotonic()
     # The demo server listens on 127.0.0.1 only: the no-auth-token warning is not for it.
-    logging.getLogger("voice_runtime.transports.security").setLevel(logging.ERROR)
+    security_log = logging.getLogger("voice_runtime.transports.security")
+    level = security_log.level
+    security_log.setLevel(logging.ERROR)
+    try:
+        return _run_demo(engine, lines, record, out, timeout, started)
+    finally:
+        security_log.setLevel(level)
+
+
+def _run_demo(
+    engine: str,
+    lines: tuple[str, ...],
+    record: Path | None,
+    out: TextIO | None,
+    timeout: float,
+    started: float,
+) -> DemoResult:
     stt_factory, agent_tts, caller_voice = _providers(engine)
     preload(engine)
     session = VoiceSession(stt_factory=stt_factory)

@@ -546,6 +546,22 @@ class VoiceServer:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready", "live_calls": self.registry.live_count})
 
+    # ------------------------------------------------------------------ running
+
+    def serve(
+        self, *, host: str = "127.0.0.1", port: int | None = None, log_level: str = "info"
+    ) -> None:
+        """Serve until SIGTERM/SIGINT, then drain live calls and return (blocking)."""
+        from voice_runtime.serving import serve_forever
+
+        serve_forever(self, host=host, port=port, log_level=log_level)
+
+    def start_in_thread(self, *, host: str = "127.0.0.1", port: int = 0) -> Any:
+        """Serve on a background thread; the returned handle's ``stop()`` drains first."""
+        from voice_runtime.serving import BackgroundVoiceServer
+
+        return BackgroundVoiceServer(self, host=host, port=port).start()
+
     # ------------------------------------------------------------------ draining
 
     async def drain(self, timeout: float | None = None) -> None:
