@@ -43,6 +43,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("ELEVENLABS_MODEL", "eleven_multilingual_v2", "ElevenLabs TTS model"),
     EnvVar("STT_MODEL_ID", "scribe_v2_realtime", "ElevenLabs realtime STT model"),
     EnvVar("STT_LANGUAGE_CODE", None, "language hint for the ElevenLabs STT"),
+    EnvVar("OPENAI_API_KEY", None, "OpenAI Realtime API key"),
+    EnvVar("GEMINI_API_KEY", None, "Gemini Live API key"),
+    EnvVar("GOOGLE_API_KEY", None, "Gemini Live API key, when GEMINI_API_KEY is unset"),
+    EnvVar("XAI_API_KEY", None, "xAI Grok voice API key"),
+    EnvVar("ELEVENLABS_AGENT_ID", None, "ElevenLabs Agents agent id"),
     EnvVar("AZURE_SPEECH_KEY", None, "Azure Speech subscription key"),
     EnvVar("AZURE_SPEECH_REGION", "westeurope", "Azure Speech region"),
     EnvVar("AZURE_TTS_VOICE", "fi-FI-NooraNeural", "Azure TTS voice"),
@@ -71,6 +76,11 @@ class Settings:
     elevenlabs_model: str = "eleven_multilingual_v2"
     stt_model_id: str = "scribe_v2_realtime"
     stt_language_code: str | None = None
+    openai_api_key: str | None = None
+    gemini_api_key: str | None = None
+    google_api_key: str | None = None
+    xai_api_key: str | None = None
+    elevenlabs_agent_id: str | None = None
     azure_speech_key: str | None = None
     azure_speech_region: str = "westeurope"
     azure_tts_voice: str = "fi-FI-NooraNeural"
@@ -115,10 +125,19 @@ def settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env(environ)
 
 
+def env_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """One documented variable's raw value (stripped), or None when unset or blank."""
+    if name not in {v.name for v in ENV_VARS}:
+        raise KeyError(f"{name} is not a documented voice_runtime variable")
+    env = os.environ if environ is None else environ
+    value = env.get(name, "").strip()
+    return value or None
+
+
 def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Read a boolean flag variable (1/true/yes/on)."""
     env = os.environ if environ is None else environ
     return env.get(name, "").strip().lower() in _TRUE
 
 
-__all__ = ["ENV_VARS", "EnvVar", "Settings", "env_flag", "settings"]
+__all__ = ["ENV_VARS", "EnvVar", "Settings", "env_flag", "env_value", "settings"]

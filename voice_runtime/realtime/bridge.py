@@ -1,0 +1,705 @@
+"""The bridge that puts a realtime agent on a call.
+
+:func:`attach_agent` (and :func:`attach_agent_sync` for worker threads) runs until the call
+or the agent ends:
+
+* caller audio: ``session.inbound`` → ``agent.push_audio`` (μ-law, unchanged);
+* agent audio: ``AssistantAudio`` → ``session.put_outbound`` in ``mark_every_ms`` pieces,
+  each followed by a mark, so the playback position (``session.played_ms``) is known from
+  Twilio's echoes to that precision;
+* barge-in: on ``UserSpeechStarted`` the bridge clears Twilio and the local queue
+  (``session.request_clear_buffer()``), drops the rest of the interrupted item's audio, and,
+  for vendors that can (OpenAI, xAI), truncates the item at what the caller heard:
+  ``played_ms`` minus the ``queued_ms`` at which the item's first audio was queued, capped
+  at the audio queued for it;
+* tools: each ``ToolCall`` runs in its own task through a :class:`ToolRegistry`; the result
+  (or the error) goes back to the model;
+* everything else goes to the callbacks and lifecycle hooks.
+
+Every task the bridge starts ends when the call ends. The bridge consumes
+``session.inbound``: do not run an STT on the same session at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from voice_runtime._sync import forbid_on_loop
+from voice_runtime.errors import ConfigurationError, NoEventLoopError, ProviderError, SessionError
+from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
+from voice_runtime.realtime.events import (
+    AgentError,
+    AgentEvent,
+    AgentFailover,
+    AssistantAudio,
+    AssistantText,
+    AssistantTurnEnd,
+    SessionOpened,
+    ToolCall,
+    ToolCallCancelled,
+    Usage,
+    UserSpeechStarted,
+    UserTranscript,
+)
+from voice_runtime.realtime.hooks import (
+    AgentPlan,
+    CallRejectedError,
+    LifecycleHooks,
+    SessionResolver,
+    SessionStarted,
+    SessionStopped,
+    ToolExecution,
+    UsageReport,
+    resolve_plan,
+)
+from voice_runtime.realtime.tools import ToolContext, ToolRegistry, ToolResult
+
+if TYPE_CHECKING:
+    from voice_runtime.session import VoiceSession
+
+logger = logging.getLogger(__name__)
+
+MARK_NAME = "vr-rt"
+MARK_TIMEOUT_S = 3600.0
+_MAX_INTERRUPTED = 64
+
+__all__ = [
+    "AgentBridge",
+    "BridgeOptions",
+    "BridgeResult",
+    "TranscriptLine",
+    "Truncation",
+    "attach_agent",
+    "attach_agent_sync",
+    "run_agent_call",
+]
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """How the bridge behaves.
+
+    * ``mark_every_ms``: agent audio is queued in pieces of this length, each followed by a
+      mark; the truncation point is known to this precision (0 disables the bridge's own
+      marks and leaves the transport's periodic position marks).
+    * ``hangup_on_fatal``: end the call (after queued audio plays) when the agent dies.
+    * ``hangup_quiet_s`` / ``hangup_max_wait_s``: after ``end_call``, wait for the agent's
+      goodbye (its next turn end, or this long without new audio; at most the max) before
+      ending the call once that audio has played.
+    """
+
+    mark_every_ms: float = 20.0
+    hangup_on_fatal: bool = True
+    start_agent: bool = True
+    close_agent: bool = True
+    hangup_quiet_s: float = 2.0
+    hangup_max_wait_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """One barge-in truncation sent to the vendor."""
+
+    item_id: str
+    audio_end_ms: int
+    played_ms: float
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    """A transcript for ``on_transcript``: who spoke, the text, and whether it is final."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    final: bool
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BridgeResult:
+    """How a bridged call went."""
+
+    provider: str
+    reason: str  # call_ended, agent_closed, agent_failed, rejected
+    duration_s: float
+    usage: Usage
+    error: AgentError | None = None
+    barge_ins: int = 0
+    truncations: tuple[Truncation, ...] = ()
+    tool_calls: int = 0
+
+
+@dataclass(eq=False)
+class _Item:
+    key: str
+    item_id: str | None
+    response_id: str | None
+    start_ms: float
+    queued_ms: float = 0.0
+    done: bool = False
+    interrupted: bool = False
+
+
+Callback = Callable[[Any], Any]
+
+
+@dataclass(eq=False)
+class AgentBridge:
+    """One agent bridged onto one call; :meth:`run` until either ends."""
+
+    session: VoiceSession
+    agent: RealtimeAgent
+    tools: ToolRegistry | None = None
+    hooks: LifecycleHooks | None = None
+    on_event: Callback | None = None
+    on_transcript: Callback | None = None
+    options: BridgeOptions = field(default_factory=BridgeOptions)
+
+    def __post_init__(self) -> None:
+        self.usage = Usage()
+        self.error: AgentError | None = None
+        self.barge_ins = 0
+        self.truncations: list[Truncation] = []
+        self.tool_calls = 0
+        self.dropped_audio_ms = 0.0
+        self._item: _Item | None = None
+        self._interrupted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mark_tasks: set[asyncio.Task[Any]] = set()
+        self._tool_tasks: dict[str, asyncio.Task[Any]] = {}
+        self._hangup_task: asyncio.Task[None] | None = None
+        self._hangup_after: str | None = None
+        self._turn_end = asyncio.Event()
+        self._last_audio_at = 0.0
+        self._provider = ""
+        self._step = int(self.options.mark_every_ms * 8) if self.options.mark_every_ms > 0 else 0
+
+    @property
+    def provider(self) -> str:
+        """The provider of the agent (the active one, behind a fallback)."""
+        return str(getattr(self.agent, "provider", "")) or self._provider
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> BridgeResult:
+        """Bridge until the call ends or the agent closes; return what happened."""
+        session = self.session
+        loop = asyncio.get_running_loop()
+        if session.loop is not None and session.loop is not loop:
+            raise SessionError("attach_agent must run on the session's event loop")
+        started = time.monotonic()
+        stream = self.agent.events()
+        reason = "agent_closed"
+        try:
+            if self.options.start_agent:
+                try:
+                    if not await self._start_unless_call_ends():
+                        return await self._finish("call_ended", started)
+                except (ProviderError, ConfigurationError) as exc:
+                    self.error = AgentError(
+                        str(exc),
+                        fatal=True,
+                        code=getattr(exc, "code", None),
+                        retryable=bool(getattr(exc, "retryable", False)),
+                        provider=self.provider,
+                    )
+                    logger.warning(
+                        "realtime agent could not start",
+                        extra={"call_sid": session.call_sid, "provider": self.provider},
+                    )
+                    await self._deliver(self.error)
+                    if self.options.hangup_on_fatal:
+                        session.request_disconnect(after_playback=True)
+                    return await self._finish("agent_failed", started)
+            self._provider = self.provider
+            if self.hooks is not None:
+                await self.hooks.emit(
+                    "on_session_started",
+                    SessionStarted(session.call_sid, self.provider, time.time()),
+                )
+            uplink = self._spawn(self._uplink(), "vr-rt-uplink")
+            downlink = self._spawn(self._downlink(stream), "vr-rt-downlink")
+            watch = self._spawn(session.wait_until_disconnected_async(), "vr-rt-watch")
+            await asyncio.wait({uplink, downlink, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if session.is_disconnected:
+                reason = "call_ended"
+            elif downlink.done():
+                reason = "agent_failed" if self.error is not None else "agent_closed"
+            else:
+                reason = "call_ended"
+            return await self._finish(reason, started)
+        finally:
+            await self._cleanup(stream)
+
+    async def _start_unless_call_ends(self) -> bool:
+        """Start the agent; False (and no agent) when the caller hangs up first."""
+        start = asyncio.ensure_future(self.agent.start())
+        ended = asyncio.ensure_future(self.session.wait_until_disconnected_async())
+        try:
+            await asyncio.wait({start, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if start.done():
+            start.result()  # raises the start error, if any
+            return True
+        start.cancel()
+        with contextlib.suppress(BaseException):
+            await start
+        return False
+
+    async def _finish(self, reason: str, started: float) -> BridgeResult:
+        duration = time.monotonic() - started
+        result = BridgeResult(
+            provider=self._provider or self.provider,
+            reason=reason,
+            duration_s=duration,
+            usage=self.usage,
+            error=self.error,
+            barge_ins=self.barge_ins,
+            truncations=tuple(self.truncations),
+            tool_calls=self.tool_calls,
+        )
+        logger.info(
+            "realtime bridge finished",
+            extra={
+                "call_sid": self.session.call_sid,
+                "provider": result.provider,
+                "reason": reason,
+                "duration_s": round(duration, 3),
+            },
+        )
+        if self.hooks is not None:
+            await self.hooks.emit(
+                "on_session_stopped",
+                SessionStopped(
+                    self.session.call_sid, result.provider, duration, self.usage, reason, self.error
+                ),
+            )
+        return result
+
+    async def _cleanup(self, stream: Any) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in (*self._tasks, *self._tool_tasks.values()) if t is not current]
+        if self._hangup_task is not None and not self.session.is_disconnected:
+            # An end_call in progress must still end the call.
+            tasks = [t for t in tasks if t is not self._hangup_task]
+        elif self._hangup_task is not None:
+            tasks.append(self._hangup_task)
+        if self.session.is_disconnected:
+            tasks.extend(self._mark_tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self.options.close_agent:
+            with contextlib.suppress(Exception):
+                await self.agent.close()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ caller → agent
+
+    async def _uplink(self) -> None:
+        inbound = self.session.inbound
+        agent = self.agent
+        while True:
+            frame = await inbound.get()
+            if frame is None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    inbound.put_nowait(None)  # others may wait for the end too
+                return
+            await agent.push_audio(frame)
+
+    # ------------------------------------------------------------------ agent → call
+
+    async def _downlink(self, stream: Any) -> None:
+        async for event in stream:
+            try:
+                await self._dispatch(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception(
+                    "realtime event handling failed", extra={"call_sid": self.session.call_sid}
+                )
+
+    async def _dispatch(self, event: AgentEvent) -> None:
+        kind = type(event)
+        if kind is AssistantAudio:
+            await self._play(event)  # type: ignore[arg-type]
+        elif kind is UserSpeechStarted:
+            await self._barge_in(event)  # type: ignore[arg-type]
+        elif kind is AssistantTurnEnd:
+            self._on_turn_end(event)  # type: ignore[arg-type]
+        elif kind is ToolCall:
+            self._on_tool_call(event)  # type: ignore[arg-type]
+        elif kind is ToolCallCancelled:
+            for call_id in event.call_ids:  # type: ignore[union-attr]
+                task = self._tool_tasks.pop(call_id, None)
+                if task is not None:
+                    task.cancel()
+        elif kind is Usage:
+            await self._on_usage(event)  # type: ignore[arg-type]
+        elif kind is AgentError:
+            err: AgentError = event  # type: ignore[assignment]
+            if err.fatal:
+                self.error = err
+                if self.options.hangup_on_fatal:
+                    self.session.request_disconnect(after_playback=True)
+        elif kind is AgentFailover or kind is SessionOpened:
+            # A new vendor session: item ids of the old one mean nothing now.
+            self._item = None
+        elif kind is UserTranscript:
+            ut: UserTranscript = event  # type: ignore[assignment]
+            await self._transcript(TranscriptLine("user", ut.text, ut.final, ut.item_id))
+        elif kind is AssistantText:
+            at: AssistantText = event  # type: ignore[assignment]
+            await self._transcript(TranscriptLine("assistant", at.text, at.final, at.item_id))
+        await self._deliver(event)
+
+    async def _play(self, event: AssistantAudio) -> None:
+        session = self.session
+        key = event.item_id or event.response_id or "_"
+        if (
+            key in self._interrupted
+            or (event.response_id is not None and event.response_id in self._interrupted)
+            or session.is_disconnected
+        ):
+            self.dropped_audio_ms += event.duration_ms
+            return
+        item = self._item
+        if item is None or item.key != key:
+            item = _Item(key, event.item_id, event.response_id, session.queued_ms)
+            self._item = item
+        self._last_audio_at = asyncio.get_running_loop().time()
+        audio = event.audio
+        step = self._step
+        if not step:
+            await session.put_outbound(audio)
+            item.queued_ms += len(audio) / 8.0
+            return
+        position_mark = getattr(session, "queue_position_mark", None)
+        for i in range(0, len(audio), step):
+            chunk = audio[i : i + step]
+            await session.put_outbound(chunk)
+            item.queued_ms += len(chunk) / 8.0
+            if position_mark is not None:
+                position_mark()  # no waiter: its echo only moves played_ms
+                continue
+            task = asyncio.create_task(self._await_mark(), name="vr-rt-mark")
+            self._mark_tasks.add(task)
+            task.add_done_callback(self._mark_tasks.discard)
+            # Let the mark task queue its mark now, right behind this chunk.
+            await asyncio.sleep(0)
+
+    async def _await_mark(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await self.session.send_mark_and_wait_async(MARK_NAME, MARK_TIMEOUT_S)
+
+    async def _barge_in(self, event: UserSpeechStarted) -> None:
+        if event.interrupted_response_id:
+            self._remember_interrupted(event.interrupted_response_id)
+        await self._interrupt(event.interrupted_item_id, cancel=False)
+
+    async def interrupt(self) -> None:
+        """Barge in by hand: clear the call's audio, truncate, and cancel the response."""
+        await self._interrupt(None, cancel=True)
+
+    async def _interrupt(self, vendor_item: str | None, *, cancel: bool) -> None:
+        session = self.session
+        item = self._item
+        truncation: Truncation | None = None
+        if vendor_item:
+            self._remember_interrupted(vendor_item)
+        if item is not None and not item.interrupted:
+            played = session.played_ms
+            heard = min(max(played - item.start_ms, 0.0), item.queued_ms)
+            if not (item.done and heard >= item.queued_ms - 0.5):
+                item.interrupted = True
+                self._remember_interrupted(item.key)
+                if self.agent.supports_truncate and item.item_id:
+                    truncation = Truncation(item.item_id, int(heard), played)
+        pending = session.agent_audio_pending
+        if pending:
+            session.request_clear_buffer()
+        if truncation is not None:
+            await self.agent.truncate(truncation.item_id, truncation.audio_end_ms)
+            self.truncations.append(truncation)
+        if cancel:
+            await self.agent.cancel()
+        if pending or truncation is not None:
+            self.barge_ins += 1
+            logger.info(
+                "caller barged in",
+                extra={
+                    "call_sid": session.call_sid,
+                    "audio_end_ms": None if truncation is None else truncation.audio_end_ms,
+                },
+            )
+
+    def _remember_interrupted(self, key: str) -> None:
+        self._interrupted[key] = None
+        while len(self._interrupted) > _MAX_INTERRUPTED:
+            self._interrupted.popitem(last=False)
+
+    def _on_turn_end(self, event: AssistantTurnEnd) -> None:
+        item = self._item
+        if item is not None and (
+            (event.item_id is None and event.response_id is None)
+            or (event.item_id is not None and event.item_id == item.item_id)
+            or (event.response_id is not None and event.response_id == item.response_id)
+        ):
+            item.done = True
+        after = self._hangup_after
+        if after is not None and after not in (event.response_id, event.item_id):
+            self._turn_end.set()
+
+    # ------------------------------------------------------------------ tools
+
+    def _on_tool_call(self, call: ToolCall) -> None:
+        previous = self._tool_tasks.get(call.call_id)
+        if previous is not None and not previous.done():
+            return  # the same call announced twice
+        task = asyncio.create_task(self._run_tool(call), name=f"vr-rt-tool-{call.name}")
+        self._tool_tasks[call.call_id] = task
+        task.add_done_callback(lambda t, cid=call.call_id: self._forget_tool(cid, t))
+
+    def _forget_tool(self, call_id: str, task: asyncio.Task[Any]) -> None:
+        if self._tool_tasks.get(call_id) is task:
+            del self._tool_tasks[call_id]
+
+    async def _run_tool(self, call: ToolCall) -> None:
+        context = ToolContext(self.session, call, end_call=lambda: self._request_end_call(call))
+        if self.tools is None:
+            result = ToolResult(
+                call.call_id, call.name, '{"error": "no tools are available"}', True, 0.0
+            )
+        else:
+            result = await self.tools.execute(call, context)
+        self.tool_calls += 1
+        await self.agent.send_tool_result(
+            call.call_id, result.output, name=call.name, is_error=result.is_error
+        )
+        if self.hooks is not None:
+            await self.hooks.emit(
+                "on_tool_executed",
+                ToolExecution(
+                    self.session.call_sid,
+                    self.provider,
+                    call.name,
+                    call.call_id,
+                    call.arguments,
+                    result.output,
+                    result.is_error,
+                    result.duration_ms,
+                ),
+            )
+
+    def _request_end_call(self, call: ToolCall) -> None:
+        """Called from the end_call tool (possibly on a worker thread)."""
+        loop = self.session.loop
+        if loop is None:
+            self.session.request_disconnect(after_playback=True)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._start_hangup, call)
+
+    def _start_hangup(self, call: ToolCall) -> None:
+        if self._hangup_task is not None or self.session.is_disconnected:
+            return
+        self._hangup_after = call.response_id or f"tool:{call.call_id}"
+        self._turn_end.clear()
+        self._hangup_task = asyncio.create_task(self._hang_up_after_goodbye(), name="vr-rt-hangup")
+
+    async def _hang_up_after_goodbye(self) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        requested = loop.time()
+        deadline = requested + opts.hangup_max_wait_s
+        while loop.time() < deadline and not self.session.is_disconnected:
+            if self._turn_end.is_set():
+                break
+            quiet_since = max(self._last_audio_at, requested)
+            if loop.time() - quiet_since >= opts.hangup_quiet_s:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._turn_end.wait(), 0.05)
+        logger.info("ending the call for the agent", extra={"call_sid": self.session.call_sid})
+        self.session.request_disconnect(after_playback=True)
+
+    # ------------------------------------------------------------------ callbacks
+
+    async def _on_usage(self, usage: Usage) -> None:
+        self.usage = self.usage + usage
+        if self.hooks is not None:
+            await self.hooks.emit(
+                "on_usage", UsageReport(self.session.call_sid, self.provider, usage, self.usage)
+            )
+
+    async def _transcript(self, line: TranscriptLine) -> None:
+        if self.on_transcript is not None and line.text:
+            await self._call(self.on_transcript, line)
+
+    async def _deliver(self, event: AgentEvent) -> None:
+        if self.on_event is not None:
+            await self._call(self.on_event, event)
+
+    async def _call(self, callback: Callback, value: Any) -> None:
+        try:
+            result = callback(value)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("realtime callback failed", extra={"call_sid": self.session.call_sid})
+
+
+async def attach_agent(
+    session: VoiceSession,
+    agent: RealtimeAgent,
+    *,
+    tools: ToolRegistry | None = None,
+    hooks: LifecycleHooks | None = None,
+    on_event: Callback | None = None,
+    on_transcript: Callback | None = None,
+    options: BridgeOptions | None = None,
+) -> BridgeResult:
+    """Bridge ``agent`` onto the call of ``session`` until either ends (session's loop only).
+
+    Starts the agent unless ``options.start_agent`` is False, and closes it at the end
+    unless ``options.close_agent`` is False. Callbacks may be sync or async; keep them fast,
+    they run in line with the agent's audio.
+    """
+    bridge = AgentBridge(
+        session,
+        agent,
+        tools=tools,
+        hooks=hooks,
+        on_event=on_event,
+        on_transcript=on_transcript,
+        options=options or BridgeOptions(),
+    )
+    return await bridge.run()
+
+
+def attach_agent_sync(
+    session: VoiceSession,
+    agent: RealtimeAgent | Callable[[], RealtimeAgent],
+    *,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> BridgeResult:
+    """Blocking twin of :func:`attach_agent` for worker threads: runs it on the session's loop.
+
+    ``agent`` may be a zero-argument factory, called on the loop (agents bind to the loop
+    they start on). Raises NoEventLoopError before the stream connected, LoopThreadError on
+    the loop thread, TimeoutError after ``timeout`` seconds (the bridge is then stopped).
+    """
+    loop = session.loop
+    if loop is None:
+        raise NoEventLoopError(
+            "attach_agent_sync() needs the session's event loop: call wait_for_ws_connect() first"
+        )
+    forbid_on_loop(loop, "attach_agent_sync")
+
+    async def _run() -> BridgeResult:
+        real = agent() if callable(agent) and not hasattr(agent, "push_audio") else agent
+        return await attach_agent(session, real, **kwargs)  # type: ignore[arg-type]
+
+    future = asyncio.run_coroutine_threadsafe(_run(), loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        raise
+
+
+async def run_agent_call(
+    session: VoiceSession,
+    plan: AgentPlan | SessionResolver | None = None,
+    *,
+    providers: str | Sequence[str] = ("openai",),
+    options: AgentOptions | None = None,
+    tools: ToolRegistry | None = None,
+    hooks: LifecycleHooks | None = None,
+    on_event: Callback | None = None,
+    on_transcript: Callback | None = None,
+    bridge_options: BridgeOptions | None = None,
+    connect_timeout: float = 30.0,
+) -> BridgeResult:
+    """The host entry point for one call: resolve the plan, build the agent, bridge it.
+
+    ``plan`` is an :class:`AgentPlan`, a resolver (called with the session once the stream
+    started) or None (then ``providers``/``options``/``tools`` make the plan). A resolver
+    that raises :class:`CallRejectedError` ends the call at once.
+    """
+    from voice_runtime.realtime.registry import create_agent
+
+    await session.wait_for_ws_connect_async(connect_timeout)
+    try:
+        if plan is None:
+            opts = options or AgentOptions()
+            if tools is not None:
+                opts = opts.replace(tools=tools.specs())
+            names = (providers,) if isinstance(providers, str) else tuple(providers)
+            resolved = AgentPlan(names, opts, tools)
+        elif isinstance(plan, AgentPlan):
+            resolved = plan
+        else:
+            resolved = await resolve_plan(plan, session)
+    except CallRejectedError:
+        logger.warning(
+            "call rejected by the session resolver", extra={"call_sid": session.call_sid}
+        )
+        session.request_disconnect()
+        result = BridgeResult(provider="", reason="rejected", duration_s=0.0, usage=Usage())
+        if hooks is not None:
+            await hooks.emit(
+                "on_session_stopped",
+                SessionStopped(session.call_sid, "", 0.0, Usage(), "rejected"),
+            )
+        return result
+    agent_options = resolved.options
+    if resolved.tools is not None and not agent_options.tools:
+        agent_options = agent_options.replace(tools=resolved.tools.specs())
+    try:
+        agent = create_agent(
+            list(resolved.providers), agent_options, provider_kwargs=resolved.provider_kwargs
+        )
+    except (ConfigurationError, ProviderError) as exc:
+        # e.g. a missing credential: the call cannot have an agent.
+        error = AgentError(str(exc), fatal=True, provider=",".join(resolved.providers))
+        logger.warning("realtime agent could not be created", extra={"call_sid": session.call_sid})
+        if bridge_options is None or bridge_options.hangup_on_fatal:
+            session.request_disconnect()
+        if hooks is not None:
+            await hooks.emit(
+                "on_session_stopped",
+                SessionStopped(session.call_sid, "", 0.0, Usage(), "agent_failed", error),
+            )
+        return BridgeResult("", "agent_failed", 0.0, Usage(), error)
+    return await attach_agent(
+        session,
+        agent,
+        tools=resolved.tools,
+        hooks=hooks,
+        on_event=on_event,
+        on_transcript=on_transcript,
+        options=bridge_options,
+    )
