@@ -79,6 +79,9 @@ def _uvicorn_config(
         lifespan="on",
         proxy_headers=proxy_headers,
         ws_max_size=1 << 20,
+        # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms
+        # frame was the largest single cost per call in benchmarks/bench_calls.py.
+        ws_per_message_deflate=False,
     )
 
 
@@ -126,7 +129,9 @@ class BackgroundVoiceServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> BackgroundVoiceServer:
-        """Start serving; return once the server accepts connections."""
+        """Start serving; return once the server accepts connections (idempotent)."""
+        if self._thread is not None:
+            return self
         server = self._server
         self._thread = threading.Thread(target=server.run, name="voice-server", daemon=True)
         self._thread.start()
