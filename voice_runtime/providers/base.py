@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
+
+from voice_runtime._sync import forbid_on_loop
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -16,8 +20,17 @@ logger = logging.getLogger(__name__)
 
 ECHO_TAIL_S = 0.4
 MARK_TIMEOUT_S = 30.0
+STOP_POLL_S = 0.02  # how often speak() looks at stop_event while the caller listens
 
-__all__ = ["EchoGate", "SpeakResult", "play_chunks", "play_chunks_async", "words_heard"]
+__all__ = [
+    "CallerAudioBuffer",
+    "EchoGate",
+    "SpeakResult",
+    "backoff_delay",
+    "play_chunks",
+    "play_chunks_async",
+    "words_heard",
+]
 
 
 def words_heard(text: str, fraction: float) -> str:
@@ -74,22 +87,55 @@ class SpeakResult:
 
 
 def _finish(
-    result: SpeakResult, session: VoiceSession, stop_event: threading.Event | None, mark_timeout: float
+    result: SpeakResult,
+    session: VoiceSession,
+    stop_event: threading.Event | None,
+    mark_timeout: float,
 ) -> dict[str, Any]:
     if stop_event is not None and stop_event.is_set():
+        # A chunk queued while the stop was being set may have slipped past a clear.
+        session.request_clear_buffer()
         return result.build(interrupted=True)
     if session.is_disconnected:
         return result.build(call_disconnected=True)
     try:
-        played = session.send_mark_and_wait("tts_complete", timeout=mark_timeout)
+        played = _wait_heard(session, stop_event, mark_timeout)
     except TimeoutError:
         logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
         return result.build()
     if session.is_disconnected:
         return result.build(call_disconnected=True)
-    if not played:
+    if not played or (stop_event is not None and stop_event.is_set()):
         return result.build(interrupted=True)
     return result.build()
+
+
+def _wait_heard(session: VoiceSession, stop_event: threading.Event | None, timeout: float) -> bool:
+    """Wait for the ``tts_complete`` mark; a stop_event set meanwhile clears the audio.
+
+    Synthesis usually runs ahead of playback, so most of an utterance is queued before the
+    stop comes: the stop must cut the playback, not only the synthesis.
+    """
+    loop = session.loop
+    if stop_event is None or loop is None:
+        return session.send_mark_and_wait("tts_complete", timeout=timeout)
+    forbid_on_loop(loop, "speak")
+    try:
+        fut = asyncio.run_coroutine_threadsafe(
+            session.send_mark_and_wait_async("tts_complete", timeout), loop
+        )
+    except RuntimeError:  # the loop is closed: the call is over
+        return False
+    cleared = False
+    while True:
+        try:
+            return fut.result(timeout=STOP_POLL_S)
+        except TimeoutError:
+            if fut.done():
+                raise  # the mark itself timed out
+            if not cleared and stop_event.is_set():
+                cleared = True
+                session.request_clear_buffer()  # resolves the mark as cleared
 
 
 def play_chunks(
@@ -169,6 +215,7 @@ async def play_chunks_async(
                 logger.exception("on_error callback failed")
         return result.build(error=str(exc) or type(exc).__name__)
     if stop_event is not None and stop_event.is_set():
+        session.request_clear_buffer()
         return result.build(interrupted=True)
     try:
         played = await session.send_mark_and_wait_async("tts_complete", timeout=mark_timeout)
@@ -186,7 +233,9 @@ class EchoGate:
     is echo of our own audio and is dropped; partial text is dropped while speaking.
     """
 
-    def __init__(self, tail_s: float = ECHO_TAIL_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, tail_s: float = ECHO_TAIL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.tail_s = tail_s
         self._clock = clock
         self._speaking = False
@@ -214,3 +263,90 @@ class EchoGate:
     def allow_partial(self) -> bool:
         """True when partial text arriving now should be reported."""
         return not self._speaking
+
+
+def backoff_delay(
+    attempt: int, base_s: float = 1.0, max_s: float = 30.0, jitter: float = 0.25
+) -> float:
+    """Seconds to wait before reconnect ``attempt`` (0-based): ``base·2ⁿ`` capped, ± jitter."""
+    delay = min(base_s * (2**attempt), max_s)
+    return delay * (1.0 - jitter + 2.0 * jitter * random.random())  # noqa: S311 (not crypto)
+
+
+class CallerAudioBuffer:
+    """Caller audio a reconnecting STT must not lose (loop thread only).
+
+    ``pending`` frames have not reached the vendor yet; ``sent`` frames went to the current
+    connection since its last final transcript. When a connection dies, :meth:`rewind` puts
+    the sent frames back in front of the pending ones, so the next connection hears the
+    whole utterance in progress. Both together are bounded by ``max_ms``: the oldest audio
+    goes first, and what was dropped is counted.
+    """
+
+    def __init__(self, max_ms: float = 20_000.0) -> None:
+        self.max_bytes = int(max_ms * 8)
+        self.dropped_bytes = 0
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._sent: collections.deque[bytes] = collections.deque()
+        self._pending_bytes = 0
+        self._sent_bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes waiting to be sent."""
+        return self._pending_bytes
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes sent since the last final transcript (replayed after a reconnect)."""
+        return self._sent_bytes
+
+    def push(self, frame: bytes) -> None:
+        """Queue one caller frame to be sent."""
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
+        while self._pending_bytes + self._sent_bytes > self.max_bytes:
+            if self._sent:
+                old = self._sent.popleft()
+                self._sent_bytes -= len(old)
+            else:
+                old = self._pending.popleft()
+                self._pending_bytes -= len(old)
+            self.dropped_bytes += len(old)
+
+    def peek(self, max_bytes: int) -> list[bytes]:
+        """The next pending frames, at least one and at most ``max_bytes`` in all."""
+        out: list[bytes] = []
+        total = 0
+        for frame in self._pending:
+            if out and total + len(frame) > max_bytes:
+                break
+            out.append(frame)
+            total += len(frame)
+        return out
+
+    def ack(self, count: int) -> None:
+        """Mark the first ``count`` pending frames as sent."""
+        for _ in range(min(count, len(self._pending))):
+            frame = self._pending.popleft()
+            self._pending_bytes -= len(frame)
+            self._sent.append(frame)
+            self._sent_bytes += len(frame)
+
+    def committed(self) -> None:
+        """A final transcript arrived: the audio sent so far no longer needs a replay."""
+        self._sent.clear()
+        self._sent_bytes = 0
+
+    def rewind(self) -> None:
+        """The connection died: send the unconfirmed audio again, before the pending audio."""
+        self._sent.extend(self._pending)
+        self._pending, self._sent = self._sent, collections.deque()
+        self._pending_bytes += self._sent_bytes
+        self._sent_bytes = 0
+
+    def clear(self) -> None:
+        """Forget all audio."""
+        self._pending.clear()
+        self._sent.clear()
+        self._pending_bytes = self._sent_bytes = 0

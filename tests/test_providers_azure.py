@@ -1,0 +1,756 @@
+"""Azure STT and TTS through an SDK-level fake whose objects fire events from their own threads.
+
+The Azure Speech SDK talks Microsoft's closed USP protocol from a native library, so there is
+no wire protocol to fake over a socket. Instead :class:`FakeSpeechSdk` stands in for the
+``azure.cognitiveservices.speech`` module: push streams collect the audio, recognizers and
+synthesizers fire ``recognizing``/``recognized``/``canceled``/``synthesizing``… from their
+own ``threading.Thread``, as the native SDK does, following a small script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import VoiceServer, wait_for
+
+from voice_runtime.audio import tone_ulaw
+from voice_runtime.errors import MissingCredentialError
+
+SDK_NAME = "azure.cognitiveservices.speech"
+
+# ---------------------------------------------------------------------------- the fake SDK
+
+
+class CancellationReason(enum.Enum):
+    Error = 1
+    EndOfStream = 2
+    CancelledByUser = 3
+
+
+class CancellationErrorCode(enum.Enum):
+    NoError = 0
+    AuthenticationFailure = 1
+    BadRequest = 2
+    TooManyRequests = 3
+    Forbidden = 4
+    ConnectionFailure = 5
+    ServiceTimeout = 6
+    ServiceError = 7
+    ServiceUnavailable = 8
+    RuntimeError = 9
+
+
+class ResultReason(enum.Enum):
+    RecognizingSpeech = 2
+    RecognizedSpeech = 3
+    NoMatch = 0
+    SynthesizingAudio = 8
+    SynthesizingAudioCompleted = 9
+
+
+class PropertyId(enum.Enum):
+    SpeechServiceConnection_EndSilenceTimeoutMs = 3201
+
+
+class SpeechSynthesisOutputFormat(enum.Enum):
+    Riff16Khz16BitMonoPcm = 2
+    Raw8Khz8BitMonoMULaw = 7
+
+
+class AudioStreamWaveFormat(enum.Enum):
+    PCM = 1
+    ALAW = 6
+    MULAW = 7
+
+
+class _Signal:
+    """EventSignal: handlers run on whichever thread fires."""
+
+    def __init__(self) -> None:
+        self._handlers: list[Callable[[Any], None]] = []
+        self._lock = threading.Lock()
+
+    def connect(self, handler: Callable[[Any], None]) -> None:
+        with self._lock:
+            self._handlers.append(handler)
+
+    def disconnect_all(self) -> None:
+        with self._lock:
+            self._handlers.clear()
+
+    def fire(self, evt: Any) -> None:
+        with self._lock:
+            handlers = list(self._handlers)
+        for handler in handlers:
+            handler(evt)
+
+
+class _ResultFuture:
+    def __init__(self, fn: Callable[[], Any] | None = None) -> None:
+        self._fn = fn
+
+    def get(self) -> Any:
+        return self._fn() if self._fn is not None else None
+
+
+class _AudioStreamFormat:
+    def __init__(
+        self,
+        samples_per_second: int | None = None,
+        bits_per_sample: int = 16,
+        channels: int = 1,
+        wave_stream_format: AudioStreamWaveFormat = AudioStreamWaveFormat.PCM,
+    ) -> None:
+        self.samples_per_second = samples_per_second
+        self.bits_per_sample = bits_per_sample
+        self.channels = channels
+        self.wave_stream_format = wave_stream_format
+
+
+class _PushStream:
+    def __init__(self, stream_format: _AudioStreamFormat | None = None) -> None:
+        self.format = stream_format
+        self.data = bytearray()
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def write(self, buffer: bytes) -> None:
+        with self.cond:
+            self.data.extend(buffer)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class _AudioConfig:
+    def __init__(self, stream: _PushStream | None = None, **kwargs: Any) -> None:
+        self.stream = stream
+
+
+class _SpeechConfig:
+    def __init__(
+        self, subscription: str | None = None, region: str | None = None, **kw: Any
+    ) -> None:
+        self.subscription = subscription
+        self.region = region
+        self.endpoint = kw.get("endpoint")
+        self.speech_recognition_language: str | None = None
+        self.speech_synthesis_voice_name: str | None = None
+        self.output_format: SpeechSynthesisOutputFormat | None = None
+        self.properties: dict[Any, str] = {}
+
+    def set_property(self, prop: Any, value: str) -> None:
+        self.properties[prop] = value
+
+    def set_speech_synthesis_output_format(self, fmt: SpeechSynthesisOutputFormat) -> None:
+        self.output_format = fmt
+
+
+@dataclass
+class RecognizerPlan:
+    """What the n-th recognizer does."""
+
+    fail_start: bool = False
+    cancel_after_bytes: int | None = None
+    cancel_code: CancellationErrorCode = CancellationErrorCode.ConnectionFailure
+
+
+@dataclass
+class SynthPlan:
+    fail_after_bytes: int | None = None
+    fail_code: CancellationErrorCode = CancellationErrorCode.ServiceError
+    stall_after_bytes: int | None = None
+
+
+def _recognition_evt(text: str, reason: ResultReason) -> Any:
+    return SimpleNamespace(result=SimpleNamespace(text=text, reason=reason))
+
+
+def _canceled_evt(reason: CancellationReason, code: CancellationErrorCode) -> Any:
+    details = SimpleNamespace(reason=reason, code=code, error_details=f"{code.name} (fake)")
+    return SimpleNamespace(cancellation_details=details, result=SimpleNamespace(text=""))
+
+
+class _Recognizer:
+    def __init__(
+        self, sdk: FakeSpeechSdk, speech_config: _SpeechConfig, audio_config: _AudioConfig
+    ) -> None:
+        self.sdk = sdk
+        self.config = speech_config
+        assert audio_config.stream is not None
+        self.stream = audio_config.stream
+        self.index = len(sdk.recognizers)
+        self.plan = (
+            sdk.recognizer_plans[self.index]
+            if self.index < len(sdk.recognizer_plans)
+            else RecognizerPlan()
+        )
+        self.recognizing = _Signal()
+        self.recognized = _Signal()
+        self.canceled = _Signal()
+        self.session_started = _Signal()
+        self.session_stopped = _Signal()
+        self.speech_start_detected = _Signal()
+        self.speech_end_detected = _Signal()
+        self.thread: threading.Thread | None = None
+        self.started_on: list[str] = []
+        self.stopped_on: list[str] = []
+        self._stop = threading.Event()
+        self._done = False
+        sdk.recognizers.append(self)
+
+    def start_continuous_recognition_async(self) -> _ResultFuture:
+        self.started_on.append(threading.current_thread().name)
+
+        def start() -> None:
+            if self.plan.fail_start:
+                raise RuntimeError("fake: start failed")
+            self.thread = threading.Thread(
+                target=self._work, name=f"fake-azure-rec-{self.index}", daemon=True
+            )
+            self.thread.start()
+
+        return _ResultFuture(start)
+
+    def stop_continuous_recognition_async(self) -> _ResultFuture:
+        self.stopped_on.append(threading.current_thread().name)
+
+        def stop() -> None:
+            self._stop.set()
+            with self.stream.cond:
+                self.stream.cond.notify_all()
+            if self.thread is not None and self.thread is not threading.current_thread():
+                self.thread.join(5)
+
+        return _ResultFuture(stop)
+
+    def fire_from_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on a fresh SDK-like thread (for tests that trigger events by hand)."""
+        t = threading.Thread(target=fn, name="fake-azure-trigger", daemon=True)
+        t.start()
+        t.join(5)
+
+    def _work(self) -> None:
+        sdk = self.sdk
+        self.session_started.fire(SimpleNamespace(session_id=f"s{self.index}"))
+        seen = 0
+        segment = 0
+        partial_sent = False
+        while not self._stop.is_set():
+            with self.stream.cond:
+                while (
+                    len(self.stream.data) == seen
+                    and not self.stream.closed
+                    and not self._stop.is_set()
+                ):
+                    self.stream.cond.wait(0.05)
+                new = len(self.stream.data) - seen
+                closed = self.stream.closed and new == 0
+            if self._stop.is_set():
+                break
+            if closed:
+                self.canceled.fire(
+                    _canceled_evt(CancellationReason.EndOfStream, CancellationErrorCode.NoError)
+                )
+                self.session_stopped.fire(SimpleNamespace(session_id=f"s{self.index}"))
+                return
+            seen += new
+            segment += new
+            cancel_at = self.plan.cancel_after_bytes
+            if cancel_at is not None and seen >= cancel_at:
+                self.canceled.fire(_canceled_evt(CancellationReason.Error, self.plan.cancel_code))
+                self.session_stopped.fire(SimpleNamespace(session_id=f"s{self.index}"))
+                return
+            with sdk.lock:
+                utt = sdk.utterances[0] if sdk.utterances else None
+            if utt is None:
+                continue
+            text, after = utt
+            if not partial_sent and segment >= after // 2:
+                partial_sent = True
+                words = text.split()
+                self.recognizing.fire(
+                    _recognition_evt(
+                        " ".join(words[: max(1, len(words) // 2)]), ResultReason.RecognizingSpeech
+                    )
+                )
+            if segment >= after:
+                with sdk.lock:
+                    if sdk.utterances and sdk.utterances[0] == utt:
+                        sdk.utterances.pop(0)
+                self.recognized.fire(_recognition_evt(text, ResultReason.RecognizedSpeech))
+                segment = 0
+                partial_sent = False
+        self.session_stopped.fire(SimpleNamespace(session_id=f"s{self.index}"))
+
+
+class _Synthesizer:
+    def __init__(
+        self, sdk: FakeSpeechSdk, speech_config: _SpeechConfig, audio_config: Any = None
+    ) -> None:
+        self.sdk = sdk
+        self.config = speech_config
+        self.audio_config = audio_config
+        self.synthesizing = _Signal()
+        self.synthesis_started = _Signal()
+        self.synthesis_completed = _Signal()
+        self.synthesis_canceled = _Signal()
+        self.synthesis_word_boundary = _Signal()
+        self.texts: list[str] = []
+        self.stops = 0
+        self._stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        sdk.synthesizers.append(self)
+
+    def speak_text_async(self, text: str) -> _ResultFuture:
+        self.texts.append(text)
+        self._stop.clear()
+        t = threading.Thread(target=self._work, args=(text,), name="fake-azure-synth", daemon=True)
+        self.threads.append(t)
+        t.start()
+        return _ResultFuture(lambda: t.join(10))
+
+    def stop_speaking_async(self) -> _ResultFuture:
+        self.stops += 1
+        self._stop.set()
+        return _ResultFuture()
+
+    def _work(self, text: str) -> None:
+        sdk = self.sdk
+        plan = sdk.synth_plan
+        audio = sdk.audio_for(text)
+        sdk.synth_audio.append(audio)
+        self.synthesis_started.fire(SimpleNamespace(result=SimpleNamespace(audio_data=b"")))
+        sent = 0
+        for i in range(0, len(audio), sdk.synth_chunk_bytes):
+            if self._stop.is_set():
+                self.synthesis_canceled.fire(
+                    self._canceled(
+                        CancellationReason.CancelledByUser, CancellationErrorCode.NoError
+                    )
+                )
+                return
+            if plan.fail_after_bytes is not None and sent >= plan.fail_after_bytes:
+                self.synthesis_canceled.fire(
+                    self._canceled(CancellationReason.Error, plan.fail_code)
+                )
+                return
+            if plan.stall_after_bytes is not None and sent >= plan.stall_after_bytes:
+                self._stop.wait(10)
+                return
+            chunk = audio[i : i + sdk.synth_chunk_bytes]
+            self.synthesizing.fire(
+                SimpleNamespace(
+                    result=SimpleNamespace(audio_data=chunk, reason=ResultReason.SynthesizingAudio)
+                )
+            )
+            sent += len(chunk)
+            if sdk.synth_chunk_interval:
+                time.sleep(sdk.synth_chunk_interval)
+        self.synthesis_completed.fire(
+            SimpleNamespace(
+                result=SimpleNamespace(
+                    audio_data=audio, reason=ResultReason.SynthesizingAudioCompleted
+                )
+            )
+        )
+
+    @staticmethod
+    def _canceled(reason: CancellationReason, code: CancellationErrorCode) -> Any:
+        details = SimpleNamespace(
+            reason=reason, error_code=code, error_details=f"{code.name} (fake)"
+        )
+        return SimpleNamespace(result=SimpleNamespace(audio_data=b"", cancellation_details=details))
+
+
+def _default_synth_audio(text: str) -> bytes:
+    return tone_ulaw(523.0, max(200.0, 60.0 * len(text)), level_dbfs=-22.0)
+
+
+@dataclass(eq=False)
+class FakeSpeechSdk:
+    """A stand-in for the ``azure.cognitiveservices.speech`` module, with a script."""
+
+    utterances: list[tuple[str, int]] = field(default_factory=list)  # (text, after_bytes)
+    recognizer_plans: list[RecognizerPlan] = field(default_factory=list)
+    synth_plan: SynthPlan = field(default_factory=SynthPlan)
+    synth_chunk_bytes: int = 800
+    synth_chunk_interval: float = 0.0
+    audio_for: Callable[[str], bytes] = _default_synth_audio
+    recognizers: list[_Recognizer] = field(default_factory=list)
+    synthesizers: list[_Synthesizer] = field(default_factory=list)
+    synth_audio: list[bytes] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def module(self) -> types.ModuleType:
+        """The module object to put in ``sys.modules``."""
+        mod = types.ModuleType(SDK_NAME)
+        mod.audio = SimpleNamespace(  # type: ignore[attr-defined]
+            AudioStreamFormat=_AudioStreamFormat,
+            PushAudioInputStream=_PushStream,
+            AudioConfig=_AudioConfig,
+            AudioStreamWaveFormat=AudioStreamWaveFormat,
+        )
+        mod.AudioStreamWaveFormat = AudioStreamWaveFormat  # type: ignore[attr-defined]
+        mod.SpeechConfig = _SpeechConfig  # type: ignore[attr-defined]
+        mod.PropertyId = PropertyId  # type: ignore[attr-defined]
+        mod.ResultReason = ResultReason  # type: ignore[attr-defined]
+        mod.CancellationReason = CancellationReason  # type: ignore[attr-defined]
+        mod.CancellationErrorCode = CancellationErrorCode  # type: ignore[attr-defined]
+        mod.SpeechSynthesisOutputFormat = SpeechSynthesisOutputFormat  # type: ignore[attr-defined]
+        mod.SpeechRecognizer = lambda speech_config, audio_config: _Recognizer(
+            self, speech_config, audio_config
+        )  # type: ignore[attr-defined]
+        mod.SpeechSynthesizer = lambda speech_config, audio_config=None: _Synthesizer(
+            self, speech_config, audio_config
+        )  # type: ignore[attr-defined]
+        return mod
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeSpeechSdk:
+        """Make ``import azure.cognitiveservices.speech`` return this fake."""
+        monkeypatch.setitem(sys.modules, SDK_NAME, self.module())
+        return self
+
+    def live_threads(self) -> list[threading.Thread]:
+        """Recognizer threads still running."""
+        return [r.thread for r in self.recognizers if r.thread is not None and r.thread.is_alive()]
+
+
+@pytest.fixture
+def fake_sdk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSpeechSdk]:
+    sdk = FakeSpeechSdk().install(monkeypatch)
+    yield sdk
+    for rec in sdk.recognizers:
+        rec._stop.set()
+        if rec.thread is not None:
+            rec.thread.join(5)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+class Collector:
+    """Records STT callbacks and lets a coroutine wait for them."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+        self.partials: list[str] = []
+        self.errors: list[str] = []
+        self.threads: set[str] = set()
+
+    def bind(self, stt: Any) -> Any:
+        def rec(bucket: list[str]) -> Callable[[str], None]:
+            def cb(text: str) -> None:
+                self.threads.add(threading.current_thread().name)
+                bucket.append(text)
+
+            return cb
+
+        stt.on_committed = rec(self.committed)
+        stt.on_recognizing = rec(self.partials)
+        stt.on_error = rec(self.errors)
+        return stt
+
+
+def _audio(ms: float) -> bytes:
+    return bytes(range(256)) * int(ms * 8 / 256 + 1)
+
+
+async def _feed(q: asyncio.Queue[bytes | None], audio: bytes, *, pace: float = 0.0) -> None:
+    for i in range(0, len(audio), 160):
+        q.put_nowait(audio[i : i + 160])
+        await asyncio.sleep(pace)
+
+
+def _make_stt(**kw: Any) -> Any:
+    from voice_runtime.providers.azure_stt import AzurePersistentStt
+
+    kw.setdefault("subscription_key", "k")
+    kw.setdefault("region", "westeurope")
+    kw.setdefault("reconnect_base_delay", 0.01)
+    return AzurePersistentStt(**kw)
+
+
+# ---------------------------------------------------------------------------- STT
+
+
+async def test_stt_pushes_native_mulaw_and_reports_text_on_the_loop(
+    fake_sdk: FakeSpeechSdk,
+) -> None:
+    fake_sdk.utterances.append(("hyvää huomenta kaikille", 4000))
+    col = Collector()
+    stt = col.bind(_make_stt(language_code="fi-FI", silence_timeout_ms=900))
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    audio = _audio(600)
+    await _feed(q, audio)
+    assert await wait_for(lambda: col.committed == ["hyvää huomenta kaikille"])
+    assert col.partials == ["hyvää"]
+    # Callbacks ran on the event loop thread, not on the SDK's thread.
+    assert col.threads == {threading.current_thread().name}
+    rec = fake_sdk.recognizers[0]
+    fmt = rec.stream.format
+    assert (fmt.samples_per_second, fmt.bits_per_sample, fmt.channels) == (8000, 8, 1)
+    assert fmt.wave_stream_format is AudioStreamWaveFormat.MULAW
+    assert bytes(rec.stream.data) == audio  # μ-law unchanged
+    assert rec.config.speech_recognition_language == "fi-FI"
+    assert rec.config.properties[PropertyId.SpeechServiceConnection_EndSilenceTimeoutMs] == "900"
+    assert (rec.config.subscription, rec.config.region) == ("k", "westeurope")
+    # The blocking start call ran in a worker thread, never on the loop thread.
+    assert rec.started_on and threading.current_thread().name not in rec.started_on
+    await stt.stop()
+    assert rec.stopped_on and threading.current_thread().name not in rec.stopped_on
+    assert fake_sdk.live_threads() == []
+    assert rec.stream.closed
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        CancellationErrorCode.ConnectionFailure,
+        CancellationErrorCode.ServiceTimeout,
+        CancellationErrorCode.ServiceError,
+        CancellationErrorCode.TooManyRequests,
+    ],
+)
+async def test_stt_reconnects_after_canceled_error_and_keeps_the_words(
+    fake_sdk: FakeSpeechSdk, code: CancellationErrorCode
+) -> None:
+    # The first recognizer dies mid-utterance; the whole utterance must reach the second.
+    fake_sdk.recognizer_plans = [RecognizerPlan(cancel_after_bytes=2400, cancel_code=code)]
+    fake_sdk.utterances.append(("please call me back", 4800))
+    col = Collector()
+    stt = col.bind(_make_stt())
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    audio = _audio(600)
+    await _feed(q, audio, pace=0.002)
+    assert await wait_for(lambda: col.committed == ["please call me back"])
+    assert col.errors == []
+    assert len(fake_sdk.recognizers) == 2
+    # The new push stream got the unconfirmed audio again, then the rest: nothing lost.
+    assert bytes(fake_sdk.recognizers[1].stream.data) == audio
+    await stt.stop()
+    assert fake_sdk.live_threads() == []
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        CancellationErrorCode.AuthenticationFailure,
+        CancellationErrorCode.Forbidden,
+        CancellationErrorCode.BadRequest,
+    ],
+)
+async def test_stt_terminal_cancellation_calls_on_error_at_once(
+    fake_sdk: FakeSpeechSdk, code: CancellationErrorCode
+) -> None:
+    fake_sdk.recognizer_plans = [RecognizerPlan(cancel_after_bytes=160, cancel_code=code)]
+    col = Collector()
+    stt = col.bind(_make_stt())
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    await _feed(q, _audio(100))
+    assert await wait_for(lambda: col.errors == [code.name])
+    assert await wait_for(lambda: not stt.running)
+    assert len(fake_sdk.recognizers) == 1
+    await stt.stop()
+
+
+async def test_stt_every_restart_failing_ends_in_on_error(fake_sdk: FakeSpeechSdk) -> None:
+    fake_sdk.recognizer_plans = [RecognizerPlan(cancel_after_bytes=320)] + [
+        RecognizerPlan(fail_start=True) for _ in range(5)
+    ]
+    col = Collector()
+    stt = col.bind(_make_stt(max_reconnects=3))
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    await _feed(q, _audio(100))
+    assert await wait_for(lambda: col.errors == ["reconnect_exhausted_after_3_attempts"])
+    assert len(fake_sdk.recognizers) == 4  # the first and three failed attempts
+    assert stt.failed
+    await stt.stop()
+
+
+async def test_stt_end_of_call_closes_the_stream_without_reconnecting(
+    fake_sdk: FakeSpeechSdk,
+) -> None:
+    col = Collector()
+    stt = col.bind(_make_stt())
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    await _feed(q, _audio(100))
+    assert await wait_for(
+        lambda: len(fake_sdk.recognizers) == 1 and len(fake_sdk.recognizers[0].stream.data) > 0
+    )
+    q.put_nowait(None)
+    assert await wait_for(lambda: not stt.running)
+    assert fake_sdk.recognizers[0].stream.closed
+    assert len(fake_sdk.recognizers) == 1 and col.errors == []
+    await stt.stop()
+
+
+async def test_stt_events_of_a_replaced_recognizer_are_ignored(fake_sdk: FakeSpeechSdk) -> None:
+    fake_sdk.recognizer_plans = [RecognizerPlan(cancel_after_bytes=160)]
+    col = Collector()
+    stt = col.bind(_make_stt())
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+    await _feed(q, _audio(60))
+    assert await wait_for(lambda: len(fake_sdk.recognizers) == 2 and stt.connections == 2)
+    old = fake_sdk.recognizers[0]
+    old.fire_from_thread(
+        lambda: old.recognized.fire(_recognition_evt("stale", ResultReason.RecognizedSpeech))
+    )
+    new = fake_sdk.recognizers[1]
+    new.fire_from_thread(
+        lambda: new.recognized.fire(_recognition_evt("fresh", ResultReason.RecognizedSpeech))
+    )
+    assert await wait_for(lambda: col.committed == ["fresh"])
+    await stt.stop()
+
+
+def test_stt_needs_a_key(monkeypatch: pytest.MonkeyPatch, fake_sdk: FakeSpeechSdk) -> None:
+    from voice_runtime.providers.azure_stt import AzurePersistentStt
+
+    monkeypatch.delenv("AZURE_SPEECH_KEY", raising=False)
+    with pytest.raises(MissingCredentialError, match="AZURE_SPEECH_KEY"):
+        AzurePersistentStt()
+    monkeypatch.setenv("AZURE_SPEECH_KEY", "from-env")
+    monkeypatch.setenv("AZURE_SPEECH_REGION", "northeurope")
+    stt = AzurePersistentStt()
+    assert stt.region == "northeurope" and stt.language_code == "fi-FI"
+    assert stt.silence_timeout_ms == 1500
+
+
+def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from voice_runtime.providers.azure_stt import AzurePersistentStt
+    from voice_runtime.providers.azure_tts import AzureTTS
+
+    monkeypatch.setitem(sys.modules, SDK_NAME, None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"voice-runtime\[azure\]"):
+        AzurePersistentStt(subscription_key="k")
+    with pytest.raises(ImportError, match=r"voice-runtime\[azure\]"):
+        AzureTTS(subscription_key="k")
+
+
+# ---------------------------------------------------------------------------- TTS
+
+
+def _make_tts(**kw: Any) -> Any:
+    from voice_runtime.providers.azure_tts import AzureTTS
+
+    kw.setdefault("subscription_key", "k")
+    kw.setdefault("region", "westeurope")
+    return AzureTTS(**kw)
+
+
+async def test_tts_streams_mulaw_from_synthesizing_events(
+    fake_sdk: FakeSpeechSdk, voice_server: VoiceServer
+) -> None:
+    fake_sdk.synth_chunk_interval = 0.01
+    fake_sdk.audio_for = lambda text: tone_ulaw(523.0, 250.0) + text.encode()[:3]
+    tts = _make_tts(voice_name="fi-FI-SelmaNeural")
+    s = voice_server.session
+    async with voice_server.simulator() as sim:
+        await s.wait_for_ws_connect_async(5)
+        result = await asyncio.to_thread(tts.speak, "Hei, tässä puhuu testi.", s)
+        assert result["last_spoken"] == "Hei, tässä puhuu testi."
+        assert result["interrupted"] is False and "error" not in result
+        assert bytes(sim.heard) == fake_sdk.synth_audio[0]
+        synth = fake_sdk.synthesizers[0]
+        assert synth.config.output_format is SpeechSynthesisOutputFormat.Raw8Khz8BitMonoMULaw
+        assert synth.config.speech_synthesis_voice_name == "fi-FI-SelmaNeural"
+        assert synth.audio_config is None
+        # The synthesizer is reused by the next utterance.
+        await asyncio.to_thread(tts.speak, "Toinen lause.", s)
+        assert len(fake_sdk.synthesizers) == 1 and synth.texts == [
+            "Hei, tässä puhuu testi.",
+            "Toinen lause.",
+        ]
+
+
+async def test_tts_canceled_mid_synthesis_is_an_error_and_does_not_hang(
+    fake_sdk: FakeSpeechSdk, voice_server: VoiceServer
+) -> None:
+    fake_sdk.synth_plan = SynthPlan(
+        fail_after_bytes=1600, fail_code=CancellationErrorCode.ServiceTimeout
+    )
+    tts = _make_tts()
+    errors: list[str] = []
+    tts.on_error = errors.append
+    s = voice_server.session
+    async with voice_server.simulator() as sim:
+        await s.wait_for_ws_connect_async(5)
+        t0 = time.monotonic()
+        result = await asyncio.to_thread(
+            tts.speak, "This one breaks in the middle of the sentence.", s
+        )
+        assert time.monotonic() - t0 < 3
+        assert "ServiceTimeout" in result["error"] and len(errors) == 1
+        assert result["audio_ms"] == 200.0
+        # The call goes on: the next utterance plays.
+        fake_sdk.synth_plan = SynthPlan()
+        ok = await asyncio.to_thread(tts.speak, "Fine again.", s)
+        assert "error" not in ok
+        assert await wait_for(lambda: sim.heard_ms >= 200 + ok["audio_ms"])
+
+
+async def test_tts_silent_synthesizer_times_out(
+    fake_sdk: FakeSpeechSdk, voice_server: VoiceServer
+) -> None:
+    fake_sdk.synth_plan = SynthPlan(stall_after_bytes=800)
+    tts = _make_tts(idle_timeout=0.3)
+    errors: list[str] = []
+    tts.on_error = errors.append
+    s = voice_server.session
+    async with voice_server.simulator():
+        await s.wait_for_ws_connect_async(5)
+        result = await asyncio.to_thread(tts.speak, "Stalls after a little audio.", s)
+        assert "no audio" in result["error"] and errors
+        assert fake_sdk.synthesizers[0].stops == 1  # the stalled synthesis was stopped
+
+
+async def test_tts_stop_event_stops_the_synthesizer_and_replaces_it(
+    fake_sdk: FakeSpeechSdk, voice_server: VoiceServer
+) -> None:
+    fake_sdk.synth_chunk_interval = 0.05  # 100 ms of audio every 50 ms
+    tts = _make_tts()
+    stop = threading.Event()
+    s = voice_server.session
+    async with voice_server.simulator() as sim:
+        await s.wait_for_ws_connect_async(5)
+        task = asyncio.create_task(asyncio.to_thread(tts.speak, "A long sentence " * 8, s, stop))
+        assert await sim.wait_for_heard(300, timeout=5)
+        stop.set()
+        result = await asyncio.wait_for(task, 5)
+        assert result["interrupted"] is True
+        assert fake_sdk.synthesizers[0].stops == 1
+        await asyncio.to_thread(tts.speak, "Next.", s)
+        assert len(fake_sdk.synthesizers) == 2  # the stopped one is not reused
+
+
+def test_tts_needs_a_key_and_has_the_documented_defaults(
+    monkeypatch: pytest.MonkeyPatch, fake_sdk: FakeSpeechSdk
+) -> None:
+    from voice_runtime.providers.azure_tts import AzureTTS
+
+    for name in ("AZURE_SPEECH_KEY", "AZURE_SPEECH_REGION", "AZURE_TTS_VOICE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(MissingCredentialError, match="AZURE_SPEECH_KEY"):
+        AzureTTS()
+    tts = AzureTTS(subscription_key="k")
+    assert (tts.region, tts.voice_name) == ("westeurope", "fi-FI-NooraNeural")

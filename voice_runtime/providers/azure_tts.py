@@ -1,0 +1,231 @@
+"""Azure Speech synthesis into the call as native μ-law, through the Speech SDK.
+
+:class:`AzureTTS` asks for ``Raw8Khz8BitMonoMULaw`` (headerless μ-law 8 kHz) and streams the
+audio of the synthesizer's ``synthesizing`` events into the call as they fire. The events
+come on SDK threads; they only put the bytes on a thread-safe queue that ``speak()`` (in the
+consumer's thread) drains into the session, so nothing blocks an SDK thread or the event
+loop. One synthesizer is reused across ``speak()`` calls; one that was stopped mid-way is
+replaced, so its late events cannot leak into the next utterance.
+
+``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`);
+``stop_event`` is checked every 50 ms and stops the synthesis; a synthesis that is canceled
+or falls silent for ``idle_timeout`` seconds becomes ``error`` plus ``on_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from voice_runtime._sync import forbid_on_loop
+from voice_runtime.config import settings
+from voice_runtime.errors import MissingCredentialError, ProviderConnectionError, ProviderError
+from voice_runtime.providers import Capabilities
+from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
+from voice_runtime.providers.base import play_chunks
+
+if TYPE_CHECKING:
+    from voice_runtime.session import VoiceSession
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.05
+
+__all__ = ["AzureTTS"]
+
+
+class _Synth:
+    """A synthesizer and the queue its events currently feed."""
+
+    __slots__ = ("dirty", "synthesizer", "target")
+
+    def __init__(self, synthesizer: Any) -> None:
+        self.synthesizer = synthesizer
+        self.target: queue.Queue[tuple[Any, ...]] | None = None
+        self.dirty = False
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        target = self.target
+        if target is not None:
+            target.put(item)
+
+
+class AzureTTS:
+    """Streams Azure neural speech (Raw8Khz8BitMonoMULaw) into a call."""
+
+    capabilities = Capabilities(native_ulaw=True, streaming=True)
+
+    def __init__(
+        self,
+        subscription_key: str | None = None,
+        region: str | None = None,
+        voice_name: str | None = None,
+        *,
+        endpoint: str | None = None,
+        idle_timeout: float = 10.0,
+        mark_timeout: float = 30.0,
+    ) -> None:
+        cfg = settings()
+        key = subscription_key or cfg.azure_speech_key
+        if not key:
+            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+        self._sdk = import_speech_sdk()
+        self._key = key
+        self.region = region or cfg.azure_speech_region
+        self.voice_name = voice_name or cfg.azure_tts_voice
+        self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
+        self.mark_timeout = mark_timeout
+        self.on_error: Callable[[str], None] | None = None
+        self._lock = threading.Lock()
+        self._idle: list[_Synth] = []  # synthesizers not speaking now, reused
+
+    def _acquire(self) -> _Synth:
+        """An idle synthesizer, or a new one (concurrent calls each get their own)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._new_synthesizer()
+
+    def _release(self, synth: _Synth) -> None:
+        if synth.dirty:
+            self._retire(synth)
+            return
+        with self._lock:
+            self._idle.append(synth)
+
+    def _new_synthesizer(self) -> _Synth:
+        sdk = self._sdk
+        if self.endpoint:
+            config = sdk.SpeechConfig(subscription=self._key, endpoint=self.endpoint)
+        else:
+            config = sdk.SpeechConfig(subscription=self._key, region=self.region)
+        config.speech_synthesis_voice_name = self.voice_name
+        config.set_speech_synthesis_output_format(
+            sdk.SpeechSynthesisOutputFormat.Raw8Khz8BitMonoMULaw
+        )
+        synthesizer = sdk.SpeechSynthesizer(speech_config=config, audio_config=None)
+        synth = _Synth(synthesizer)
+
+        # These run on SDK threads: copy the data and hand it over, nothing more.
+        def on_audio(evt: Any) -> None:
+            data = evt.result.audio_data
+            if data:
+                synth.post(("audio", bytes(data)))
+
+        def on_done(evt: Any) -> None:
+            synth.post(("done",))
+
+        def on_canceled(evt: Any) -> None:
+            details = evt.result.cancellation_details
+            synth.post(
+                (
+                    "canceled",
+                    _name(getattr(details, "reason", "")),
+                    _name(getattr(details, "error_code", "")),
+                    str(getattr(details, "error_details", "") or ""),
+                )
+            )
+
+        synthesizer.synthesizing.connect(on_audio)
+        synthesizer.synthesis_completed.connect(on_done)
+        synthesizer.synthesis_canceled.connect(on_canceled)
+        return synth
+
+    @staticmethod
+    def _retire(synth: _Synth) -> None:
+        synth.target = None
+        for signal in ("synthesizing", "synthesis_completed", "synthesis_canceled"):
+            try:
+                getattr(synth.synthesizer, signal).disconnect_all()
+            except Exception:
+                logger.debug("disconnecting a synthesizer signal failed", exc_info=True)
+
+    def _chunks(
+        self, synth: _Synth, text: str, stop_event: threading.Event | None
+    ) -> Iterator[bytes]:
+        """Start the synthesis and yield its audio until done, stopped, failed or silent."""
+        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        synth.target = events
+        finished = False
+        try:
+            synth.synthesizer.speak_text_async(text)  # a future; its events do the work
+            last = time.monotonic()
+            while True:
+                try:
+                    item = events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if stop_event is not None and stop_event.is_set():
+                        return
+                    if time.monotonic() - last > self.idle_timeout:
+                        raise ProviderConnectionError(
+                            f"no audio for {self.idle_timeout:.0f}s", provider="azure"
+                        ) from None
+                    continue
+                last = time.monotonic()
+                kind = item[0]
+                if kind == "audio":
+                    yield item[1]
+                elif kind == "done":
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    _, reason, code, _details = item
+                    raise ProviderError(
+                        f"synthesis canceled ({reason}: {code or 'no code'})",
+                        provider="azure",
+                        retryable=code not in TERMINAL_CODES,
+                        code=code or None,
+                    )
+        finally:
+            synth.target = None
+            if not finished:
+                # Stopped or abandoned mid-way: late events must not reach the next utterance.
+                synth.dirty = True
+                try:
+                    synth.synthesizer.stop_speaking_async()
+                except Exception:
+                    logger.debug("stop_speaking_async failed", exc_info=True)
+
+    def speak(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
+        forbid_on_loop(session.loop, "AzureTTS.speak")
+        if not text.strip():
+            return play_chunks(text, session, (), stop_event, provider="azure")
+        synth: _Synth | None = None
+        try:
+            synth = self._acquire()
+        except Exception as exc:
+            chunks: Any = _raise(exc)
+        else:
+            chunks = self._chunks(synth, text, stop_event)
+        try:
+            return play_chunks(
+                text,
+                session,
+                chunks,
+                stop_event,
+                on_error=self.on_error,
+                provider="azure",
+                mark_timeout=self.mark_timeout,
+            )
+        finally:
+            chunks.close()
+            if synth is not None:
+                self._release(synth)
+
+
+def _raise(exc: BaseException) -> Iterator[bytes]:
+    """An iterator that fails with ``exc`` (so setup errors take the shared error path)."""
+    raise exc
+    yield b""  # pragma: no cover - makes this a generator

@@ -1,0 +1,412 @@
+"""ElevenLabs realtime speech-to-text (Scribe v2 realtime) over its websocket.
+
+:class:`PersistentSttSession` keeps one Scribe websocket per call: caller μ-law goes out
+natively (``audio_format=ulaw_8000``, no conversion), the server's VAD commits utterances,
+partial text goes to ``on_recognizing`` and committed text to ``on_committed``, both through
+the shared echo discard.
+
+The wire protocol is spoken directly with ``websockets`` (a core dependency) rather than
+through the ``elevenlabs`` SDK's realtime helper: that helper prints handler failures to
+stdout, folds socket drops and vendor errors into one event and offers no connect timeout,
+and this module needs exact control over those to reconnect without losing audio.
+
+Faults. A fatal vendor error (``transcriber_error``, ``queue_overflow``,
+``resource_exhausted``, ``session_time_limit_exceeded``, a generic ``error``) or a dropped
+socket reconnects with exponential backoff (``base·2ⁿ`` ± 25 %, at most ``max_delay``,
+``max_reconnects`` consecutive attempts). Caller audio that arrives meanwhile is kept
+(bounded) and sent once the new socket is up, preceded by the audio of the utterance in
+progress, so the words the old socket never committed are transcribed by the new one. A
+terminal error (``auth_error``, ``quota_exceeded``, ``rate_limited``, ``input_error``, …)
+calls ``on_error`` at once; exhausted attempts call ``on_error`` too. The provider never
+goes deaf silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from voice_runtime.config import settings
+from voice_runtime.errors import MissingCredentialError
+from voice_runtime.providers import Capabilities
+from voice_runtime.providers.base import CallerAudioBuffer, EchoGate, backoff_delay
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
+REALTIME_PATH = "/v1/speech-to-text/realtime"
+MAX_MESSAGE_AUDIO_BYTES = 3200  # 0.4 s of μ-law in one message when catching up
+HEALTHY_AFTER_S = 5.0  # a socket that lived this long counts as a working connection
+
+#: Vendor errors after which a new socket may work.
+FATAL_ERRORS = frozenset(
+    {
+        "error",
+        "transcriber_error",
+        "queue_overflow",
+        "resource_exhausted",
+        "session_time_limit_exceeded",
+        "insufficient_audio_activity",
+    }
+)
+#: Vendor errors no reconnect can fix: ``on_error`` at once.
+TERMINAL_ERRORS = frozenset(
+    {
+        "auth_error",
+        "quota_exceeded",
+        "rate_limited",
+        "input_error",
+        "invalid_request",
+        "unaccepted_terms",
+        "unaccepted_terms_error",
+        "chunk_size_exceeded",
+    }
+)
+#: Vendor notices that change nothing for a VAD-committed stream.
+IGNORED_NOTICES = frozenset({"commit_throttled"})
+
+__all__ = ["FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
+
+
+class _End(enum.Enum):
+    """Why one websocket connection ended."""
+
+    STOPPED = "stopped"  # stop() or the end of the call
+    DROPPED = "dropped"  # socket closed without a vendor error
+    FATAL = "fatal"  # a vendor error worth a reconnect
+    TERMINAL = "terminal"  # a vendor error no reconnect can fix
+
+
+class _ConnectFailed(Exception):
+    def __init__(self, reason: str, *, terminal: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.terminal = terminal
+
+
+def _ws_base(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parsed.scheme, parsed.scheme)
+    return urllib.parse.urlunparse(parsed._replace(scheme=scheme)).rstrip("/")
+
+
+class PersistentSttSession:
+    """One ElevenLabs Scribe realtime websocket per call, reconnecting without losing audio."""
+
+    capabilities = Capabilities(native_ulaw=True, interim_results=True, streaming=True)
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        language_code: str | None = None,
+        *,
+        model_id: str | None = None,
+        base_url: str | None = None,
+        max_reconnects: int = 3,
+        reconnect_base_delay: float = 1.0,
+        reconnect_max_delay: float = 30.0,
+        connect_timeout: float = 10.0,
+        buffer_ms: float = 20_000.0,
+        vad_silence_threshold_secs: float | None = 1.5,
+        vad_threshold: float | None = 0.5,
+        min_speech_duration_ms: int | None = 300,
+        min_silence_duration_ms: int | None = None,
+        echo_tail_s: float = 0.4,
+    ) -> None:
+        cfg = settings()
+        key = api_key or cfg.elevenlabs_api_key
+        if not key:
+            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+        self._api_key = key
+        self.language_code = language_code or cfg.stt_language_code
+        self.model_id = model_id or cfg.stt_model_id
+        self.base_url = _ws_base(base_url or DEFAULT_BASE_URL)
+        self.max_reconnects = max_reconnects
+        self.reconnect_base_delay = reconnect_base_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.connect_timeout = connect_timeout
+        self._vad: dict[str, Any] = {
+            "vad_silence_threshold_secs": vad_silence_threshold_secs,
+            "vad_threshold": vad_threshold,
+            "min_speech_duration_ms": min_speech_duration_ms,
+            "min_silence_duration_ms": min_silence_duration_ms,
+        }
+
+        self.on_committed: Callable[[str], None] | None = None
+        self.on_recognizing: Callable[[str], None] | None = None
+        self.on_error: Callable[[str], None] | None = None
+
+        self.connections = 0  # websockets opened, for operators and tests
+        self.reconnects = 0
+        self.failed = False  # True once on_error said the provider gave up
+        self._echo = EchoGate(echo_tail_s)
+        self._buffer = CallerAudioBuffer(buffer_ms)
+        self._audio_ready = asyncio.Event()
+        self._input_ended = False
+        self._stopping = False
+        self._ws: Any = None
+        self._healthy = False
+        self._pump_task: asyncio.Task[None] | None = None
+        self._run_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def url(self) -> str:
+        """The websocket URL with its query parameters (no credentials in it)."""
+        params: list[tuple[str, str]] = [
+            ("model_id", self.model_id),
+            ("audio_format", "ulaw_8000"),
+            ("commit_strategy", "vad"),
+        ]
+        if self.language_code:
+            params.append(("language_code", self.language_code))
+        params.extend((k, str(v)) for k, v in self._vad.items() if v is not None)
+        return f"{self.base_url}{REALTIME_PATH}?{urllib.parse.urlencode(params)}"
+
+    @property
+    def dropped_audio_ms(self) -> float:
+        """Caller audio dropped because the reconnect buffer was full."""
+        return self._buffer.dropped_bytes / 8.0
+
+    @property
+    def running(self) -> bool:
+        """True while the provider is connected or reconnecting (False once it gave up)."""
+        return self._run_task is not None and not self._run_task.done()
+
+    def set_speaking(self, speaking: bool) -> None:
+        """Tell the provider whether the agent is speaking (echo discard)."""
+        self._echo.set_speaking(speaking)
+
+    async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:
+        """Start reading caller audio and connecting; returns at once."""
+        if self._run_task is not None:
+            raise RuntimeError("PersistentSttSession.start() called twice")
+        self._audio_ready = asyncio.Event()
+        self._pump_task = asyncio.create_task(self._pump(inbound_queue), name="elevenlabs-stt-pump")
+        self._run_task = asyncio.create_task(self._run(), name="elevenlabs-stt")
+
+    async def stop(self) -> None:
+        """Close the websocket and end every task; idempotent."""
+        self._stopping = True
+        self._audio_ready.set()
+        tasks = [t for t in (self._run_task, self._pump_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await self._close_ws()
+        self._buffer.clear()
+
+    # ------------------------------------------------------------------ audio in
+
+    async def _pump(self, inbound: asyncio.Queue[bytes | None]) -> None:
+        """Move caller frames into the reconnect buffer, whatever state the socket is in."""
+        buffer = self._buffer
+        while True:
+            frame = await inbound.get()
+            if frame is None:
+                self._input_ended = True
+                self._audio_ready.set()
+                return
+            if self.failed:
+                continue  # gave up (on_error was called); keep draining the queue
+            buffer.push(frame)
+            self._audio_ready.set()
+
+    async def _send_loop(self, ws: Any) -> None:
+        """Send buffered caller audio as it arrives; close the socket when input ends."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._send_audio(ws)
+        except ConnectionClosed:
+            pass  # the receive loop sees the close and decides what follows
+        except Exception:
+            # A sender that died on a live socket would leave the STT deaf: force a reconnect.
+            logger.exception("ElevenLabs STT sender failed; reconnecting")
+            with contextlib.suppress(Exception):
+                await ws.close(1011)
+
+    async def _send_audio(self, ws: Any) -> None:
+        buffer = self._buffer
+        while True:
+            if buffer.pending_bytes == 0:
+                if self._input_ended:
+                    with contextlib.suppress(Exception):
+                        await ws.close(1000)
+                    return
+                self._audio_ready.clear()
+                await self._audio_ready.wait()
+                continue
+            frames = buffer.peek(MAX_MESSAGE_AUDIO_BYTES)
+            message = {
+                "message_type": "input_audio_chunk",
+                "audio_base_64": base64.b64encode(b"".join(frames)).decode("ascii"),
+                "commit": False,
+                "sample_rate": 8000,
+            }
+            await ws.send(json.dumps(message))
+            buffer.ack(len(frames))
+
+    # ------------------------------------------------------------------ connections
+
+    async def _run(self) -> None:
+        """Connect, serve, and reconnect with backoff until stopped, ended or given up."""
+        attempt = 0  # consecutive reconnect attempts since the last healthy connection
+        first = True
+        while not self._stopping:
+            if not first:
+                if attempt >= self.max_reconnects:
+                    self._give_up(f"reconnect_exhausted_after_{attempt}_attempts")
+                    return
+                delay = backoff_delay(attempt, self.reconnect_base_delay, self.reconnect_max_delay)
+                logger.info(
+                    "reconnecting to ElevenLabs STT",
+                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+                attempt += 1
+                self.reconnects += 1
+            first = False
+            try:
+                ws = await self._connect()
+            except _ConnectFailed as exc:
+                if exc.terminal:
+                    self._give_up(exc.reason)
+                    return
+                logger.warning("ElevenLabs STT connect failed", extra={"reason": exc.reason})
+                continue
+            end, reason, healthy = await self._serve(ws)
+            if healthy:
+                attempt = 0
+            if end is _End.STOPPED or self._stopping or self._input_ended:
+                return
+            if end is _End.TERMINAL:
+                self._give_up(reason)
+                return
+            logger.warning("ElevenLabs STT connection lost", extra={"reason": reason})
+
+    async def _connect(self) -> Any:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        self._buffer.rewind()
+        try:
+            ws = await connect(
+                self.url,
+                additional_headers={"xi-api-key": self._api_key},
+                open_timeout=self.connect_timeout,
+                max_size=2**22,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise _ConnectFailed("auth_error", terminal=True) from exc
+            if status == 429:
+                raise _ConnectFailed("rate_limited", terminal=True) from exc
+            if 400 <= status < 500 and status != 408:
+                raise _ConnectFailed(f"http_{status}", terminal=True) from exc
+            raise _ConnectFailed(f"http_{status}", terminal=False) from exc
+        except (OSError, TimeoutError) as exc:
+            raise _ConnectFailed(type(exc).__name__, terminal=False) from exc
+        except Exception as exc:  # handshake garbage, refused upgrade, …
+            raise _ConnectFailed(type(exc).__name__, terminal=False) from exc
+        self._ws = ws
+        self.connections += 1
+        logger.info("ElevenLabs STT connected", extra={"connection": self.connections})
+        return ws
+
+    async def _serve(self, ws: Any) -> tuple[_End, str, bool]:
+        """Run one connection until it ends; return why, the vendor reason and its health."""
+        opened = time.monotonic()
+        self._healthy = False
+        sender = asyncio.create_task(self._send_loop(ws), name="elevenlabs-stt-send")
+        try:
+            end, reason = await self._receive_loop(ws, sender)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            await self._close_ws()
+        healthy = self._healthy or time.monotonic() - opened >= HEALTHY_AFTER_S
+        return end, reason, healthy
+
+    async def _receive_loop(self, ws: Any, sender: asyncio.Task[None]) -> tuple[_End, str]:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for raw in ws:
+                if isinstance(raw, bytes):
+                    continue
+                try:
+                    data = json.loads(raw)
+                    kind = str(data.get("message_type", ""))
+                except (ValueError, AttributeError):
+                    logger.warning("unreadable message from ElevenLabs STT")
+                    continue
+                if kind in TERMINAL_ERRORS:
+                    logger.error("ElevenLabs STT terminal error", extra={"vendor_error": kind})
+                    return _End.TERMINAL, kind
+                if kind in FATAL_ERRORS:
+                    logger.warning("ElevenLabs STT fatal error", extra={"vendor_error": kind})
+                    return _End.FATAL, kind
+                self._handle(kind, data)
+        except ConnectionClosed:
+            pass
+        if self._stopping or (self._input_ended and sender.done()):
+            return _End.STOPPED, "closed"
+        return _End.DROPPED, "socket_closed"
+
+    def _handle(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "partial_transcript":
+            self._healthy = True
+            text = str(data.get("text") or "").strip()
+            if text and self._echo.allow_partial():
+                self._emit(self.on_recognizing, text)
+        elif kind == "committed_transcript":
+            self._healthy = True
+            self._buffer.committed()
+            text = str(data.get("text") or "").strip()
+            if not text:
+                return
+            if not self._echo.allow_committed():
+                logger.info("committed transcript discarded as echo")
+                return
+            self._emit(self.on_committed, text)
+        elif kind == "session_started":
+            logger.debug("ElevenLabs STT session started")
+        elif kind in IGNORED_NOTICES:
+            logger.debug("ElevenLabs STT notice", extra={"vendor_notice": kind})
+
+    async def _close_ws(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _give_up(self, reason: str) -> None:
+        self.failed = True
+        self._buffer.clear()
+        logger.error("ElevenLabs STT gave up", extra={"reason": reason})
+        self._emit(self.on_error, reason)
+
+    @staticmethod
+    def _emit(callback: Callable[[str], None] | None, text: str) -> None:
+        if callback is None:
+            return
+        try:
+            callback(text)
+        except Exception:
+            logger.exception("STT callback failed")
