@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 from conftest import VoiceServer, wait_for
-from test_providers_azure import (
+
+from voice_runtime.audio import tone_ulaw
+from voice_runtime.testing.fake_azure import (
     CancellationErrorCode,
     CancellationReason,
     FakeSpeechSdk,
@@ -27,8 +29,6 @@ from test_providers_azure import (
     _canceled_evt,
     _recognition_evt,
 )
-
-from voice_runtime.audio import tone_ulaw
 from voice_runtime.testing.fake_elevenlabs import FakeElevenLabsTts, FakeScribeServer
 
 RESULT_KEYS = {"last_spoken", "interrupted", "call_disconnected", "heard_ms", "audio_ms"}
