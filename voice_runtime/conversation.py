@@ -43,12 +43,22 @@ class Conversation:
         tts: TtsProvider,
         *,
         on_turn: Callable[[Turn], None] | None = None,
+        barge_in: bool | Any = False,
     ) -> None:
         self.session = session
         self.tts = tts
         self.on_turn = on_turn
         self.turns: list[Turn] = []
         self.stop_event = threading.Event()
+        # barge_in=True watches the caller with a Silero VAD (offline extra) and stops the
+        # agent when the caller talks over it; a configured BargeIn object may be passed too.
+        self.barge_in: Any = None
+        if barge_in is True:
+            from voice_runtime.providers.bargein import BargeIn
+
+            self.barge_in = BargeIn(session)
+        elif barge_in:
+            self.barge_in = barge_in
         self._heard: queue.Queue[str | None] = queue.Queue()
         self._stt: SttProvider | None = None
         previous_ready = session.on_stt_ready
@@ -88,10 +98,13 @@ class Conversation:
                 logger.exception("on_turn callback failed")
 
     def say(self, text: str) -> dict[str, Any]:
-        """Speak and return when the caller heard it (the TTS result dict)."""
+        """Speak and return when the caller heard it, or was interrupted (the TTS result dict)."""
         if self.session.is_disconnected:
             raise CallHangupError()
-        self.stop_event.clear()
+        if self.barge_in is not None:
+            self.stop_event = self.barge_in.arm()
+        else:
+            self.stop_event.clear()
         stt = self._stt
         if stt is not None:
             stt.set_speaking(True)
