@@ -29,20 +29,18 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import CallerAudioBuffer, EchoGate, backoff_delay
+from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
 logger = logging.getLogger(__name__)
 
 SDK_MODULE = "azure.cognitiveservices.speech"
 INSTALL_HINT = 'pip install "voice-runtime[azure]"'
-HEALTHY_AFTER_S = 5.0
 #: CancellationErrorCode names that no reconnect can fix.
 TERMINAL_CODES = frozenset({"AuthenticationFailure", "Forbidden", "BadRequest"})
 
@@ -95,10 +93,13 @@ def _stop_late(opening: asyncio.Future[_Recognition]) -> None:
     ).start()
 
 
-class AzurePersistentStt:
+class AzurePersistentStt(ReconnectingStt):
     """Azure continuous recognition for the whole call, reconnecting without losing audio."""
 
     capabilities = Capabilities(native_ulaw=True, interim_results=True, streaming=True)
+    _task_name = "azure-stt"
+    _logger = logger
+    _connect_after_input_end = False  # once the caller hung up, no new recognizer opens
 
     def __init__(
         self,
@@ -119,88 +120,34 @@ class AzurePersistentStt:
         key = subscription_key or cfg.azure_speech_key
         if not key:
             raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+        super().__init__(
+            max_reconnects=max_reconnects,
+            reconnect_base_delay=reconnect_base_delay,
+            reconnect_max_delay=reconnect_max_delay,
+            buffer_ms=buffer_ms,
+            echo_tail_s=echo_tail_s,
+        )
         self._sdk = import_speech_sdk()
         self._key = key
         self.region = region or cfg.azure_speech_region
         self.endpoint = endpoint
         self.language_code = language_code
         self.silence_timeout_ms = silence_timeout_ms
-        self.max_reconnects = max_reconnects
-        self.reconnect_base_delay = reconnect_base_delay
-        self.reconnect_max_delay = reconnect_max_delay
         self.sdk_call_timeout = sdk_call_timeout
-
-        self.on_committed: Callable[[str], None] | None = None
-        self.on_recognizing: Callable[[str], None] | None = None
-        self.on_error: Callable[[str], None] | None = None
-
-        self.connections = 0
-        self.reconnects = 0
-        self.failed = False
-        self._echo = EchoGate(echo_tail_s)
-        self._buffer = CallerAudioBuffer(buffer_ms)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._current: _Recognition | None = None
         self._generation = 0
-        self._healthy = False
-        self._ended: asyncio.Future[tuple[str, str]] | None = None
-        self._input_ended = False
-        self._stopping = False
-        self._pump_task: asyncio.Task[None] | None = None
-        self._run_task: asyncio.Task[None] | None = None
-
-    # ------------------------------------------------------------------ public API
-
-    @property
-    def running(self) -> bool:
-        """True while the provider is connected or reconnecting (False once it gave up)."""
-        return self._run_task is not None and not self._run_task.done()
-
-    def set_speaking(self, speaking: bool) -> None:
-        """Tell the provider whether the agent is speaking (echo discard)."""
-        self._echo.set_speaking(speaking)
-
-    async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:
-        """Start reading caller audio and recognizing; returns at once."""
-        if self._run_task is not None:
-            raise RuntimeError("AzurePersistentStt.start() called twice")
-        self._loop = asyncio.get_running_loop()
-        self._pump_task = asyncio.create_task(self._pump(inbound_queue), name="azure-stt-pump")
-        self._run_task = asyncio.create_task(self._run(), name="azure-stt")
-
-    async def stop(self) -> None:
-        """Stop recognition, close the push stream and end every task; idempotent."""
-        self._stopping = True
-        tasks = [t for t in (self._run_task, self._pump_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        current, self._current = self._current, None
-        if current is not None:
-            await self._teardown(current)
-        self._buffer.clear()
+        self._ended: asyncio.Future[tuple[EndKind, str]] | None = None
 
     # ------------------------------------------------------------------ audio in
 
-    async def _pump(self, inbound: asyncio.Queue[bytes | None]) -> None:
-        while True:
-            frame = await inbound.get()
-            if frame is None:
-                self._input_ended = True
-                current = self._current
-                if current is not None:
-                    # End of stream: the SDK sends its last result, then stops the session.
-                    with contextlib.suppress(Exception):
-                        current.push.close()
-                else:
-                    self._finish_current("end_of_input", "")
-                return
-            if self.failed:
-                continue
-            self._buffer.push(frame)
-            self._flush()
+    def _close_input(self) -> None:
+        current = self._current
+        if current is not None:
+            # End of stream: the SDK sends its last result, then stops the session.
+            with contextlib.suppress(Exception):
+                current.push.close()
+        else:
+            self._finish_current("end_of_input", "")
 
     def _flush(self) -> None:
         """Write buffered audio into the live push stream (cheap; safe on the loop)."""
@@ -219,40 +166,18 @@ class AzurePersistentStt:
 
     # ------------------------------------------------------------------ recognizers
 
-    async def _run(self) -> None:
-        attempt = 0
-        first = True
-        while not self._stopping and not self._input_ended:
-            if not first:
-                if attempt >= self.max_reconnects:
-                    self._give_up(f"reconnect_exhausted_after_{attempt}_attempts")
-                    return
-                delay = backoff_delay(attempt, self.reconnect_base_delay, self.reconnect_max_delay)
-                logger.info(
-                    "reconnecting Azure STT",
-                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3)},
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
-                self.reconnects += 1
-            first = False
-            kind, reason = await self._recognize_once()
-            if self._healthy:
-                attempt = 0
-            if kind in ("stopped", "end_of_input") or self._stopping:
-                return
-            if kind == "terminal":
-                self._give_up(reason)
-                return
-            logger.warning("Azure STT recognition lost", extra={"reason": reason})
-
-    async def _recognize_once(self) -> tuple[str, str]:
+    async def _session_once(self) -> tuple[EndKind, str]:
         """Open a recognizer, feed it until it ends, tear it down; return why it ended."""
+        kind, reason = await self._recognize_once()
+        if kind == "fatal" and not self._stopping:
+            logger.warning("Azure STT recognition lost", extra={"reason": reason})
+        return kind, reason
+
+    async def _recognize_once(self) -> tuple[EndKind, str]:
+        """One recognizer from start to teardown; why it ended."""
         loop = asyncio.get_running_loop()
         self._generation += 1
-        self._healthy = False
         self._ended = loop.create_future()
-        self._buffer.rewind()
         opening = loop.run_in_executor(None, self._open, self._generation)
         try:
             current = await asyncio.wait_for(asyncio.shield(opening), self.sdk_call_timeout)
@@ -375,7 +300,7 @@ class AzurePersistentStt:
             else:
                 self._finish_current("fatal", "session_stopped")
 
-    def _finish_current(self, kind: str, reason: str) -> None:
+    def _finish_current(self, kind: EndKind, reason: str) -> None:
         ended = self._ended
         if ended is not None and not ended.done():
             ended.set_result((kind, reason))
@@ -389,19 +314,7 @@ class AzurePersistentStt:
         except TimeoutError:
             logger.warning("Azure recognizer did not stop in time")
 
-    # ------------------------------------------------------------------ callbacks
-
-    def _give_up(self, reason: str) -> None:
-        self.failed = True
-        self._buffer.clear()
-        logger.error("Azure STT gave up", extra={"reason": reason})
-        self._emit(self.on_error, reason)
-
-    @staticmethod
-    def _emit(callback: Callable[[str], None] | None, text: str) -> None:
-        if callback is None:
-            return
-        try:
-            callback(text)
-        except Exception:
-            logger.exception("STT callback failed")
+    async def _disconnect(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            await self._teardown(current)

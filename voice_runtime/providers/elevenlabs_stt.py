@@ -26,25 +26,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import enum
 import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
 from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import CallerAudioBuffer, EchoGate, backoff_delay
+from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
 REALTIME_PATH = "/v1/speech-to-text/realtime"
 MAX_MESSAGE_AUDIO_BYTES = 3200  # 0.4 s of μ-law in one message when catching up
-HEALTHY_AFTER_S = 5.0  # a socket that lived this long counts as a working connection
 
 #: Vendor errors after which a new socket may work.
 FATAL_ERRORS = frozenset(
@@ -76,15 +73,6 @@ IGNORED_NOTICES = frozenset({"commit_throttled"})
 __all__ = ["FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
 
 
-class _End(enum.Enum):
-    """Why one websocket connection ended."""
-
-    STOPPED = "stopped"  # stop() or the end of the call
-    DROPPED = "dropped"  # socket closed without a vendor error
-    FATAL = "fatal"  # a vendor error worth a reconnect
-    TERMINAL = "terminal"  # a vendor error no reconnect can fix
-
-
 class _ConnectFailed(Exception):
     def __init__(self, reason: str, *, terminal: bool) -> None:
         super().__init__(reason)
@@ -98,10 +86,12 @@ def _ws_base(url: str) -> str:
     return urllib.parse.urlunparse(parsed._replace(scheme=scheme)).rstrip("/")
 
 
-class PersistentSttSession:
+class PersistentSttSession(ReconnectingStt):
     """One ElevenLabs Scribe realtime websocket per call, reconnecting without losing audio."""
 
     capabilities = Capabilities(native_ulaw=True, interim_results=True, streaming=True)
+    _task_name = "elevenlabs-stt"
+    _logger = logger
 
     def __init__(
         self,
@@ -125,13 +115,17 @@ class PersistentSttSession:
         key = api_key or cfg.elevenlabs_api_key
         if not key:
             raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+        super().__init__(
+            max_reconnects=max_reconnects,
+            reconnect_base_delay=reconnect_base_delay,
+            reconnect_max_delay=reconnect_max_delay,
+            buffer_ms=buffer_ms,
+            echo_tail_s=echo_tail_s,
+        )
         self._api_key = key
         self.language_code = language_code or cfg.stt_language_code
         self.model_id = model_id or cfg.stt_model_id
         self.base_url = _ws_base(base_url or DEFAULT_BASE_URL)
-        self.max_reconnects = max_reconnects
-        self.reconnect_base_delay = reconnect_base_delay
-        self.reconnect_max_delay = reconnect_max_delay
         self.connect_timeout = connect_timeout
         self._vad: dict[str, Any] = {
             "vad_silence_threshold_secs": vad_silence_threshold_secs,
@@ -139,23 +133,8 @@ class PersistentSttSession:
             "min_speech_duration_ms": min_speech_duration_ms,
             "min_silence_duration_ms": min_silence_duration_ms,
         }
-
-        self.on_committed: Callable[[str], None] | None = None
-        self.on_recognizing: Callable[[str], None] | None = None
-        self.on_error: Callable[[str], None] | None = None
-
-        self.connections = 0  # websockets opened, for operators and tests
-        self.reconnects = 0
-        self.failed = False  # True once on_error said the provider gave up
-        self._echo = EchoGate(echo_tail_s)
-        self._buffer = CallerAudioBuffer(buffer_ms)
-        self._audio_ready = asyncio.Event()
-        self._input_ended = False
-        self._stopping = False
+        self._audio_ready = asyncio.Event()  # caller audio buffered, or its end
         self._ws: Any = None
-        self._healthy = False
-        self._pump_task: asyncio.Task[None] | None = None
-        self._run_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -177,51 +156,13 @@ class PersistentSttSession:
         """Caller audio dropped because the reconnect buffer was full."""
         return self._buffer.dropped_bytes / 8.0
 
-    @property
-    def running(self) -> bool:
-        """True while the provider is connected or reconnecting (False once it gave up)."""
-        return self._run_task is not None and not self._run_task.done()
-
-    def set_speaking(self, speaking: bool) -> None:
-        """Tell the provider whether the agent is speaking (echo discard)."""
-        self._echo.set_speaking(speaking)
-
-    async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:
-        """Start reading caller audio and connecting; returns at once."""
-        if self._run_task is not None:
-            raise RuntimeError("PersistentSttSession.start() called twice")
-        self._audio_ready = asyncio.Event()
-        self._pump_task = asyncio.create_task(self._pump(inbound_queue), name="elevenlabs-stt-pump")
-        self._run_task = asyncio.create_task(self._run(), name="elevenlabs-stt")
-
-    async def stop(self) -> None:
-        """Close the websocket and end every task; idempotent."""
-        self._stopping = True
-        self._audio_ready.set()
-        tasks = [t for t in (self._run_task, self._pump_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await self._close_ws()
-        self._buffer.clear()
-
     # ------------------------------------------------------------------ audio in
 
-    async def _pump(self, inbound: asyncio.Queue[bytes | None]) -> None:
-        """Move caller frames into the reconnect buffer, whatever state the socket is in."""
-        buffer = self._buffer
-        while True:
-            frame = await inbound.get()
-            if frame is None:
-                self._input_ended = True
-                self._audio_ready.set()
-                return
-            if self.failed:
-                continue  # gave up (on_error was called); keep draining the queue
-            buffer.push(frame)
-            self._audio_ready.set()
+    def _flush(self) -> None:
+        self._audio_ready.set()  # the send loop does the sending
+
+    def _close_input(self) -> None:
+        self._audio_ready.set()  # the send loop closes the socket once the buffer is empty
 
     async def _send_loop(self, ws: Any) -> None:
         """Send buffered caller audio as it arrives; close the socket when input ends."""
@@ -260,47 +201,36 @@ class PersistentSttSession:
 
     # ------------------------------------------------------------------ connections
 
-    async def _run(self) -> None:
-        """Connect, serve, and reconnect with backoff until stopped, ended or given up."""
-        attempt = 0  # consecutive reconnect attempts since the last healthy connection
-        first = True
-        while not self._stopping:
-            if not first:
-                if attempt >= self.max_reconnects:
-                    self._give_up(f"reconnect_exhausted_after_{attempt}_attempts")
-                    return
-                delay = backoff_delay(attempt, self.reconnect_base_delay, self.reconnect_max_delay)
-                logger.info(
-                    "reconnecting to ElevenLabs STT",
-                    extra={"attempt": attempt + 1, "delay_s": round(delay, 3)},
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
-                self.reconnects += 1
-            first = False
-            try:
-                ws = await self._connect()
-            except _ConnectFailed as exc:
-                if exc.terminal:
-                    self._give_up(exc.reason)
-                    return
-                logger.warning("ElevenLabs STT connect failed", extra={"reason": exc.reason})
-                continue
-            end, reason, healthy = await self._serve(ws)
-            if healthy:
-                attempt = 0
-            if end is _End.STOPPED or self._stopping or self._input_ended:
-                return
-            if end is _End.TERMINAL:
-                self._give_up(reason)
-                return
+    async def _session_once(self) -> tuple[EndKind, str]:
+        """Connect, serve the websocket until it ends and close it; return why it ended."""
+        try:
+            ws = await self._connect()
+        except _ConnectFailed as exc:
+            if exc.terminal:
+                return "terminal", exc.reason
+            logger.warning("ElevenLabs STT connect failed", extra={"reason": exc.reason})
+            return "fatal", exc.reason
+        opened = time.monotonic()
+        sender = asyncio.create_task(self._send_loop(ws), name="elevenlabs-stt-send")
+        try:
+            end, reason = await self._receive_loop(ws, sender)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            await self._close_ws()
+        if time.monotonic() - opened >= HEALTHY_AFTER_S:
+            self._healthy = True
+        if self._input_ended:
+            return "end_of_input", reason  # the last connection of the call
+        if end == "fatal" and not self._stopping:
             logger.warning("ElevenLabs STT connection lost", extra={"reason": reason})
+        return end, reason
 
     async def _connect(self) -> Any:
         from websockets.asyncio.client import connect
         from websockets.exceptions import InvalidStatus
 
-        self._buffer.rewind()
         try:
             ws = await connect(
                 self.url,
@@ -326,22 +256,7 @@ class PersistentSttSession:
         logger.info("ElevenLabs STT connected", extra={"connection": self.connections})
         return ws
 
-    async def _serve(self, ws: Any) -> tuple[_End, str, bool]:
-        """Run one connection until it ends; return why, the vendor reason and its health."""
-        opened = time.monotonic()
-        self._healthy = False
-        sender = asyncio.create_task(self._send_loop(ws), name="elevenlabs-stt-send")
-        try:
-            end, reason = await self._receive_loop(ws, sender)
-        finally:
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
-            await self._close_ws()
-        healthy = self._healthy or time.monotonic() - opened >= HEALTHY_AFTER_S
-        return end, reason, healthy
-
-    async def _receive_loop(self, ws: Any, sender: asyncio.Task[None]) -> tuple[_End, str]:
+    async def _receive_loop(self, ws: Any, sender: asyncio.Task[None]) -> tuple[EndKind, str]:
         from websockets.exceptions import ConnectionClosed
 
         try:
@@ -356,16 +271,16 @@ class PersistentSttSession:
                     continue
                 if kind in TERMINAL_ERRORS:
                     logger.error("ElevenLabs STT terminal error", extra={"vendor_error": kind})
-                    return _End.TERMINAL, kind
+                    return "terminal", kind
                 if kind in FATAL_ERRORS:
                     logger.warning("ElevenLabs STT fatal error", extra={"vendor_error": kind})
-                    return _End.FATAL, kind
+                    return "fatal", kind
                 self._handle(kind, data)
         except ConnectionClosed:
             pass
         if self._stopping or (self._input_ended and sender.done()):
-            return _End.STOPPED, "closed"
-        return _End.DROPPED, "socket_closed"
+            return "stopped", "closed"
+        return "fatal", "socket_closed"  # dropped without a vendor error
 
     def _handle(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "partial_transcript":
@@ -394,19 +309,6 @@ class PersistentSttSession:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 2.0)
 
-    # ------------------------------------------------------------------ callbacks
-
-    def _give_up(self, reason: str) -> None:
-        self.failed = True
-        self._buffer.clear()
-        logger.error("ElevenLabs STT gave up", extra={"reason": reason})
-        self._emit(self.on_error, reason)
-
-    @staticmethod
-    def _emit(callback: Callable[[str], None] | None, text: str) -> None:
-        if callback is None:
-            return
-        try:
-            callback(text)
-        except Exception:
-            logger.exception("STT callback failed")
+    async def _disconnect(self) -> None:
+        self._audio_ready.set()
+        await self._close_ws()
