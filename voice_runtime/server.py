@@ -40,6 +40,7 @@ from voice_runtime.transports.security import (
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
 from voice_runtime.types import SessionEvent
+from voice_runtime.watchdog import LoopWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class VoiceServer:
         goodbye_tts: TtsProvider | None = None,
         stream_options: StreamOptions | None = None,
         hangup_regions: Any = None,
+        watchdog: LoopWatchdog | None = None,
     ) -> None:
         self.on_call = on_call
         self.session_factory = session_factory
@@ -220,6 +222,10 @@ class VoiceServer:
         self.refused_busy = 0
         self._call_tasks: set[asyncio.Task[Any]] = set()
         self._threads: set[threading.Thread] = set()
+        # Watches the event loop while media streams are served: a blocking call in a
+        # handler delays every call's audio, and the warning says so.
+        self.watchdog = watchdog or LoopWatchdog()
+        self._streams = 0
         self.app = app or FastAPI(title="voice_runtime", lifespan=self._lifespan)
         if app is not None:
             self._wrap_lifespan(app)
@@ -367,6 +373,17 @@ class VoiceServer:
         await self._serve_stream(websocket, token)
 
     async def _serve_stream(self, websocket: WebSocket, token: str | None) -> None:
+        self._streams += 1
+        if self._streams == 1:
+            self.watchdog.start()
+        try:
+            await self._serve_stream_watched(websocket, token)
+        finally:
+            self._streams -= 1
+            if self._streams == 0:
+                await self.watchdog.stop()
+
+    async def _serve_stream_watched(self, websocket: WebSocket, token: str | None) -> None:
         if not check_websocket_signature(websocket, self._policy()):
             await websocket.close(code=1008)
             return

@@ -26,7 +26,11 @@ def _bind_free_socket(host: str) -> socket.socket:
 
 
 def _config(app: Any, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level=log_level, lifespan="on", ws_max_size=1 << 20)
+    # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
+    # was the largest single cost per call in the benchmark (benchmarks/bench_calls.py).
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on", ws_max_size=1 << 20, ws_per_message_deflate=False
+    )
 
 
 class _Base:
