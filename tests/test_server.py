@@ -562,3 +562,24 @@ async def test_oversized_webhook_body_is_refused(no_twilio_env: None) -> None:
         assert (await http.post("/twilio/voice", data=big)).status_code == 403
         assert not server.registry._routes
         assert (await http.post("/twilio/voice", data=inbound_form(1))).status_code == 200
+
+
+async def test_an_object_with_an_async_call_method_runs_as_a_coroutine() -> None:
+    import threading
+
+    from voice_runtime.server import VoiceServer
+    from voice_runtime.testing.server import serve_in_loop
+    from voice_runtime.testing.simulator import CallerSimulator
+
+    ran_on: list[str] = []
+    done = asyncio.Event()
+
+    class Handler:
+        async def __call__(self, session: object) -> None:
+            ran_on.append(threading.current_thread().name)
+            done.set()
+
+    voice = VoiceServer(on_call=Handler())
+    async with serve_in_loop(voice.app) as srv, CallerSimulator(srv.ws_url + "/voice"):
+        await asyncio.wait_for(done.wait(), 5)
+    assert ran_on == [threading.current_thread().name]  # on the loop, not a worker thread

@@ -427,7 +427,7 @@ class VoiceServer:
         self.registry.started(session)
         if self.on_call is None:
             return
-        if inspect.iscoroutinefunction(self.on_call):
+        if _is_async_callable(self.on_call):
             task = asyncio.create_task(self._run_async_handler(session), name="vr-on-call")
             self._call_tasks.add(task)
             task.add_done_callback(self._call_tasks.discard)
@@ -625,6 +625,13 @@ async def _close_try_again_later(websocket: WebSocket) -> None:
     # answer HTTP 403), so accept first: 1013 tells the far end to retry later.
     await websocket.accept()
     await websocket.close(code=1013)
+
+
+def _is_async_callable(fn: Any) -> bool:
+    """True for coroutine functions and for objects whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the bound __call__ of an instance
+    )
 
 
 def _status_fields(form: Mapping[str, str]) -> dict[str, str]:

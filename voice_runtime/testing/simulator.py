@@ -126,6 +126,7 @@ class CallerSimulator:
                 self.url,
                 additional_headers=self.headers or None,
                 max_size=2**22,
+                compression=None,  # Twilio does not negotiate permessage-deflate
                 open_timeout=timeout,
             ),
             timeout,
