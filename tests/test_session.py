@@ -258,3 +258,17 @@ async def test_iter_dtmf_from_a_worker_thread() -> None:
     s.signal_dtmf("*")
     s.signal_disconnected()
     assert await task == ["7", "*"]
+
+
+async def test_a_clear_cuts_a_pacing_sleep_short() -> None:
+    s = VoiceSession()
+    s.set_loop(asyncio.get_running_loop())
+    s.signal_ws_connected("MZ1")
+    loop = asyncio.get_running_loop()
+    assert await s.sleep_unless_cleared(0.01) is False
+    started = loop.time()
+    sleeper = asyncio.create_task(s.sleep_unless_cleared(5.0))
+    await asyncio.sleep(0.02)
+    s.request_clear_buffer()
+    assert await asyncio.wait_for(sleeper, 1) is True
+    assert loop.time() - started < 0.5

@@ -141,6 +141,11 @@ class _MarkWaiter:
     mark: OutboundMark | None = None
 
 
+def _resolve_future(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
 def _new_inbound() -> asyncio.Queue[bytes | None]:
     return asyncio.Queue(INBOUND_MAXSIZE)
 
@@ -189,6 +194,7 @@ class VoiceSession:
         self._queued_ms = 0.0
         self._dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._clear_waiters: list[asyncio.Future[bool]] = []
         self._loop_none_warned = False
         # Set when the stream connects or the call ends first (e.g. no answer), so
         # wait_for_ws_connect() returns at once in either case.
@@ -815,6 +821,31 @@ class VoiceSession:
         if self.stream_sid is not None and not self._disconnected.is_set():
             self._clear_pending += 1
         self._out_wakeup.set()
+        self._wake_clear_waiters()
+
+    async def sleep_unless_cleared(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; wake early and return True when a clear is requested.
+
+        Loop only. Transports pace audio with it, so a clear never waits for a pacing sleep.
+        """
+        if self._clear_pending:
+            return True
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._clear_waiters.append(fut)
+        handle = loop.call_later(seconds, _resolve_future, fut, False)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            if not fut.done() or fut in self._clear_waiters:
+                with contextlib.suppress(ValueError):
+                    self._clear_waiters.remove(fut)
+
+    def _wake_clear_waiters(self) -> None:
+        waiters, self._clear_waiters = self._clear_waiters, []
+        for fut in waiters:
+            _resolve_future(fut, True)
 
     def note_clear_sent(self) -> None:
         """Record that the transport sent a clear (loop only)."""

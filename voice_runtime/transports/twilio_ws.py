@@ -260,10 +260,8 @@ class MediaStreamCall:
                     break
                 chunk = item if size <= frame else item[i : i + frame]
                 delay = reserve(len(chunk) / 8000.0)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                    if session.clear_pending:
-                        break
+                if delay > 0 and await session.sleep_unless_cleared(delay):
+                    break
                 if not await self._send(encode_media(sid, chunk)):
                     return
                 session.note_audio_sent(len(chunk))
