@@ -105,3 +105,17 @@ def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args:
     except RuntimeError:
         return False
     return True
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` (except the calling one) and wait until each has ended; clear the list."""
+    current = asyncio.current_task()
+    others = [t for t in tasks if t is not current]
+    for task in others:
+        task.cancel()
+    for task in others:
+        try:
+            await task
+        except BaseException:  # noqa: S110 - a cancelled or failed task is what we expect here
+            pass
+    tasks.clear()

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import websockets
 
+from voice_runtime._sync import cancel_and_wait
 from voice_runtime.testing.clock import Clock, RealClock
 
 logger = logging.getLogger(__name__)
@@ -200,15 +201,7 @@ class CallerSimulator:
     async def _finish(self) -> None:
         self._closed.set()
         self._wake.set()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(BaseException):
-                    await task
-        self._tasks.clear()
+        await cancel_and_wait(self._tasks)
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
+from voice_runtime._sync import cancel_and_wait
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 
@@ -317,15 +318,7 @@ class MediaStreamCall:
                 )
             if self._stt_from_factory:
                 session.stt = None
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        for task in self._tasks:
-            if task is not current:
-                with contextlib.suppress(BaseException):
-                    await task
-        self._tasks.clear()
+        await cancel_and_wait(self._tasks)
         await self._close(1000)
         logger.info(
             "media stream finished",
