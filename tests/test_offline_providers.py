@@ -118,6 +118,10 @@ def test_demo_holds_a_spoken_conversation(tmp_path: Path) -> None:
     assert "alex" in said[1].lower()  # the agent answered from what it heard
     assert said[-1].endswith("Goodbye!") and "booked" in said[-1]
     assert len(result.latencies_ms) == 2
+    for turn in result.turn_timings:  # each stage of a turn follows the one before it
+        assert turn["committed_ms"] is not None and turn["first_sent_ms"] is not None
+        assert turn["first_heard_ms"] is not None
+        assert turn["committed_ms"] <= turn["first_sent_ms"] <= turn["first_heard_ms"] + 1
     wav = read_wav(tmp_path / "call.wav")
     assert wav.channels == 2 and wav.duration_s > 5
     caller, agent = wav.samples()[:, 0], wav.samples()[:, 1]

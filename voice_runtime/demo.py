@@ -48,6 +48,9 @@ class DemoResult:
     engine: str
     seconds: float
     sim_events: list[SimEvent] = field(default_factory=list)
+    #: Per caller turn, ms after the caller stopped speaking: transcript committed, first agent
+    #: audio sent to the stream, first agent audio the caller heard.
+    turn_timings: list[dict[str, float | None]] = field(default_factory=list)
 
 
 def agent_script(conv: Conversation, listen_timeout: float = 20.0) -> None:
@@ -163,6 +166,8 @@ def _run_demo(
     stt_factory, agent_tts, caller_voice = _providers(engine)
     preload(engine)
     session = VoiceSession(stt_factory=stt_factory)
+    sends = _SendClock()
+    session.set_mixer(sends)  # the session's agent tap sees each frame as it is sent
     app = FastAPI(title="voice_runtime demo")
     register_voice_websocket(app, session)
     timeline: list[tuple[float, str, str]] = []
@@ -250,6 +255,7 @@ def _run_demo(
         stt_made.append(session.stt)
     latencies = _turn_latencies(sim.events)
     stt_latencies = _stt_latencies(sim, conv.turns)
+    timings = _turn_timings(sim, conv.turns, sends.starts)
     path = None
     if record is not None:
         path = sim.write_recording(record)
@@ -258,6 +264,7 @@ def _run_demo(
         events=timeline,
         latencies_ms=latencies,
         stt_latencies_ms=stt_latencies,
+        turn_timings=timings,
         recording=path,
         engine=engine,
         seconds=time.monotonic() - started,
@@ -266,6 +273,47 @@ def _run_demo(
     if out is not None:
         _summary(result, sim, session, out)
     return result
+
+
+class _SendClock:
+    """Mixer-shaped tap: notes when each burst of agent audio starts going out."""
+
+    def __init__(self, gap_s: float = 0.3) -> None:
+        self.starts: list[float] = []
+        self._last = float("-inf")
+        self._gap = gap_s
+
+    def write_agent(self, chunk: bytes) -> None:
+        now = time.monotonic()
+        if now - self._last > self._gap:
+            self.starts.append(now)
+        self._last = now
+
+    def write_caller(self, chunk: bytes) -> None:
+        return None
+
+
+def _turn_timings(
+    sim: CallerSimulator, turns: list[Turn], sent_starts: list[float]
+) -> list[dict[str, float | None]]:
+    """Per caller turn: end of speech -> committed, -> first agent audio sent, -> heard (ms)."""
+    base = sim.started_at
+    ends = [base + ev.t for ev in sim.events if ev.kind == "caller_done"]
+    heard_starts = [base + ev.t for ev in sim.events if ev.kind == "agent_audio_start"]
+    commits = [t.t for t in turns if t.speaker == "caller"]
+
+    def first_after(times: list[float], t: float) -> float | None:
+        later = [x for x in times if x >= t]
+        return round((later[0] - t) * 1000.0, 1) if later else None
+
+    return [
+        {
+            "committed_ms": first_after(commits, end),
+            "first_sent_ms": first_after(sent_starts, end),
+            "first_heard_ms": first_after(heard_starts, end),
+        }
+        for end in ends
+    ]
 
 
 def _turn_latencies(events: list[SimEvent]) -> list[float]:

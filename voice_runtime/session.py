@@ -172,6 +172,8 @@ class VoiceSession:
     on_event: Callable[[SessionEvent], None] | None = field(default=None, repr=False)
 
     call_info: CallInfo | None = field(default=None, repr=False)
+    #: Call controls (transfer, DTMF, recording) the transport sets when the stream starts.
+    control: Any = field(default=None, repr=False)
     stats: SessionStats = field(default_factory=SessionStats, repr=False)
 
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)

@@ -182,6 +182,10 @@ class MediaStreamCall:
             # A previous call on this session ended without reset(): start clean.
             session.reset()
         session.apply_call_info(start.call_info())
+        if session.control is None:
+            from voice_runtime.transports.call_control import CallControl
+
+            session.control = CallControl(session)
         session.signal_ws_connected(start.stream_sid)
         logger.info("media stream started", extra={"call_sid": start.call_sid})
         self._spawn(self._send_loop(), "vr-send")
