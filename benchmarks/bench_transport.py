@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -41,43 +40,9 @@ sys.path.insert(0, str(HERE))
 
 import _callminute as cm  # noqa: E402  (benchmarks/ is not a package)
 
-STREAM_SID = "MZ" + "0" * 32
-CALL_SID = "CA" + "1" * 32
-
-
-def _media_text(i: int) -> str:
-    payload = base64.b64encode(bytes([i % 256]) * 160).decode("ascii")
-    return json.dumps(
-        {
-            "event": "media",
-            "sequenceNumber": str(i + 2),
-            "media": {
-                "track": "inbound",
-                "chunk": str(i + 1),
-                "timestamp": str(20 * i),
-                "payload": payload,
-            },
-            "streamSid": STREAM_SID,
-        }
-    )
-
-
-def _start_text() -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": STREAM_SID,
-            "start": {
-                "accountSid": "AC" + "2" * 32,
-                "streamSid": STREAM_SID,
-                "callSid": CALL_SID,
-                "tracks": ["inbound"],
-                "customParameters": {},
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-        }
-    )
+STREAM_SID = cm.STREAM_SID
+_media_text = cm.media_text
+_start_text = cm.start_text
 
 
 class _FakeWebSocket:
