@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import settings
 from fastapi import FastAPI
+from hypothesis import settings
 
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
