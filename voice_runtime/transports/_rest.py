@@ -109,7 +109,22 @@ def _log_target(url: str) -> dict[str, str]:
     return {"path": urlsplit(url).path}
 
 
-class RestHttpClient(TwilioHttpClient):
+class _QuietLogging:
+    """The SDK clients' request/response logging, minus query values and bodies."""
+
+    def log_request(self, kwargs: dict[str, Any]) -> None:
+        """Log the method and path only (the SDK's version logs query values)."""
+        logger.debug(
+            "Twilio REST request",
+            extra={"method": kwargs.get("method"), **_log_target(kwargs["url"])},
+        )
+
+    def log_response(self, status_code: int, response: Any) -> None:
+        """Log the status only."""
+        logger.debug("Twilio REST response", extra={"status": status_code})
+
+
+class RestHttpClient(_QuietLogging, TwilioHttpClient):
     """The SDK's sync HTTP client with a bounded timeout, URL rewrite and leak-free logs."""
 
     def __init__(self, *, timeout: float, api_base_url: str | None = None) -> None:
@@ -141,17 +156,6 @@ class RestHttpClient(TwilioHttpClient):
             allow_redirects=allow_redirects,
         )
 
-    def log_request(self, kwargs: dict[str, Any]) -> None:
-        """Log the method and path only (the SDK's version logs query values)."""
-        logger.debug(
-            "Twilio REST request",
-            extra={"method": kwargs.get("method"), **_log_target(kwargs["url"])},
-        )
-
-    def log_response(self, status_code: int, response: Any) -> None:
-        """Log the status only."""
-        logger.debug("Twilio REST response", extra={"status": status_code})
-
     def close(self) -> None:
         """Close the pooled connections."""
         if self.session is not None:
@@ -179,7 +183,7 @@ def _pairs(values: Mapping[str, object] | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
-class AsyncRestHttpClient(AsyncTwilioHttpClient):
+class AsyncRestHttpClient(_QuietLogging, AsyncTwilioHttpClient):
     """The SDK's async HTTP client with a bounded timeout, URL rewrite and leak-free logs.
 
     The aiohttp session is opened on first use, inside the running loop; close it with
@@ -237,17 +241,6 @@ class AsyncRestHttpClient(AsyncTwilioHttpClient):
             text = await response.text()
             self.log_response(response.status, response)
             return Response(response.status, text, response.headers)
-
-    def log_request(self, kwargs: dict[str, Any]) -> None:
-        """Log the method and path only (the SDK's version logs query values)."""
-        logger.debug(
-            "Twilio REST request",
-            extra={"method": kwargs.get("method"), **_log_target(kwargs["url"])},
-        )
-
-    def log_response(self, status_code: int, response: Any) -> None:
-        """Log the status only."""
-        logger.debug("Twilio REST response", extra={"status": status_code})
 
     async def close(self) -> None:
         """Close the aiohttp session, if one was opened."""
