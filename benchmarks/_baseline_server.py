@@ -30,10 +30,21 @@ for _name in ("TWILIO_AUTH_TOKEN", "TWILIO_ACCOUNT_SID", "VOICE_STREAM_URL"):
     os.environ.pop(_name, None)
 
 
+def _tagged(app: Any, index: int) -> Any:
+    """An ASGI wrapper that records which mounted session a websocket belongs to."""
+
+    async def wrapper(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["vr_index"] = index
+        await app(scope, receive, send)
+
+    return wrapper
+
+
 def main() -> None:
     """Serve the old package's single-session websocket with the benchmark probe."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--uvicorn", choices=["default", "ours"], default="default")
+    parser.add_argument("--sessions", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -41,8 +52,10 @@ def main() -> None:
     from voice_runtime.transports.twilio_ws import register_voice_websocket
 
     probe = kit.Probe()
-    put_times: collections.deque[float] = collections.deque()
-    session = VoiceSession()
+    # The old package serves one session per app; with --sessions N, N apps are mounted at
+    # /c{i} (their streams at /c{i}/voice), which is how it can hold N calls at once.
+    sessions = [VoiceSession() for _ in range(args.sessions)]
+    put_times = [collections.deque[float]() for _ in sessions]
     live = {"n": 0}
     chunk = kit.tone_chunk()
 
@@ -50,24 +63,26 @@ def main() -> None:
 
     async def timed_send_text(self: WebSocket, data: str) -> None:
         await original_send_text(self, data)
-        if data.startswith('{"event": "media"') and put_times:
-            t_put = put_times.popleft()
+        times = put_times[self.scope.get("vr_index", 0)]
+        if data.startswith('{"event": "media"') and times:
+            t_put = times.popleft()
             if probe.measuring:
                 probe.out_lat_ms.append((time.monotonic() - t_put) * 1e3)
 
     WebSocket.send_text = timed_send_text  # type: ignore[method-assign]
 
-    def agent() -> None:
+    def agent(index: int) -> None:
         # The old package's usage: a sync script in its own thread.
+        session, times = sessions[index], put_times[index]
         session.wait_for_ws_connect(timeout=3600)
         rec = probe.new_call(session.call_sid or "?")
-        live["n"] = 1
+        live["n"] += 1
         loop = session.loop
         assert loop is not None
         consumer = asyncio.run_coroutine_threadsafe(probe.consume(session.inbound, rec), loop)
         while not probe.finishing and not session.is_disconnected:
             for _ in range(kit.UTTERANCE_CHUNKS):
-                put_times.append(time.monotonic())
+                times.append(time.monotonic())
                 session.put_outbound_sync(chunk)
                 rec.agent_bytes_queued += len(chunk)
             with contextlib.suppress(TimeoutError):
@@ -81,16 +96,23 @@ def main() -> None:
         with contextlib.suppress(Exception):
             consumer.result(timeout=5)
         probe.end_call(rec)
-        live["n"] = 0
+        live["n"] -= 1
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         probe.lag.start()
-        threading.Thread(target=agent, name="baseline-agent", daemon=True).start()
+        for i in range(len(sessions)):
+            threading.Thread(target=agent, args=(i,), name="baseline-agent", daemon=True).start()
         yield
 
     app = FastAPI(lifespan=lifespan)
-    register_voice_websocket(app, session)
+    if len(sessions) == 1:
+        register_voice_websocket(app, sessions[0])
+    else:
+        for i, session in enumerate(sessions):
+            sub = FastAPI()
+            register_voice_websocket(sub, session)
+            app.mount(f"/c{i}", _tagged(sub, i))
     probe.install(app, lambda: live["n"])
     uv: dict[str, Any] = {}
     if args.uvicorn == "ours":

@@ -93,7 +93,9 @@ class LagMonitor:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start sampling on the running loop."""
+        """Start sampling on the running loop (unless VR_BENCH_LAG=0)."""
+        if os.environ.get("VR_BENCH_LAG", "1") == "0":
+            return
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:

@@ -50,6 +50,7 @@ BASELINE_PYTHON = os.environ.get("VR_BASELINE_PYTHON", "/work/baseline-venv/bin/
 P99_LIMIT_MS = 20.0
 PIN = os.environ.get("VR_BENCH_PIN", "1") != "0"
 CALLS_PER_CLIENT = 250
+PROFILE_HZ = int(os.environ.get("VR_BENCH_PROFILE_HZ", "250"))
 
 
 # =========================================================================== server (ours)
@@ -133,7 +134,14 @@ def _serve_ours(args: argparse.Namespace) -> None:
             rec.outbound_dropped = session.stats.outbound_dropped
             probe.end_call(rec)
 
-    options = StreamOptions(frame_bytes=args.frame_bytes) if args.frame_bytes else None
+    overrides: dict[str, Any] = {}
+    if args.frame_bytes:
+        overrides["frame_bytes"] = args.frame_bytes
+    if args.lead_ms:
+        overrides["lead_ms"] = args.lead_ms
+    if args.mark_every_ms:
+        overrides["position_mark_every_ms"] = args.mark_every_ms
+    options = StreamOptions(**overrides) if overrides else None
     voice = vserver.VoiceServer(
         on_call=on_call,
         session_factory=BenchSession,
@@ -147,6 +155,67 @@ def _serve_ours(args: argparse.Namespace) -> None:
     if args.deflate != "prod":
         uv["ws_per_message_deflate"] = args.deflate == "on"
     kit.serve(voice.app, uv, probe.lag.start)
+
+
+def _serve_floor(args: argparse.Namespace) -> None:
+    """The ``serve-floor`` role: websocket frames read and counted, nothing else.
+
+    What any Python server on this machine pays for a call before doing anything with it:
+    the wakeup for each caller frame, the socket read and the websocket framing (through
+    this package's lean protocol). Its CPU per call-minute bounds what a library can reach.
+    """
+    logging.basicConfig(level=logging.ERROR)
+    from fastapi import FastAPI
+    from starlette.routing import WebSocketRoute
+
+    from voice_runtime.serving import uvicorn_config
+    from voice_runtime.transports.fastws import EXTENSION
+    from voice_runtime.transports.twilio_protocol import encode_mark
+
+    probe = kit.Probe()
+    app = FastAPI()
+    live: dict[Any, str] = {}
+
+    async def finish() -> dict[str, Any]:
+        probe.finishing = True
+        for stream, sid in list(live.items()):
+            stream.send_text(encode_mark(sid, "bench-done"))
+        return {"live": len(live)}
+
+    app.add_api_route("/bench/finish", finish, methods=["POST"])
+
+    async def floor(websocket: Any) -> None:
+        await websocket.accept()
+        stream = websocket.scope["extensions"][EXTENSION]["stream"]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        rec: Any = None
+
+        def on_text(text: str) -> None:
+            nonlocal rec
+            if rec is not None:
+                if text.startswith('{"event":"media"'):
+                    rec.frames_in += 1
+                return
+            data = json.loads(text)
+            if data.get("event") == "start":
+                rec = probe.new_call(data["start"]["callSid"])
+                live[stream] = data["streamSid"]
+
+        def on_close(_code: int) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        stream.attach(on_text, on_close)
+        await done
+        live.pop(stream, None)
+        if rec is not None:
+            probe.end_call(rec)
+
+    app.router.routes.append(WebSocketRoute("/voice", floor))
+    probe.install(app, lambda: len(live))
+    config = uvicorn_config(app, log_level="error")
+    uv = {k: getattr(config, k) for k in ("ws", "ws_max_size", "ws_per_message_deflate")}
+    kit.serve(app, uv, probe.lag.start)
 
 
 def _production_uvicorn_settings(voice: Any) -> dict[str, Any]:
@@ -250,13 +319,15 @@ def _cpu_self() -> float:
 async def _client_main(args: argparse.Namespace) -> None:
     """Hold ``args.calls`` paced calls until told to stop on stdin; print results as JSON."""
     caller_cls = _stamped_caller_class()
-    url = f"ws://127.0.0.1:{args.port}/voice"
+    base = f"ws://127.0.0.1:{args.port}"
     gate = asyncio.Semaphore(32)
     sims: list[Any] = []
     errors = 0
 
     async def open_one(i: int) -> None:
         nonlocal errors
+        # --mounted: the baseline's one-session apps, each at its own /c{i}/voice.
+        url = f"{base}/c{args.first + i}/voice" if args.mounted else f"{base}/voice"
         sim = caller_cls(url, call_sid=f"CA{args.tag}{i:07d}".ljust(34, "0"))
         async with gate:
             try:
@@ -341,9 +412,10 @@ def _run_async(coro: Any) -> None:
 class _Server:
     """A benchmark server subprocess and its control routes."""
 
-    def __init__(self, cmd: list[str]) -> None:
+    def __init__(self, cmd: list[str], sample_lag: bool = True) -> None:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)
+        env["VR_BENCH_LAG"] = "1" if sample_lag else "0"
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE
         )
@@ -392,10 +464,15 @@ def _server_cmd(impl: str, opts: dict[str, Any]) -> list[str]:
             str(HERE / "_baseline_server.py"),
             "--uvicorn",
             opts.get("uvicorn", "default"),
+            "--sessions",
+            str(opts.get("sessions", 1)),
         ]
+    if impl == "floor":
+        return [sys.executable, str(Path(__file__).resolve()), "serve-floor"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--ws", opts.get("ws", "auto")]
-    if opts.get("frame_bytes"):
-        cmd += ["--frame-bytes", str(opts["frame_bytes"])]
+    for key in ("frame_bytes", "lead_ms", "mark_every_ms"):
+        if opts.get(key):
+            cmd += ["--" + key.replace("_", "-"), str(opts[key])]
     if opts.get("deflate", "prod") != "prod":
         cmd += ["--deflate", opts["deflate"]]
     if opts.get("soak"):
@@ -449,14 +526,17 @@ def run_level(
     **opts: Any,
 ) -> dict[str, Any]:
     """Hold ``calls`` paced calls for ``window_s`` seconds; return one row of numbers."""
-    server = _Server(_server_cmd(impl, opts))
+    # At one call the lag sampler's 100 wakeups a second would cost more CPU than the call
+    # (an idle wakeup costs ~100 µs here), so the one-call figures are taken without it.
+    server = _Server(_server_cmd(impl, opts), sample_lag=calls > 1)
     server_cpus, client_cpus = _cpu_sets()
     _pin(server.proc.pid, server_cpus)
     clients: list[subprocess.Popen[str]] = []
     try:
         idle = server.get("/bench/snapshot")
         server.get("/bench/reset", "POST")
-        time.sleep(2.0 if window_s >= 5 else 1.0)
+        # The idle rate is subtracted from the calls' CPU: measure it long enough to be exact.
+        time.sleep(min(10.0, window_s / 2) if calls == 1 else 2.0 if window_s >= 5 else 1.0)
         idle_cpu = server.get("/bench/stats")
         idle_rate = idle_cpu["cpu_s"] / idle_cpu["window_s"]
         for i, n in enumerate(_split(calls)):
@@ -470,7 +550,11 @@ def run_level(
                 str(n),
                 "--tag",
                 f"{i:02d}",
+                "--first",
+                str(sum(_split(calls)[:i])),
             ]
+            if impl == "baseline" and calls > 1:
+                cmd.append("--mounted")
             clients.append(
                 subprocess.Popen(
                     cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE
@@ -499,7 +583,7 @@ def run_level(
                     "--duration",
                     str(int(window_s)),
                     "--rate",
-                    "250",
+                    str(PROFILE_HZ),
                     "--nonblocking",
                     "--format",
                     "raw",
@@ -792,10 +876,12 @@ def main() -> None:
     p_level = sub.add_parser("level", help="one concurrency level")
     p_level.add_argument("calls", type=int)
     p_level.add_argument("--window", type=float, default=10.0)
-    p_level.add_argument("--impl", default="ours", choices=["ours", "baseline"])
+    p_level.add_argument("--impl", default="ours", choices=["ours", "baseline", "floor"])
     p_level.add_argument("--ws", default="auto")
     p_level.add_argument("--uvicorn", default="default")
     p_level.add_argument("--frame-bytes", type=int, default=0)
+    p_level.add_argument("--lead-ms", type=float, default=0)
+    p_level.add_argument("--mark-every-ms", type=float, default=0)
     p_level.add_argument("--deflate", default="prod", choices=["prod", "on", "off"])
     p_level.add_argument("--profile", help="py-spy raw (collapsed) output path")
     p_level.add_argument("--profile-target", default="server", choices=["server", "client"])
@@ -804,10 +890,15 @@ def main() -> None:
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--ws", default="auto")
     p_serve.add_argument("--frame-bytes", type=int, default=0)
+    p_serve.add_argument("--lead-ms", type=float, default=0)
+    p_serve.add_argument("--mark-every-ms", type=float, default=0)
     p_serve.add_argument("--deflate", default="prod", choices=["prod", "on", "off"])
     p_serve.add_argument("--soak", action="store_true")
+    sub.add_parser("serve-floor")
     p_client = sub.add_parser("client")
     p_client.add_argument("--port", type=int, required=True)
+    p_client.add_argument("--first", type=int, default=0)
+    p_client.add_argument("--mounted", action="store_true")
     p_client.add_argument("--calls", type=int, required=True)
     p_client.add_argument("--tag", default="00")
     p_soak = sub.add_parser("soak")
@@ -817,6 +908,8 @@ def main() -> None:
     args = parser.parse_args(sys.argv[1:] or ["run"])
     if args.role == "serve":
         _serve_ours(args)
+    elif args.role == "serve-floor":
+        _serve_floor(args)
     elif args.role == "client":
         logging.basicConfig(level=logging.ERROR)
         _run_async(_client_main(args))
@@ -827,8 +920,15 @@ def main() -> None:
         opts: dict[str, Any] = {}
         if args.impl == "baseline":
             opts["uvicorn"] = args.uvicorn
+            opts["sessions"] = args.calls
         else:
-            opts = {"ws": args.ws, "frame_bytes": args.frame_bytes, "deflate": args.deflate}
+            opts = {
+                "ws": args.ws,
+                "frame_bytes": args.frame_bytes,
+                "lead_ms": args.lead_ms,
+                "mark_every_ms": args.mark_every_ms,
+                "deflate": args.deflate,
+            }
         row = run_level(
             args.calls,
             args.window,

@@ -12,7 +12,10 @@ figures to watch when changing the hot paths.
 * outbound: µs per 20 ms of agent audio from ``session.outbound`` to ``send_text`` (pacing
   allowed to run ahead, so no time is spent sleeping), position marks included, with the
   default outbound message size and with one message per 20 ms;
-* parse / encode: the socket-free protocol functions alone.
+* parse / encode: the socket-free protocol functions alone;
+* CPU per call-minute against the 0.1.15 baseline: the library alone, and the whole server
+  stack above the socket (websocket protocol, ASGI app, library) fed masked frames through
+  a fake transport, which leaves out only the kernel and idle wakeups.
 
 :func:`run` returns the rows as dicts so a benchmark runner can collect them.
 """
@@ -159,13 +162,39 @@ async def _ours_call(far: cm.FarEnd) -> int:
     return got
 
 
-def _baseline_call_minute(python: str) -> dict[str, Any] | None:
+async def _ours_stack() -> dict[str, Any]:
+    """One call-minute through VoiceWebSocketProtocol and the single-session app."""
+    from fastapi import FastAPI
+
+    from voice_runtime.transports.fastws import VoiceWebSocketProtocol
+    from voice_runtime.transports.twilio_ws import register_voice_websocket
+
+    session = VoiceSession()
+    app = FastAPI()
+    register_voice_websocket(app, session, options=StreamOptions(lead_ms=1e9))
+    chunk = bytes(800)
+    for _ in range(cm.AGENT_CHUNKS):
+        session.put_outbound_sync(chunk)
+    got = 0
+
+    async def consume() -> None:
+        nonlocal got
+        while await session.inbound.get() is not None:
+            got += 1
+
+    consumer = asyncio.ensure_future(consume())
+    result = await cm.measure_stack(app, VoiceWebSocketProtocol, lambda: got)
+    consumer.cancel()
+    return result
+
+
+def _baseline_call_minute(python: str, *args: str) -> dict[str, Any] | None:
     """The old package's call-minute, run by its own venv's python; None when absent."""
     if not Path(python).exists():
         return None
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
-        [python, str(HERE / "_callminute.py")],
+        [python, str(HERE / "_callminute.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -177,19 +206,14 @@ def _baseline_call_minute(python: str) -> dict[str, Any] | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def call_minute_rows(repeats: int) -> list[dict[str, Any]]:
-    """Library CPU per call-minute, this package against the baseline, best of ``repeats``."""
-    ours = min((asyncio.run(cm.measure(_ours_call)) for _ in range(repeats)), key=_cpu)
-    python = os.environ.get("VR_BASELINE_PYTHON", "/work/baseline-venv/bin/python")
-    runs = [_baseline_call_minute(python) for _ in range(repeats)]
-    base = min((r for r in runs if r is not None), key=_cpu, default=None)
+def _pair_row(name: str, ours: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
     for r in (ours, base):
         if r is not None and (
             r["frames_in"] != cm.CALLER_FRAMES or r["agent_bytes"] < cm.AGENT_BYTES
         ):
             raise RuntimeError(f"call-minute lost audio: {r}")
-    row = {
-        "name": "library CPU per call-minute (no sockets)",
+    return {
+        "name": name,
         "ours_cpu_s": ours["cpu_s"],
         "ours_marks": ours["marks"],
         "baseline": "voice-runtime 0.1.15" if base else None,
@@ -197,7 +221,24 @@ def call_minute_rows(repeats: int) -> list[dict[str, Any]]:
         "baseline_marks": base["marks"] if base else None,
         "ratio": ours["cpu_s"] / base["cpu_s"] if base else None,
     }
-    return [row]
+
+
+def call_minute_rows(repeats: int) -> list[dict[str, Any]]:
+    """CPU per call-minute, this package against the baseline, best of ``repeats``.
+
+    Twice: the library alone (no sockets, no server), and the whole server stack above the
+    socket (uvicorn's websocket protocol for the baseline, VoiceWebSocketProtocol for us).
+    """
+    python = os.environ.get("VR_BASELINE_PYTHON", "/work/baseline-venv/bin/python")
+    rows = []
+    for name, ours_fn, args in (
+        ("library CPU per call-minute (no sockets)", lambda: cm.measure(_ours_call), ()),
+        ("server stack CPU per call-minute (no kernel)", _ours_stack, ("stack",)),
+    ):
+        ours = min((asyncio.run(ours_fn()) for _ in range(repeats)), key=_cpu)
+        base = _baseline_call_minute(python, *args, str(repeats))
+        rows.append(_pair_row(name, ours, base))
+    return rows
 
 
 def _cpu(result: dict[str, Any]) -> float:

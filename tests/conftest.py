@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -42,15 +44,22 @@ class VoiceServer:
         return CallerSimulator(self.ws_url + "/voice", **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def voice_server() -> AsyncIterator[VoiceServer]:
+@contextlib.asynccontextmanager
+async def single_session_server(**config: Any) -> AsyncIterator[VoiceServer]:
     """A real uvicorn server in the test's loop with one session registered."""
     session = VoiceSession()
     app = FastAPI()
     register_voice_websocket(app, session, options=StreamOptions(lead_ms=60))
-    async with serve_in_loop(app) as srv:
+    async with serve_in_loop(app, **config) as srv:
         yield VoiceServer(session, app, srv.ws_url, srv.url)
     session.signal_disconnected()
+
+
+@pytest.fixture
+async def voice_server() -> AsyncIterator[VoiceServer]:
+    """A real uvicorn server in the test's loop with one session registered."""
+    async with single_session_server() as server:
+        yield server
 
 
 async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:

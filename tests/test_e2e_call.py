@@ -6,13 +6,24 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
-from conftest import VoiceServer, wait_for
+import pytest
+from conftest import VoiceServer, single_session_server, wait_for
 
 from voice_runtime.mock.stt import MockStt
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.clock import ManualClock
+
+
+@pytest.fixture(params=[None, "websockets-sansio"], ids=["fastws", "uvicorn-ws"])
+async def voice_server(request: pytest.FixtureRequest) -> AsyncIterator[VoiceServer]:
+    """Each call test twice: on VoiceWebSocketProtocol (the direct path) and on uvicorn's
+    own websocket protocol (the ASGI path of apps served by plain ``uvicorn app:app``)."""
+    config = {} if request.param is None else {"ws": request.param}
+    async with single_session_server(**config) as server:
+        yield server
 
 
 def _noise(n: int, seed: int = 1) -> bytes:

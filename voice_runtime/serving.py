@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackgroundVoiceServer", "serve_forever"]
+__all__ = ["BackgroundVoiceServer", "serve_forever", "uvicorn_config"]
 
 
 class _DrainingUvicorn(uvicorn.Server):
@@ -68,20 +68,27 @@ class _DrainingUvicorn(uvicorn.Server):
             self.should_exit = True
 
 
+def uvicorn_config(app: Any, *, ws: Any = None, **kwargs: Any) -> uvicorn.Config:
+    """A ``uvicorn.Config`` for ``app`` with the websocket settings media streams want.
+
+    ``ws`` defaults to :class:`~voice_runtime.transports.fastws.VoiceWebSocketProtocol`;
+    pass ``"auto"`` (or any uvicorn ``ws`` value) for uvicorn's own protocols.
+    """
+    from voice_runtime.transports.fastws import VoiceWebSocketProtocol
+
+    kwargs.setdefault("lifespan", "on")
+    kwargs.setdefault("ws_max_size", 1 << 20)
+    # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
+    # was the largest single cost per call in benchmarks/bench_calls.py.
+    kwargs.setdefault("ws_per_message_deflate", False)
+    return uvicorn.Config(app, ws=VoiceWebSocketProtocol if ws is None else ws, **kwargs)
+
+
 def _uvicorn_config(
     voice: VoiceServer, host: str, port: int, log_level: str, proxy_headers: bool
 ) -> uvicorn.Config:
-    return uvicorn.Config(
-        voice.app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        lifespan="on",
-        proxy_headers=proxy_headers,
-        ws_max_size=1 << 20,
-        # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms
-        # frame was the largest single cost per call in benchmarks/bench_calls.py.
-        ws_per_message_deflate=False,
+    return uvicorn_config(
+        voice.app, host=host, port=port, log_level=log_level, proxy_headers=proxy_headers
     )
 
 

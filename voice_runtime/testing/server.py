@@ -25,12 +25,10 @@ def _bind_free_socket(host: str) -> socket.socket:
     return sock
 
 
-def _config(app: Any, log_level: str) -> uvicorn.Config:
-    # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
-    # was the largest single cost per call in the benchmark (benchmarks/bench_calls.py).
-    return uvicorn.Config(
-        app, log_level=log_level, lifespan="on", ws_max_size=1 << 20, ws_per_message_deflate=False
-    )
+def _config(app: Any, log_level: str, config: dict[str, Any]) -> uvicorn.Config:
+    from voice_runtime.serving import uvicorn_config
+
+    return uvicorn_config(app, log_level=log_level, **config)
 
 
 class _Base:
@@ -54,12 +52,15 @@ class ServerThread(_Base):
     Use as a context manager; ``stop()`` shuts the server down and joins the thread.
     """
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", log_level: str = "warning", **config: Any
+    ) -> None:
+        """``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets)."""
         self.app = app
         self.host = host
         self._sock = _bind_free_socket(host)
         self.port = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(_config(app, log_level))
+        self._server = uvicorn.Server(_config(app, log_level, config))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -138,11 +139,14 @@ class _LoopServer(_Base):
 
 @contextlib.asynccontextmanager
 async def serve_in_loop(
-    app: Any, *, host: str = "127.0.0.1", log_level: str = "warning"
+    app: Any, *, host: str = "127.0.0.1", log_level: str = "warning", **config: Any
 ) -> AsyncIterator[_LoopServer]:
-    """Serve ``app`` in the running event loop for the duration of the block."""
+    """Serve ``app`` in the running event loop for the duration of the block.
+
+    ``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets).
+    """
     sock = _bind_free_socket(host)
-    server = uvicorn.Server(_config(app, log_level))
+    server = uvicorn.Server(_config(app, log_level, config))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]), name="voice-test-uvicorn")
     try:

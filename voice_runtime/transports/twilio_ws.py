@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from voice_runtime._sync import cancel_and_wait
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
+from voice_runtime.transports.fastws import EXTENSION, VoiceWebSocketProtocol
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 REST_CLOSE_WAIT_S = 5.0
 STT_STOP_TIMEOUT_S = 5.0
 POSITION_MARK_EVERY_MS = 100.0
+# A pacing wait may end this much early when a caller frame wakes the loop anyway (Twilio
+# sends one every 20 ms), so paced audio needs no timer wakeups of its own.
+NUDGE_S = 0.02
 
 __all__ = [
     "MediaStreamCall",
@@ -47,9 +51,8 @@ class StreamOptions:
     ``lead_ms`` is how far ahead of real time agent audio may be sent, so a ``clear`` has
     little to discard; ``max_message_bytes`` bounds one inbound frame.
 
-    The default of 100 ms a message matches the position marks (one per 100 ms): Twilio
-    plays any payload size, and each message costs the server as much as a 20 ms one, so
-    five times fewer of them left more calls per core in ``benchmarks/bench_calls.py``.
+    The default of 40 ms a message halves the messages of 20 ms frames: Twilio plays any
+    payload size, and each message costs the server about as much as a 20 ms one.
     """
 
     frame_bytes: int = 2 * FRAME_BYTES
@@ -76,6 +79,11 @@ class _Pacer:
         self._woke = 0.0
         # Loop time at which pacing first let the last reserved frame go (for statistics).
         self.release = 0.0
+
+    def woke(self, now: float) -> None:
+        """Note that a pacing wait ended at ``now`` (earlier than planned when nudged)."""
+        if now < self.release:
+            self.release = self._woke = now
 
     def reserve(self, duration_s: float) -> float:
         """Book the next frame; return how long to sleep before sending it (0: send now)."""
@@ -120,6 +128,10 @@ class MediaStreamCall:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stt_from_factory = False
         self._closed = False
+        self._max_bytes = self.options.max_message_bytes
+        extensions = getattr(websocket, "scope", {}).get("extensions") or {}
+        # Served by VoiceWebSocketProtocol: frames go straight to and from its transport.
+        self._fast: VoiceWebSocketProtocol | None = (extensions.get(EXTENSION) or {}).get("stream")
 
     async def run(self) -> None:
         """Serve the stream until it ends, then release everything the call created."""
@@ -133,40 +145,67 @@ class MediaStreamCall:
             await self._cleanup()
 
     async def _receive_loop(self) -> None:
+        if self._fast is not None:
+            await self._receive_pushed(self._fast)
+            return
         ws = self.ws
-        session = self.session
-        parser = self._parser
-        max_bytes = self.options.max_message_bytes
         while True:
             message = await ws.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
+            if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
             if text is None:
                 self._bad("binary_frame")
-                continue
-            if len(text) > max_bytes:
-                self._bad("too_large")
-                continue
-            try:
-                event = parser.parse(text)
-            except proto.MediaStreamError as exc:
-                self._bad(exc.reason)
-                continue
-            if type(event) is proto.Media:
-                if event.track != "outbound":
-                    session.put_inbound(event.payload)
-                    session.tap_caller(event.payload)
-            elif type(event) is proto.Mark:
-                session.signal_mark_received(event.name)
-            elif type(event) is proto.Start:
-                await self._started(event)
-            elif type(event) is proto.Dtmf:
-                session.signal_dtmf(event.digit)
-            elif type(event) is proto.Stop:
-                logger.info("stream stopped by the far end", extra={"call_sid": session.call_sid})
+            elif not self._handle(text):
                 return
+
+    async def _receive_pushed(self, stream: VoiceWebSocketProtocol) -> None:
+        # The protocol hands each message over from data_received: no task wakes up per frame.
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_text(text: str) -> None:
+            if done.done():
+                return
+            try:
+                if not self._handle(text):
+                    done.set_result(None)
+            except Exception as exc:
+                done.set_exception(exc)
+
+        def on_close(_code: int) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        stream.attach(on_text, on_close, lambda _data: self._bad("binary_frame"))
+        await done
+
+    def _handle(self, text: str) -> bool:
+        """Apply one inbound message to the session; False when the stream has ended."""
+        if len(text) > self._max_bytes:
+            self._bad("too_large")
+            return True
+        try:
+            event = self._parser.parse(text)
+        except proto.MediaStreamError as exc:
+            self._bad(exc.reason)
+            return True
+        session = self.session
+        kind = type(event)
+        if kind is proto.Media:
+            if event.track != "outbound":  # type: ignore[union-attr]
+                session.put_inbound(event.payload)  # type: ignore[union-attr]
+                session.tap_caller(event.payload)  # type: ignore[union-attr]
+        elif kind is proto.Mark:
+            session.signal_mark_received(event.name)  # type: ignore[union-attr]
+        elif kind is proto.Start:
+            self._started(event)  # type: ignore[arg-type]
+        elif kind is proto.Dtmf:
+            session.signal_dtmf(event.digit)  # type: ignore[union-attr]
+        elif kind is proto.Stop:
+            logger.info("stream stopped by the far end", extra={"call_sid": session.call_sid})
+            return False
+        session.nudge()
+        return True
 
     def _bad(self, reason: str) -> None:
         n = self.session.stats.count_bad(reason)
@@ -176,7 +215,7 @@ class MediaStreamCall:
                 extra={"call_sid": self.session.call_sid, "reason": reason, "count": n},
             )
 
-    async def _started(self, start: proto.Start) -> None:
+    def _started(self, start: proto.Start) -> None:
         session = self.session
         if session.is_disconnected or session.is_connected:
             # A previous call on this session ended without reset(): start clean.
@@ -222,9 +261,20 @@ class MediaStreamCall:
     async def _send(self, text: str) -> bool:
         if self._closed:
             return False
-        try:
-            await self.ws.send_text(text)
-        except Exception:
+        fast = self._fast
+        if fast is not None:
+            if not fast.writable:
+                await fast.wait_writable()
+            if fast.send_text(text):
+                return True
+            sent = False
+        else:
+            try:
+                await self.ws.send_text(text)
+                sent = True
+            except Exception:
+                sent = False
+        if not sent:
             # A failed send means the far end is gone.
             logger.info(
                 "send failed; treating the call as ended", extra={"call_sid": self.session.call_sid}
@@ -244,6 +294,7 @@ class MediaStreamCall:
         last_position = 0.0
         encode_media = proto.encode_media
         reserve = pacer.reserve
+        loop = asyncio.get_running_loop()
         while not session.is_disconnected:
             item = await session.next_outbound()
             if session.is_disconnected:
@@ -265,8 +316,10 @@ class MediaStreamCall:
                     break
                 chunk = item if size <= frame else item[i : i + frame]
                 delay = reserve(len(chunk) / 8000.0)
-                if delay > 0 and await session.sleep_unless_cleared(delay):
-                    break
+                if delay > 0:
+                    if await session.sleep_unless_cleared(delay, early=min(delay, NUDGE_S)):
+                        break
+                    pacer.woke(loop.time())
                 if not await self._send(encode_media(sid, chunk)):
                     return
                 session.note_audio_sent(len(chunk))
@@ -305,6 +358,9 @@ class MediaStreamCall:
         if self._closed:
             return
         self._closed = True
+        if self._fast is not None:
+            self._fast.close(code)
+            return
         if self.ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code)

@@ -1,0 +1,734 @@
+"""A lean RFC 6455 server protocol for uvicorn, with a direct path for media streams.
+
+uvicorn's own websocket protocols put every message through an ASGI dict, an
+``asyncio.Queue``, a pause/resume of the socket and Starlette's wrapper, and every send through
+the same layers in reverse. With 50 caller frames a second per call those layers were about a
+third of the server's CPU in ``benchmarks/bench_calls.py``.
+
+:class:`VoiceWebSocketProtocol` is a complete ASGI websocket protocol (any FastAPI/Starlette
+websocket route works on it unchanged) that also offers the app a direct channel through the
+``voice_runtime.fastws`` scope extension: ``MediaStreamCall`` (``transports.twilio_ws``)
+attaches a callback that gets each text message synchronously from ``data_received``, and
+writes its frames straight to the transport.
+
+Use it with ``uvicorn.Config(app, ws=VoiceWebSocketProtocol)`` or, on the command line,
+``uvicorn app:app --ws voice_runtime.transports.fastws:VoiceWebSocketProtocol``;
+:func:`voice_runtime.serving.serve_forever` and the test servers use it by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import logging
+import random
+import struct
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+from uvicorn.protocols.utils import (
+    ClientDisconnected,
+    get_local_addr,
+    get_remote_addr,
+    is_ssl,
+)
+
+try:
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - websockets ships the C extension on all our platforms
+    _apply_mask = None
+
+__all__ = ["EXTENSION", "ProtocolError", "VoiceWebSocketProtocol", "unmask"]
+
+logger = logging.getLogger("uvicorn.error")
+
+EXTENSION = "voice_runtime.fastws"
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+# Close codes a peer may send (RFC 6455 section 7.4); 1005/1006/1015 never go on the wire.
+_VALID_CLOSE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+_MAX_REQUEST = 16 * 1024
+# Pull mode only: stop reading the socket while this many messages wait for the app.
+_PAUSE_AT = 64
+_RESUME_AT = 16
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455; ``code`` is the close code to answer with."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte client ``mask`` (RFC 6455 section 5.3)."""
+    if _apply_mask is not None:
+        return _apply_mask(payload, mask)
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of one unmasked, final server frame carrying ``length`` bytes."""
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
+
+
+def _close_payload(code: int, reason: str = "") -> bytes:
+    # At most 123 bytes, cut on a character boundary: a split UTF-8 sequence is a 1007 error.
+    raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return struct.pack("!H", code) + raw
+
+
+def _http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")]
+    lines += [name + b": " + value + b"\r\n" for name, value in headers]
+    lines.append(b"\r\n")
+    return b"".join(lines) + body
+
+
+class _Request:
+    """The parsed upgrade request."""
+
+    __slots__ = ("headers", "method", "target")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+def _parse_request(raw: bytes) -> _Request:
+    head = raw.decode("latin-1")
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ProtocolError(400, "malformed request line")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise ProtocolError(400, "malformed header line")
+        headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
+    return _Request(parts[0], parts[1], headers)
+
+
+def _handshake_problem(req: _Request) -> tuple[int, str] | None:
+    """What is wrong with an upgrade request, as (HTTP status, reason), or None."""
+    if req.method != "GET":
+        return 405, "websocket upgrades use GET"
+    upgrade = (req.get(b"upgrade") or b"").lower()
+    if b"websocket" not in [t.strip() for t in upgrade.split(b",")]:
+        return 400, "missing Upgrade: websocket"
+    connection = (req.get(b"connection") or b"").lower()
+    if b"upgrade" not in [t.strip() for t in connection.split(b",")]:
+        return 400, "missing Connection: Upgrade"
+    if req.get(b"sec-websocket-version") != b"13":
+        return 426, "unsupported Sec-WebSocket-Version (13 is required)"
+    key = req.get(b"sec-websocket-key")
+    try:
+        ok = key is not None and len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        ok = False
+    if not ok:
+        return 400, "invalid Sec-WebSocket-Key"
+    return None
+
+
+class VoiceWebSocketProtocol(asyncio.Protocol):
+    """uvicorn websocket protocol: full ASGI websocket support plus a direct media channel.
+
+    The direct channel (``scope["extensions"]["voice_runtime.fastws"]["stream"]`` is this
+    object) offers :meth:`attach`, :meth:`send_text`, :attr:`writable`, :meth:`wait_writable`
+    and :meth:`close`. Before :meth:`attach`, messages wait in a bounded buffer for the ASGI
+    ``receive``; after it, each one goes to the callback as it is parsed.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers: list[tuple[bytes, bytes]] = server_state.default_headers
+        self.max_size: int = config.ws_max_size
+        self.ping_interval: float | None = config.ws_ping_interval
+        self.ping_timeout: float | None = config.ws_ping_timeout
+        self.close_timeout = 10.0
+
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.scope: dict[str, Any] = {}
+        self._request = b""
+        self._buf = b""
+        self._key = b""
+        # open: handshake parsed; accepted: 101 sent; close_sent: our close frame went out.
+        self.handshake_done = False
+        self.accepted = False
+        self.close_sent = False
+        self.close_received = False
+        self.disconnected = False
+        self.disconnect_code = 1006
+        self.disconnect_reason = ""
+        self._denial: tuple[int, list[tuple[bytes, bytes]], list[bytes]] | None = None
+        self._fragments: list[bytes] = []
+        self._fragment_op = 0
+        self._fragment_size = 0
+
+        self._events: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._writable = True
+        self._drained: asyncio.Future[None] | None = None
+        self._on_text: Callable[[str], None] | None = None
+        self._on_bytes: Callable[[bytes], None] | None = None
+        self._on_close: Callable[[int], None] | None = None
+
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._ping_payload: bytes | None = None
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport; uvicorn replays the upgrade request next."""
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is gone: end the app's side (1006 unless a close was exchanged)."""
+        self._stop_keepalive()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self.connections.discard(self)
+        self._set_writable(True)
+        self._disconnected(self.disconnect_code)
+
+    def eof_received(self) -> bool | None:
+        """Half-close from the peer: let the transport close."""
+        return None
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is above its high-water mark."""
+        self._set_writable(False)
+
+    def resume_writing(self) -> None:
+        """The transport's write buffer drained."""
+        self._set_writable(True)
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: tell the app (1012) and close the connection."""
+        self._stop_keepalive()
+        if self.accepted and not self.close_sent:
+            self._send_close(1012)
+            self._disconnected(1012)
+        elif self.handshake_done and not self.close_sent and self._denial is None:
+            self.close_sent = True
+            self._write_response(500, b"Internal Server Error")
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse what arrived: the upgrade request first, then frames."""
+        if not self.handshake_done:
+            self._receive_request(data)
+            return
+        if self.close_received or self.transport.is_closing():
+            return
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        try:
+            self._parse_frames(data)
+        except ProtocolError as exc:
+            self._fail(exc.code, exc.reason)
+
+    # ------------------------------------------------------------------ handshake
+
+    def _receive_request(self, data: bytes) -> None:
+        self._request += data
+        end = self._request.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._request) > _MAX_REQUEST:
+                self._reject_now(431, "request headers too large")
+            return
+        raw, rest = self._request[:end], self._request[end + 4 :]
+        self._request = b""
+        self.handshake_done = True
+        try:
+            req = _parse_request(raw)
+        except ProtocolError as exc:
+            self._reject_now(exc.code, exc.reason)
+            return
+        problem = _handshake_problem(req)
+        if problem is not None:
+            self._reject_now(*problem)
+            return
+        self._key = req.get(b"sec-websocket-key") or b""
+        self.scope = self._build_scope(req)
+        self._events.append({"type": "websocket.connect"})
+        task = self.loop.create_task(self._run_asgi())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if rest:
+            self.data_received(rest)
+
+    def _build_scope(self, req: _Request) -> dict[str, Any]:
+        path, _, query = req.target.partition("?")
+        subprotocols: list[str] = []
+        for name, value in req.headers:
+            if name == b"sec-websocket-protocol":
+                subprotocols += [t.strip() for t in value.decode("latin-1").split(",") if t.strip()]
+        root = self.config.root_path
+        return {
+            "type": "websocket",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "wss" if is_ssl(self.transport) else "ws",
+            "server": get_local_addr(self.transport),
+            "client": get_remote_addr(self.transport),
+            "root_path": root,
+            "path": root + unquote(path),
+            "raw_path": root.encode("ascii") + path.encode("latin-1"),
+            "query_string": query.encode("latin-1"),
+            "headers": req.headers,
+            "subprotocols": subprotocols,
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}, EXTENSION: {"stream": self}},
+        }
+
+    def _reject_now(self, status: int, reason: str) -> None:
+        logger.info('WebSocket upgrade refused: %d "%s"', status, reason)
+        headers = [(b"sec-websocket-version", b"13")] if status == 426 else []
+        self.close_sent = True
+        self._write_response(status, reason.encode(), headers)
+        self.transport.close()
+
+    def _write_response(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        head = list(self.default_headers) + (headers or [])
+        names = {name.lower() for name, _ in head}
+        if b"content-type" not in names:
+            head.append((b"content-type", b"text/plain; charset=utf-8"))
+        if b"content-length" not in names:
+            head.append((b"content-length", str(len(body)).encode()))
+        head.append((b"connection", b"close"))
+        self.transport.write(_http_response(status, head, body))
+
+    # ------------------------------------------------------------------ frames in
+
+    def _parse_frames(self, data: bytes) -> None:
+        i = 0
+        end = len(data)
+        max_size = self.max_size
+        while end - i >= 2:
+            b0 = data[i]
+            b1 = data[i + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if end - i < 4:
+                    break
+                length = (data[i + 2] << 8) | data[i + 3]
+                head = 4
+            elif length == 127:
+                if end - i < 10:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+                head = 10
+            if not b1 & 0x80:
+                raise ProtocolError(1002, "client frames must be masked")
+            if b0 & 0x70:
+                raise ProtocolError(1002, "reserved bits set without an extension")
+            opcode = b0 & 0x0F
+            if length > max_size or (opcode == OP_CONT and self._fragment_size + length > max_size):
+                raise ProtocolError(1009, f"message over {max_size} bytes")
+            start = i + head + 4
+            stop = start + length
+            if stop > end:
+                break
+            payload = unmask(data[start:stop], data[start - 4 : start]) if length else b""
+            i = stop
+            fin = b0 & 0x80
+            if opcode in (OP_TEXT, OP_BINARY):
+                if self._fragment_op:
+                    raise ProtocolError(1002, "new message inside a fragmented one")
+                if fin:
+                    self._deliver(opcode, payload)
+                else:
+                    self._fragment_op = opcode
+                    self._fragments = [payload]
+                    self._fragment_size = length
+            elif opcode == OP_CONT:
+                if not self._fragment_op:
+                    raise ProtocolError(1002, "continuation frame without a message")
+                self._fragments.append(payload)
+                self._fragment_size += length
+                if fin:
+                    op, parts = self._fragment_op, self._fragments
+                    self._fragment_op, self._fragments, self._fragment_size = 0, [], 0
+                    self._deliver(op, b"".join(parts))
+            elif opcode in _CONTROL_OPS:
+                if not fin or length > 125:
+                    raise ProtocolError(1002, "fragmented or oversized control frame")
+                self._control(opcode, payload)
+                if self.close_received:
+                    return
+            else:
+                raise ProtocolError(1002, f"unknown opcode {opcode:#x}")
+            if self.transport.is_closing():
+                return
+        if i < end:
+            self._buf = data[i:]
+
+    def _deliver(self, opcode: int, payload: bytes) -> None:
+        if self.close_sent:
+            return  # past our close: the app asked for no more messages
+        if opcode == OP_TEXT:
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(1007, "text message is not valid UTF-8") from None
+            on_text = self._on_text
+            if on_text is not None:
+                on_text(text)
+                return
+            self._push({"type": "websocket.receive", "text": text})
+        else:
+            on_bytes = self._on_bytes
+            if on_bytes is not None:
+                on_bytes(payload)
+                return
+            self._push({"type": "websocket.receive", "bytes": payload})
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            if not self.close_sent:
+                self.transport.write(frame_header(OP_PONG, len(payload)) + payload)
+        elif opcode == OP_PONG:
+            if self._ping_payload is not None and payload == self._ping_payload:
+                self._ping_payload = None
+                # Without a ping timeout _send_ping already scheduled the next ping: doing it
+                # here too would start one more ping chain per answered ping.
+                if self._pong_timer is not None:
+                    self._pong_timer.cancel()
+                    self._pong_timer = None
+                    self._schedule_ping()
+        else:
+            self._peer_closed(payload)
+
+    def _peer_closed(self, payload: bytes) -> None:
+        self.close_received = True
+        if len(payload) == 1:
+            raise ProtocolError(1002, "one-byte close payload")
+        code, reason = 1005, ""
+        if payload:
+            code = struct.unpack("!H", payload[:2])[0]
+            if code not in _VALID_CLOSE and not 3000 <= code <= 4999:
+                raise ProtocolError(1002, f"invalid close code {code}")
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(1007, "close reason is not valid UTF-8") from None
+        self.disconnect_code, self.disconnect_reason = code, reason
+        if not self.close_sent:
+            # Echo the code (an empty close is answered with an empty one).
+            self.close_sent = True
+            echo = payload[:2]
+            self.transport.write(frame_header(OP_CLOSE, len(echo)) + echo)
+        self._disconnected(code, reason)
+        self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        logger.info("WebSocket protocol error from %s: %s", self.scope.get("client"), reason)
+        if self.accepted and not self.close_sent:
+            self._send_close(code, reason)
+        self._disconnected(code, reason)
+        self.transport.close()
+
+    # ------------------------------------------------------------------ delivery to the app
+
+    def _push(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if len(self._events) >= _PAUSE_AT and not self._read_paused and not self.disconnected:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _disconnected(self, code: int, reason: str = "") -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self.disconnect_code = code
+        on_close = self._on_close
+        self._on_text = self._on_bytes = self._on_close = None
+        if on_close is not None:
+            on_close(code)
+        self._push({"type": "websocket.disconnect", "code": code, "reason": reason})
+
+    def attach(
+        self,
+        on_text: Callable[[str], None],
+        on_close: Callable[[int], None],
+        on_bytes: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """Deliver every further message to the callbacks, from ``data_received``.
+
+        Messages that arrived before go to them now, in order. ``on_close`` gets the close code
+        once, when the connection ends. A callback must not raise.
+        """
+        self._on_text, self._on_close = on_text, on_close
+        self._on_bytes = on_bytes or (lambda _data: None)
+        events, self._events = self._events, collections.deque()
+        for event in events:
+            if event["type"] != "websocket.receive":
+                continue
+            if "text" in event:
+                on_text(event["text"])
+            else:
+                self._on_bytes(event["bytes"])
+        if self.disconnected:
+            self._on_text = self._on_bytes = self._on_close = None
+            on_close(self.disconnect_code)
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and not self.disconnected:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    async def receive(self) -> dict[str, Any]:
+        """ASGI receive."""
+        while not self._events:
+            if self.disconnected:
+                return {"type": "websocket.disconnect", "code": self.disconnect_code}
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        event = self._events.popleft()
+        if self._read_paused and len(self._events) <= _RESUME_AT:
+            self._resume_reading()
+        return event
+
+    # ------------------------------------------------------------------ frames out
+
+    @property
+    def writable(self) -> bool:
+        """False while the transport's write buffer is above its high-water mark."""
+        return self._writable
+
+    def _set_writable(self, value: bool) -> None:
+        self._writable = value
+        if value and self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
+
+    async def wait_writable(self) -> None:
+        """Wait until the write buffer is below its high-water mark (or the peer is gone)."""
+        if self._writable or self.disconnected:
+            return
+        if self._drained is None:
+            self._drained = self.loop.create_future()
+        await self._drained
+
+    def send_text(self, text: str) -> bool:
+        """Send one text message; False once the connection is closing or closed."""
+        if self.close_sent or self.disconnected or not self.accepted:
+            return False
+        data = text.encode("utf-8")
+        self.transport.write(frame_header(OP_TEXT, len(data)) + data)
+        return True
+
+    def send_bytes(self, data: bytes) -> bool:
+        """Send one binary message; False once the connection is closing or closed."""
+        if self.close_sent or self.disconnected or not self.accepted:
+            return False
+        self.transport.write(frame_header(OP_BINARY, len(data)) + data)
+        return True
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (idempotent); the socket closes on the peer's reply."""
+        if self.close_sent or self.disconnected:
+            return
+        if not self.accepted:
+            self._deny_with_403()
+            return
+        self._send_close(code, reason)
+
+    def _send_close(self, code: int, reason: str = "") -> None:
+        self.close_sent = True
+        payload = _close_payload(code, reason)
+        self.transport.write(frame_header(OP_CLOSE, len(payload)) + payload)
+        self._resume_reading()  # the peer's reply must get through
+        if self._close_timer is None and not self.transport.is_closing():
+            self._close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+    def _deny_with_403(self) -> None:
+        self.close_sent = True
+        self._write_response(403, b"")
+        self._disconnected(1006)
+        self.transport.close()
+
+    def _accept(self, message: dict[str, Any]) -> None:
+        digest = hashlib.sha1(self._key + _GUID).digest()
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", base64.b64encode(digest)),
+        ]
+        headers += list(self.default_headers)
+        headers += [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
+        subprotocol = message.get("subprotocol")
+        if subprotocol:
+            headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+        self.accepted = True
+        self.transport.write(_http_response(101, headers))
+        self._schedule_ping()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """ASGI send."""
+        kind = message["type"]
+        if not self._writable and not self.disconnected:
+            await self.wait_writable()
+        if self.disconnected and self.accepted:
+            raise ClientDisconnected()
+        if self._denial is not None:
+            if kind != "websocket.http.response.body":
+                raise RuntimeError(f"expected 'websocket.http.response.body', got {kind!r}")
+            self._denial[2].append(message.get("body", b""))
+            if not message.get("more_body", False):
+                status, headers, parts = self._denial
+                self._denial = None
+                self.close_sent = True
+                self._write_response(status, b"".join(parts), headers)
+                self._disconnected(1006)
+                self.transport.close()
+            return
+        if not self.accepted:
+            if self.disconnected or self.close_sent:
+                raise ClientDisconnected()
+            if kind == "websocket.accept":
+                self._accept(message)
+            elif kind == "websocket.close":
+                self._deny_with_403()
+            elif kind == "websocket.http.response.start":
+                status = int(message["status"])
+                if not 100 <= status < 600:
+                    raise RuntimeError(f"invalid HTTP status {status}")
+                headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
+                self._denial = (status, headers, [])
+            else:
+                raise RuntimeError(
+                    "expected 'websocket.accept', 'websocket.close' or "
+                    f"'websocket.http.response.start', got {kind!r}"
+                )
+            return
+        if self.close_sent:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} after 'websocket.close'")
+        if kind == "websocket.send":
+            data = message.get("bytes")
+            if data is not None:
+                self.send_bytes(data)
+            else:
+                self.send_text(message.get("text") or "")
+        elif kind == "websocket.close":
+            self._send_close(int(message.get("code") or 1000), message.get("reason") or "")
+            self._disconnected(int(message.get("code") or 1000))
+        else:
+            raise RuntimeError(f"expected 'websocket.send' or 'websocket.close', got {kind!r}")
+
+    # ------------------------------------------------------------------ app task, keepalive
+
+    async def _run_asgi(self) -> None:
+        close_code = 1000
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            logger.exception("Exception in ASGI application")
+            close_code = 1011  # the peer must not take an app crash for a normal end
+            if not self.accepted and self._denial is None and not self.close_sent:
+                self.close_sent = True
+                self._write_response(500, b"Internal Server Error")
+        else:
+            if not self.accepted and not self.close_sent:
+                logger.error("ASGI callable returned without completing the websocket handshake")
+                self.close_sent = True
+                self._write_response(500, b"Internal Server Error")
+            elif result is not None:
+                logger.error("ASGI callable should return None, but returned %r", result)
+        if self.accepted and not self.close_sent and not self.disconnected:
+            self._send_close(close_code)
+        if self._close_timer is None:
+            self.transport.close()
+        self._disconnected(self.disconnect_code)
+
+    def _schedule_ping(self) -> None:
+        interval = self.ping_interval
+        if interval and interval > 0 and not self.close_sent and not self.disconnected:
+            self._ping_timer = self.loop.call_later(interval, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping_timer = None
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return
+        self._ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.transport.write(frame_header(OP_PING, 4) + self._ping_payload)
+        if self.ping_timeout and self.ping_timeout > 0:
+            self._pong_timer = self.loop.call_later(self.ping_timeout, self._pong_missing)
+        else:
+            self._schedule_ping()
+
+    def _pong_missing(self) -> None:
+        self._pong_timer = None
+        if not self.close_sent and not self.disconnected:
+            logger.info("WebSocket keepalive timeout from %s", self.scope.get("client"))
+            self._fail(1011, "keepalive ping timeout")
+
+    def _stop_keepalive(self) -> None:
+        for timer in (self._ping_timer, self._pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._pong_timer = None
+        self._ping_payload = None
