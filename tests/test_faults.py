@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect as ws_connect
 
 from voice_runtime.mock.tts import MockTts
+from voice_runtime.providers.elevenlabs_stt import PersistentSttSession
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import INBOUND_MAXSIZE, VoiceSession
+from voice_runtime.testing.fake_elevenlabs import FakeScribeServer, ScribePlan, ScribeUtterance
 from voice_runtime.testing.server import ServerThread, serve_in_loop
 from voice_runtime.testing.simulator import CallerSimulator
 from voice_runtime.watchdog import LoopWatchdog
@@ -431,3 +433,69 @@ def test_handler_that_blocks_the_event_loop_is_detected_and_logged(caplog: Any) 
     assert warnings and warnings[0].lag_ms >= seen * 1000  # type: ignore[attr-defined]
     # It stops with the last stream.
     assert not voice.watchdog.running
+
+
+# -------------------------------------------------------------- a vendor socket killed repeatedly
+
+
+async def test_stt_vendor_socket_killed_again_and_again_keeps_transcribing() -> None:
+    kills = 6
+    words = [f"sentence number {i}" for i in range(kills + 2)]
+    # Each of the first connections commits one sentence, then its TCP connection is cut.
+    utterances = [ScribeUtterance(w, after_bytes=1600, partial_at=None) for w in words]
+    plans = [ScribePlan(drop_after_bytes=2400) for _ in range(kills)]
+    recorder = _Recorder()
+    committed: list[str] = []
+    errors: list[str] = []
+    stts: list[PersistentSttSession] = []
+
+    async with FakeScribeServer(utterances, plans=plans) as scribe:
+
+        def factory() -> VoiceSession:
+            if stts:
+                return VoiceSession()
+            stt = PersistentSttSession(
+                api_key="key", base_url=scribe.base_url, reconnect_base_delay=0.01
+            )
+            stt.on_committed = committed.append
+            stt.on_error = errors.append
+            stts.append(stt)
+            return VoiceSession(stt=stt)
+
+        async def on_call(session: VoiceSession) -> None:
+            if session.stt is not None:
+                await session.wait_until_disconnected_async()
+            else:
+                await recorder.handle(session)
+
+        voice = VoiceServer(on_call=on_call, session_factory=factory)
+        async with serve_in_loop(voice.app) as srv:
+            url = srv.ws_url + "/voice"
+            flaky = CallerSimulator(url, silence_when_idle=False)
+            other = CallerSimulator(url, silence_when_idle=False)
+            other_audio = os.urandom(FRAME * 150)
+            async with flaky:
+                assert await wait_for(lambda: bool(stts), 5)
+                async with other:
+                    await asyncio.gather(
+                        # In real time, as Twilio sends it: a commit confirms what was sent
+                        # before it, so only real-time pacing keeps in-flight audio small.
+                        flaky.send_audio(os.urandom(1600 * len(words) + 800), realtime=True),
+                        other.send_audio(other_audio, realtime=True),
+                    )
+                    assert await wait_for(lambda: committed == words, 10), committed
+                    assert await wait_for(
+                        lambda: len(recorder.audio.get(other.call_sid, b"")) == len(other_audio)
+                    )
+            stt = stts[0]
+            assert errors == []
+            assert stt.reconnects == kills
+            assert len(scribe.connections) == kills + 1
+            # The call's end closed the last vendor socket and ended the STT's tasks.
+            assert await scribe.wait_until(lambda: all(c.closed for c in scribe.connections))
+            assert await wait_for(
+                lambda: not [t for t in asyncio.all_tasks() if "elevenlabs" in t.get_name()]
+            )
+            assert await wait_for(lambda: voice.registry.live_count == 0)
+    # The other call heard nothing of it: every byte, in order.
+    assert bytes(recorder.audio[other.call_sid]) == other_audio

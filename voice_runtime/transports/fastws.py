@@ -698,11 +698,13 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
                 self._write_response(500, b"Internal Server Error")
             elif result is not None:
                 logger.error("ASGI callable should return None, but returned %r", result)
+        code = self.disconnect_code
         if self.accepted and not self.close_sent and not self.disconnected:
             self._send_close(close_code)
+            code = close_code  # what a direct-channel on_close hears, as the peer does
         if self._close_timer is None:
             self.transport.close()
-        self._disconnected(self.disconnect_code)
+        self._disconnected(code)
 
     def _schedule_ping(self) -> None:
         interval = self.ping_interval
