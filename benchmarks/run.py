@@ -125,25 +125,24 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     minute = [r for r in results.get("transport", {}).get("rows", []) if "ours_cpu_s" in r]
     if base or minute:
         labels, ours, theirs = [], [], []
-        ours_1 = next((r for r in calls if r["calls"] == 1), None)
         for r in base:
-            if ours_1 is not None:
-                labels.append("live call\n(" + r["name"].split("(", 1)[-1].rstrip(")") + ")")
-                ours.append(ours_1["cpu_s_per_call_min"])
+            if "ours_cpu_s_per_call_min" in r:
+                labels.append("live: " + r["name"].split(", ", 1)[-1].replace(" (", "\n("))
+                ours.append(r["ours_cpu_s_per_call_min"])
                 theirs.append(r["cpu_s_per_call_min"])
         for r in minute:
             if r.get("baseline_cpu_s"):
-                labels.append("library work\n(no sockets)")
+                labels.append(r["name"].split(" CPU")[0] + "\n" + r["name"].split("(")[-1][:-1])
                 ours.append(r["ours_cpu_s"])
                 theirs.append(r["baseline_cpu_s"])
         if labels:
-            fig, ax = plt.subplots(figsize=(7, 4))
+            fig, ax = plt.subplots(figsize=(9, 4.5))
             x = range(len(labels))
             ax.bar([i - 0.2 for i in x], ours, 0.4, label="voice-runtime (this)")
-            ax.bar([i + 0.2 for i in x], theirs, 0.4, label="voice-runtime 0.1.15")
-            ax.set_xticks(list(x), labels, fontsize=8)
+            ax.bar([i + 0.2 for i in x], theirs, 0.4, label="0.1.15 baseline / floor row")
+            ax.set_xticks(list(x), labels, fontsize=7)
             ax.set_ylabel("CPU s per call-minute")
-            ax.set_title("One call against the 0.1.15 baseline")
+            ax.set_title("CPU per call-minute against the 0.1.15 baseline and the floor")
             ax.legend(fontsize=8)
             save(fig, "baseline_cpu.png")
 
