@@ -281,3 +281,36 @@ def voice_server_sim(ws_base: str):
     from voice_runtime.testing.simulator import CallerSimulator
 
     return CallerSimulator(ws_base + "/voice")
+
+
+async def test_a_session_subclass_overriding_put_inbound_sees_every_caller_frame() -> None:
+    from fastapi import FastAPI
+
+    from voice_runtime.testing.server import serve_in_loop
+    from voice_runtime.testing.simulator import CallerSimulator
+    from voice_runtime.transports.twilio_ws import register_voice_websocket
+
+    class Filtering(VoiceSession):
+        """Drops every other frame before the STT: the transport must call this override."""
+
+        seen = 0
+
+        def put_inbound(self, data: bytes | None) -> None:
+            if data is not None:
+                self.seen += 1
+                if self.seen % 2 == 0:
+                    return
+            super().put_inbound(data)
+
+    session = Filtering()
+    app = FastAPI()
+    register_voice_websocket(app, session)
+    audio = _noise(160 * 40, seed=5)
+    async with (
+        serve_in_loop(app) as srv,
+        CallerSimulator(srv.ws_url + "/voice", silence_when_idle=False) as sim,
+    ):
+        await sim.send_audio(audio, realtime=False)
+        assert await wait_for(lambda: session.seen == 40)
+        got = [session.inbound.get_nowait() for _ in range(session.inbound.qsize())]
+    assert got == [audio[i : i + 160] for i in range(0, len(audio), 320)]

@@ -129,6 +129,10 @@ class MediaStreamCall:
         self._stt_from_factory = False
         self._closed = False
         self._max_bytes = self.options.max_message_bytes
+        # Frames are handled on the loop, so put_inbound's which-thread check can be skipped,
+        # unless a session subclass overrides put_inbound (then it is called as such).
+        plain = type(session).put_inbound is VoiceSession.put_inbound
+        self._put_inbound = session._put_inbound_now if plain else session.put_inbound
         extensions = getattr(websocket, "scope", {}).get("extensions") or {}
         # Served by VoiceWebSocketProtocol: frames go straight to and from its transport.
         self._fast: VoiceWebSocketProtocol | None = (extensions.get(EXTENSION) or {}).get("stream")
@@ -193,7 +197,7 @@ class MediaStreamCall:
         kind = type(event)
         if kind is proto.Media:
             if event.track != "outbound":  # type: ignore[union-attr]
-                session.put_inbound(event.payload)  # type: ignore[union-attr]
+                self._put_inbound(event.payload)  # type: ignore[union-attr]
                 session.tap_caller(event.payload)  # type: ignore[union-attr]
         elif kind is proto.Mark:
             session.signal_mark_received(event.name)  # type: ignore[union-attr]
