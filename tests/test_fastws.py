@@ -35,7 +35,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from voice_runtime.serving import uvicorn_config
 from voice_runtime.testing.server import ServerThread
-from voice_runtime.transports.fastws import EXTENSION, VoiceWebSocketProtocol
+from voice_runtime.transports.fastws import EXTENSION, MAX_FRAGMENTS, VoiceWebSocketProtocol
 
 TIMEOUT = 5.0
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -780,6 +780,11 @@ PROTOCOL_ERRORS = {
     "close-code-5000": (frame(OP_CLOSE, close_payload(5000)), 1002),
     "close-one-byte": (frame(OP_CLOSE, b"\x03"), 1002),
     "close-reason-invalid-utf8": (frame(OP_CLOSE, close_payload(1000, b"\xff")), 1007),
+    # Empty fragments stay under the size limit; their number is bounded too.
+    "too-many-fragments": (
+        frame(OP_TEXT, b"a", fin=False) + frame(OP_CONT, b"", fin=False) * MAX_FRAGMENTS,
+        1009,
+    ),
 }
 
 
@@ -1247,3 +1252,106 @@ def test_random_bytes_never_crash_or_hang_the_server(served: Served, chunks: lis
         except ConnectionResetError:
             pass  # the server hung up with our unread bytes in its buffer: still an end
     assert_echo_works(served.port)
+
+
+# --------------------------------------------------------------------------- without a socket
+
+
+class _Transport(asyncio.Transport):
+    """What the protocol writes, kept; the socket side of a unit test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self) -> None:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> Any:
+    """A protocol that accepted a websocket; its app puts what it receives in ``received``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            event = await receive()
+            if received is not None:
+                received.put_nowait(event)
+
+    config = uvicorn.Config(
+        app, ws=VoiceWebSocketProtocol, log_level="error", ws_ping_interval=None
+    )
+    config.load()
+    from uvicorn.server import ServerState
+
+    state = ServerState()
+    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(upgrade_request())
+    for _ in range(100):
+        if transport.written.startswith(b"HTTP/1.1 101"):
+            break
+        await asyncio.sleep(0)
+    assert transport.written.startswith(b"HTTP/1.1 101")
+    transport.written.clear()
+    try:
+        yield protocol, transport
+    finally:
+        protocol.connection_lost(None)
+        for task in list(state.tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_pings_go_unanswered_while_the_peer_does_not_read_our_writes() -> None:
+    async with _accepted() as (protocol, transport):
+        protocol.pause_writing()  # the transport's buffer is over its high-water mark
+        protocol.data_received(frame(OP_PING, b"1") * 50)
+        assert transport.written == b""
+        protocol.resume_writing()
+        protocol.data_received(frame(OP_PING, b"2"))
+        assert bytes(transport.written) == bytes((0x80 | OP_PONG, 1)) + b"2"
+
+
+async def test_a_large_frame_trickling_in_byte_by_byte_arrives_whole() -> None:
+    text = "x" * 70_000
+    data = frame(OP_TEXT, text.encode())
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    async with _accepted(received) as (protocol, transport):
+        for i in range(len(data)):
+            protocol.data_received(data[i : i + 1])
+        event = await asyncio.wait_for(received.get(), 1)
+        assert event == {"type": "websocket.receive", "text": text}
+        assert transport.written == b""  # no protocol error on the way
+
+
+async def test_the_most_fragments_allowed_still_make_a_message() -> None:
+    parts = [frame(OP_TEXT, b"a", fin=False)]
+    parts += [frame(OP_CONT, b"b", fin=False)] * (MAX_FRAGMENTS - 2)
+    parts.append(frame(OP_CONT, b"c"))
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    async with _accepted(received) as (protocol, transport):
+        protocol.data_received(b"".join(parts))
+        event = await asyncio.wait_for(received.get(), 1)
+        assert event["text"] == "a" + "b" * (MAX_FRAGMENTS - 2) + "c"
+        assert transport.written == b""

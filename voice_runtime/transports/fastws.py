@@ -54,6 +54,9 @@ _CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
 # Close codes a peer may send (RFC 6455 section 7.4); 1005/1006/1015 never go on the wire.
 _VALID_CLOSE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 _MAX_REQUEST = 16 * 1024
+# A message may come in at most this many frames: tiny (even empty) fragments would otherwise
+# grow a list without bound while staying under the size limit.
+MAX_FRAGMENTS = 1024
 # Pull mode only: stop reading the socket while this many messages wait for the app.
 _PAUSE_AT = 64
 _RESUME_AT = 16
@@ -193,7 +196,8 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.scope: dict[str, Any] = {}
         self._request = b""
-        self._buf = b""
+        self._buf = bytearray()  # the start of a frame that is not whole yet
+        self._need = 0  # how long _buf must get before parsing is worth trying again
         self._key = b""
         # open: handshake parsed; accepted: 101 sent; close_sent: our close frame went out.
         self.handshake_done = False
@@ -269,9 +273,15 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             return
         if self.close_received or self.transport.is_closing():
             return
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
+        buf = self._buf
+        if buf:
+            # A frame arriving in many small reads is gathered in place (linear, not quadratic)
+            # and parsed once it is whole.
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            self._buf = bytearray()
         try:
             self._parse_frames(data)
         except ProtocolError as exc:
@@ -363,11 +373,13 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             head = 2
             if length == 126:
                 if end - i < 4:
+                    self._need = 4
                     break
                 length = (data[i + 2] << 8) | data[i + 3]
                 head = 4
             elif length == 127:
                 if end - i < 10:
+                    self._need = 10
                     break
                 length = int.from_bytes(data[i + 2 : i + 10], "big")
                 head = 10
@@ -381,6 +393,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             start = i + head + 4
             stop = start + length
             if stop > end:
+                self._need = stop - i
                 break
             payload = unmask(data[start:stop], data[start - 4 : start]) if length else b""
             i = stop
@@ -397,6 +410,8 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             elif opcode == OP_CONT:
                 if not self._fragment_op:
                     raise ProtocolError(1002, "continuation frame without a message")
+                if len(self._fragments) >= MAX_FRAGMENTS:
+                    raise ProtocolError(1009, f"message in over {MAX_FRAGMENTS} fragments")
                 self._fragments.append(payload)
                 self._fragment_size += length
                 if fin:
@@ -414,7 +429,9 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             if self.transport.is_closing():
                 return
         if i < end:
-            self._buf = data[i:]
+            if end - i < 2:
+                self._need = 2
+            self._buf = bytearray(data[i:])
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
         if self.close_sent:
@@ -438,7 +455,9 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
-            if not self.close_sent:
+            # A peer that pings but does not read gets no pongs while our write buffer is
+            # over its high-water mark (RFC 6455 lets us answer only the latest ping).
+            if not self.close_sent and self._writable:
                 self.transport.write(frame_header(OP_PONG, len(payload)) + payload)
         elif opcode == OP_PONG:
             if self._ping_payload is not None and payload == self._ping_payload:
