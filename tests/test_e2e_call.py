@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -314,3 +315,26 @@ async def test_a_session_subclass_overriding_put_inbound_sees_every_caller_frame
         assert await wait_for(lambda: session.seen == 40)
         got = [session.inbound.get_nowait() for _ in range(session.inbound.qsize())]
     assert got == [audio[i : i + 160] for i in range(0, len(audio), 320)]
+
+
+@pytest.mark.parametrize("ws", [None, "websockets-sansio"], ids=["fastws", "uvicorn-ws"])
+async def test_a_stream_that_never_starts_is_closed_and_counted(ws: str | None) -> None:
+    import websockets
+    from fastapi import FastAPI
+
+    from voice_runtime.testing.server import serve_in_loop
+    from voice_runtime.transports.twilio_ws import StreamOptions, register_voice_websocket
+
+    session = VoiceSession()
+    app = FastAPI()
+    register_voice_websocket(app, session, options=StreamOptions(start_timeout_s=0.3))
+    config = {} if ws is None else {"ws": ws}
+    async with serve_in_loop(app, **config) as srv:
+        async with websockets.connect(srv.ws_url + "/voice", compression=None) as client:
+            # Connected, but no start: the server ends the stream with 1008.
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await asyncio.wait_for(client.recv(), 5)
+            await asyncio.wait_for(client.wait_closed(), 5)
+            assert client.close_code == 1008
+        assert await wait_for(lambda: session.stats.bad_frames.get("no_start") == 1)
+    assert not _server_tasks()

@@ -59,6 +59,8 @@ class StreamOptions:
     lead_ms: float = 120.0
     max_message_bytes: int = 64 * 1024
     position_mark_every_ms: float = POSITION_MARK_EVERY_MS
+    # Twilio sends ``start`` right after connecting; a stream without one is closed (1008).
+    start_timeout_s: float = 10.0
 
 
 class _Pacer:
@@ -140,13 +142,27 @@ class MediaStreamCall:
     async def run(self) -> None:
         """Serve the stream until it ends, then release everything the call created."""
         session = self.session
-        session.set_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        session.set_loop(loop)
+        no_start = loop.call_later(self.options.start_timeout_s, self._no_start)
         try:
             await self._receive_loop()
         except Exception:
             logger.exception("media stream failed", extra={"call_sid": session.call_sid})
         finally:
+            no_start.cancel()
             await self._cleanup()
+
+    def _no_start(self) -> None:
+        if self._parser.started or self._closed:
+            return
+        # A socket that never starts a stream would hold its slot forever.
+        self.session.stats.count_bad("no_start")
+        logger.warning(
+            "media stream sent no start in time; closing it",
+            extra={"timeout_s": self.options.start_timeout_s},
+        )
+        self._spawn(self._close(1008), "vr-close")
 
     async def _receive_loop(self) -> None:
         if self._fast is not None:
