@@ -68,6 +68,25 @@ def media_text(i: int) -> str:
     )
 
 
+def load_agent_audio(put: Callable[[bytes], Any]) -> None:
+    """Queue the minute's agent audio, 100 ms a chunk, with the library's ``put``."""
+    chunk = bytes(800)
+    for _ in range(AGENT_CHUNKS):
+        put(chunk)
+
+
+class InboundCounter:
+    """An STT that keeps up: takes every caller frame from ``session.inbound`` and counts it."""
+
+    def __init__(self, session: Any) -> None:
+        self.got = 0
+        self.task = asyncio.ensure_future(self._run(session))
+
+    async def _run(self, session: Any) -> None:
+        while await session.inbound.get() is not None:
+            self.got += 1
+
+
 class FarEnd:
     """The Twilio side of one call: caller frames in, agent frames out, marks echoed."""
 
@@ -275,20 +294,11 @@ async def _baseline_call(far: FarEnd) -> int:
     app = FastAPI()
     register_voice_websocket(app, session)
     endpoint = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/voice")
-    chunk = bytes(800)
-    for _ in range(AGENT_CHUNKS):
-        session.outbound.put_nowait(chunk)
-    got = 0
-
-    async def consume() -> None:
-        nonlocal got
-        while await session.inbound.get() is not None:
-            got += 1
-
-    consumer = asyncio.ensure_future(consume())
+    load_agent_audio(session.outbound.put_nowait)
+    counter = InboundCounter(session)
     await endpoint(Socket())
-    await asyncio.wait_for(consumer, 10)
-    return got
+    await asyncio.wait_for(counter.task, 10)
+    return counter.got
 
 
 async def _baseline_stack() -> dict[str, Any]:
@@ -300,19 +310,10 @@ async def _baseline_stack() -> dict[str, Any]:
     session = VoiceSession()
     app = FastAPI()
     register_voice_websocket(app, session)
-    chunk = bytes(800)
-    for _ in range(AGENT_CHUNKS):
-        session.outbound.put_nowait(chunk)
-    got = 0
-
-    async def consume() -> None:
-        nonlocal got
-        while await session.inbound.get() is not None:
-            got += 1
-
-    consumer = asyncio.ensure_future(consume())
-    result = await measure_stack(app, "auto", lambda: got)
-    consumer.cancel()
+    load_agent_audio(session.outbound.put_nowait)
+    counter = InboundCounter(session)
+    result = await measure_stack(app, "auto", lambda: counter.got)
+    counter.task.cancel()
     return result
 
 

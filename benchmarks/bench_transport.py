@@ -82,19 +82,13 @@ async def _inbound(frames: int) -> float:
     messages = [{"type": "websocket.receive", "text": _start_text()}]
     messages += [{"type": "websocket.receive", "text": _media_text(i)} for i in range(frames)]
     ws = _FakeWebSocket(messages, None)
-    got = 0
-
-    async def consumer() -> None:
-        nonlocal got
-        while await session.inbound.get() is not None:
-            got += 1
-
-    task = asyncio.create_task(consumer())
+    counter = cm.InboundCounter(session)
     call = MediaStreamCall(ws, session)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     await call.run()
-    await task
+    await counter.task
     elapsed = time.perf_counter() - t0
+    got = counter.got
     if got != frames:
         raise RuntimeError(f"inbound benchmark lost frames: {got}/{frames}")
     return elapsed / frames
@@ -145,21 +139,12 @@ async def _ours_call(far: cm.FarEnd) -> int:
             return None
 
     session = VoiceSession()
-    chunk = bytes(800)
-    for _ in range(cm.AGENT_CHUNKS):
-        session.put_outbound_sync(chunk)
-    got = 0
-
-    async def consume() -> None:
-        nonlocal got
-        while await session.inbound.get() is not None:
-            got += 1
-
-    consumer = asyncio.ensure_future(consume())
+    cm.load_agent_audio(session.put_outbound_sync)
+    counter = cm.InboundCounter(session)
     call = MediaStreamCall(Socket(), session, options=StreamOptions(lead_ms=1e9))  # type: ignore[arg-type]
     await call.run()
-    await asyncio.wait_for(consumer, 10)
-    return got
+    await asyncio.wait_for(counter.task, 10)
+    return counter.got
 
 
 async def _ours_stack() -> dict[str, Any]:
@@ -172,19 +157,10 @@ async def _ours_stack() -> dict[str, Any]:
     session = VoiceSession()
     app = FastAPI()
     register_voice_websocket(app, session, options=StreamOptions(lead_ms=1e9))
-    chunk = bytes(800)
-    for _ in range(cm.AGENT_CHUNKS):
-        session.put_outbound_sync(chunk)
-    got = 0
-
-    async def consume() -> None:
-        nonlocal got
-        while await session.inbound.get() is not None:
-            got += 1
-
-    consumer = asyncio.ensure_future(consume())
-    result = await cm.measure_stack(app, VoiceWebSocketProtocol, lambda: got)
-    consumer.cancel()
+    cm.load_agent_audio(session.put_outbound_sync)
+    counter = cm.InboundCounter(session)
+    result = await cm.measure_stack(app, VoiceWebSocketProtocol, lambda: counter.got)
+    counter.task.cancel()
     return result
 
 

@@ -1125,38 +1125,31 @@ def test_keepalive_closes_a_peer_that_never_answers_with_1011() -> None:
         assert time.monotonic() - started < 2.0
 
 
-def test_keepalive_keeps_a_peer_that_answers_pongs() -> None:
+@pytest.mark.parametrize("ping_timeout", [0.1, None], ids=["with-timeout", "no-timeout"])
+def test_keepalive_keeps_a_peer_that_answers_pongs(ping_timeout: float | None) -> None:
     interval = 0.1
-    with _keepalive_port(Inbox(), Gates(), interval, interval) as port, RawClient(port) as client:
+    window = 0.55
+    with (
+        _keepalive_port(Inbox(), Gates(), interval, ping_timeout) as port,
+        RawClient(port) as client,
+    ):
         client.handshake()
-        seen: list[float] = []
-        while len(seen) < 5:
+        pings = 0
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline:
             ping = client.read_frame()
             assert ping.opcode == OP_PING
-            seen.append(time.monotonic())
+            pings += 1
             client.send(frame(OP_PONG, ping.payload))
+        # About one ping per interval: answered pings must not start extra ping chains (a
+        # bug once sent them 0.1 ms apart).
+        assert 3 <= pings <= window / interval + 2, pings
         client.send(frame(OP_TEXT, b"alive"))
         got = client.read_frame()
         while got.opcode == OP_PING:
             client.send(frame(OP_PONG, got.payload))
             got = client.read_frame()
         assert (got.opcode, got.payload) == (OP_TEXT, b"alive")
-        gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
-        assert min(gaps) > interval / 4, gaps  # one ping per interval, not a burst
-
-
-def test_keepalive_without_ping_timeout_sends_one_ping_per_interval() -> None:
-    interval = 0.1
-    with _keepalive_port(Inbox(), Gates(), interval, None) as port, RawClient(port) as client:
-        client.handshake()
-        seen: list[float] = []
-        while len(seen) < 5:
-            ping = client.read_frame()
-            assert ping.opcode == OP_PING
-            seen.append(time.monotonic())
-            client.send(frame(OP_PONG, ping.payload))
-        gaps = [b - a for a, b in zip(seen, seen[1:], strict=False)]
-        assert min(gaps) > interval / 4, gaps
 
 
 def test_keepalive_with_the_websockets_client_stays_open() -> None:
