@@ -4,7 +4,8 @@ Serve it (point your Twilio number's voice webhook at https://<public host>/twil
 
     python examples/inbound_app.py --port 8080 --public-url https://<public host> --tts elevenlabs
     voice-runtime serve inbound_app:handle_call --app-dir examples      # the handler alone
-    uvicorn --app-dir examples inbound_app:app                          # plain uvicorn
+    uvicorn --app-dir examples inbound_app:app \
+        --ws voice_runtime.transports.fastws:VoiceWebSocketProtocol         # plain uvicorn
 
 Try it without a phone or a Twilio account: ``python examples/inbound_app.py --fake`` starts a
 fake Twilio REST API, serves the app on a free port and lets a simulated caller dial in
