@@ -51,6 +51,8 @@ P99_LIMIT_MS = 20.0
 PIN = os.environ.get("VR_BENCH_PIN", "1") != "0"
 CALLS_PER_CLIENT = 250
 PROFILE_HZ = int(os.environ.get("VR_BENCH_PROFILE_HZ", "250"))
+# VR_BENCH_LEAN=1: callers from the lean farm (_leancaller.py) instead of CallerSimulator.
+LEAN_CALLERS = os.environ.get("VR_BENCH_LEAN", "0") == "1"
 
 
 # =========================================================================== server (ours)
@@ -360,6 +362,58 @@ async def _client_main(args: argparse.Namespace) -> None:
     sys.stdout.flush()
 
 
+async def _lean_client_main(args: argparse.Namespace) -> None:
+    """``client --lean``: the same calls from the lean caller farm (``_leancaller.py``)."""
+    import uuid
+
+    import _leancaller as lc
+
+    base = "/c{}/voice" if args.mounted else "/voice"
+    callers = [
+        lc.LeanCaller(f"CA{args.tag}{i:07d}".ljust(34, "0"), "MZ" + uuid.uuid4().hex)
+        for i in range(args.calls)
+    ]
+    gate = asyncio.Semaphore(32)
+    opened: list[Any] = []
+    errors = 0
+
+    async def open_one(i: int, caller: Any) -> None:
+        nonlocal errors
+        async with gate:
+            try:
+                await caller.open("127.0.0.1", args.port, base.format(args.first + i))
+            except Exception:
+                errors += 1
+                return
+        opened.append(caller)
+
+    stop = asyncio.Event()
+    await asyncio.gather(*(open_one(i, c) for i, c in enumerate(callers)))
+    groups = [opened[k :: lc.GROUPS] for k in range(lc.GROUPS)]
+    tickers = [
+        asyncio.create_task(lc.run_group(g, k * lc.FRAME_S / lc.GROUPS, stop))
+        for k, g in enumerate(groups)
+    ]
+    cpu0 = _cpu_self()
+    print(f"CONNECTED {len(opened)}", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)
+    cpu1 = _cpu_self()
+    deadline = loop.time() + 20
+    # Marks arrive through protocol callbacks, not awaitables: poll, as a harness may.
+    while loop.time() < deadline and not all(  # noqa: ASYNC110
+        any(m.startswith("bench-done") for m in c.marks) for c in opened
+    ):
+        await asyncio.sleep(0.05)
+    for c in opened:
+        c.hangup()
+    stop.set()
+    await asyncio.gather(*tickers)
+    out = {"connect_errors": errors, "cpu_hold_s": cpu1 - cpu0, "calls": lc.farm_result(opened)}
+    sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+    sys.stdout.flush()
+
+
 async def _soak_main(args: argparse.Namespace) -> None:
     """Place ``args.calls`` short calls, ``args.lanes`` at a time; print a summary."""
     from voice_runtime.testing.simulator import CallerSimulator
@@ -555,6 +609,8 @@ def run_level(
             ]
             if impl == "baseline" and calls > 1:
                 cmd.append("--mounted")
+            if LEAN_CALLERS:
+                cmd.append("--lean")
             clients.append(
                 subprocess.Popen(
                     cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE
@@ -927,6 +983,7 @@ def main() -> None:
     p_client.add_argument("--port", type=int, required=True)
     p_client.add_argument("--first", type=int, default=0)
     p_client.add_argument("--mounted", action="store_true")
+    p_client.add_argument("--lean", action="store_true", help="the lean caller farm")
     p_client.add_argument("--calls", type=int, required=True)
     p_client.add_argument("--tag", default="00")
     p_soak = sub.add_parser("soak")
@@ -940,7 +997,7 @@ def main() -> None:
         _serve_floor(args)
     elif args.role == "client":
         logging.basicConfig(level=logging.ERROR)
-        _run_async(_client_main(args))
+        _run_async(_lean_client_main(args) if args.lean else _client_main(args))
     elif args.role == "soak":
         logging.basicConfig(level=logging.ERROR)
         _run_async(_soak_main(args))
