@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import _callkit as kit
+from _callminute import client_frame
 
 FRAME = 160
 FRAME_S = 0.02
@@ -32,16 +33,6 @@ _MEDIA = (
     '{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":'
     '{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
 )
-
-
-def _frame(text: str, opcode: int = 0x1) -> bytes:
-    data = text.encode()
-    n = len(data)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    else:
-        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    return head + b"\0\0\0\0" + data
 
 
 class LeanCaller(asyncio.Protocol):
@@ -140,7 +131,7 @@ class LeanCaller(asyncio.Protocol):
     def send(self, text: str) -> None:
         """Write one text frame."""
         if self.transport is not None and not self.closed:
-            self.transport.write(_frame(text))
+            self.transport.write(client_frame(text))
 
     def _echo(self, name: str) -> None:
         self.marks.append(name)
