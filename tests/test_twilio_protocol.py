@@ -86,10 +86,28 @@ def test_media_mark_dtmf_stop() -> None:
     ],
 )
 def test_malformed_frames_raise_specific_reasons(frame: str, reason: str) -> None:
+    for parse in ("parse", "parse_inbound"):  # the transport's hot path checks the same
+        p = started()
+        with pytest.raises(proto.MediaStreamError) as info:
+            getattr(p, parse)(frame)
+        assert info.value.reason == reason
+
+
+def test_parse_inbound_gives_caller_audio_as_bytes_and_other_frames_as_parse_does() -> None:
     p = started()
-    with pytest.raises(proto.MediaStreamError) as info:
-        p.parse(frame)
-    assert info.value.reason == reason
+    audio = bytes(range(160))
+    payload = base64.b64encode(audio).decode()
+
+    def media(track: object) -> str:
+        body = {"payload": payload} if track is None else {"track": track, "payload": payload}
+        return json.dumps({"event": "media", "streamSid": "MZ1", "media": body})
+
+    assert p.parse_inbound(media("inbound")) == audio
+    assert p.parse_inbound(media(None)) == audio  # no track: the caller's
+    outbound = p.parse_inbound(media("outbound"))
+    assert isinstance(outbound, proto.Media) and outbound.track == "outbound"
+    mark = '{"event":"mark","streamSid":"MZ1","mark":{"name":"m"}}'
+    assert p.parse_inbound(mark) == p.parse(mark) == proto.Mark("m", None)
 
 
 def test_media_before_start_and_binary_frames() -> None:

@@ -205,16 +205,17 @@ class MediaStreamCall:
             self._bad("too_large")
             return True
         try:
-            event = self._parser.parse(text)
+            event = self._parser.parse_inbound(text)
         except proto.MediaStreamError as exc:
             self._bad(exc.reason)
             return True
         session = self.session
         kind = type(event)
-        if kind is proto.Media:
-            if event.track != "outbound":  # type: ignore[union-attr]
-                self._put_inbound(event.payload)  # type: ignore[union-attr]
-                session.tap_caller(event.payload)  # type: ignore[union-attr]
+        if kind is bytes:  # caller audio
+            self._put_inbound(event)
+            session.tap_caller(event)  # type: ignore[arg-type]
+        elif kind is proto.Media:
+            pass  # the outbound track echoed back: not the caller
         elif kind is proto.Mark:
             session.signal_mark_received(event.name)  # type: ignore[union-attr]
         elif kind is proto.Start:
