@@ -183,7 +183,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             config.load()
         self.config = config
         self.app = config.loaded_app
-        self.loop = _loop or asyncio.get_event_loop()
+        self.loop = _loop or asyncio.get_running_loop()  # uvicorn builds it in data_received
         self.app_state = app_state
         self.connections = server_state.connections
         self.tasks = server_state.tasks
