@@ -71,6 +71,13 @@ def openai_usage(usage: Mapping[str, Any] | None, provider: str) -> Usage | None
 class OpenAICompatibleAgent(WebSocketAgent):
     """The OpenAI Realtime event protocol, shared by OpenAI and xAI."""
 
+    #: server_vad turn detection before the tuning values of the options are added.
+    turn_detection_base: ClassVar[dict[str, Any]] = {
+        "type": "server_vad",
+        "create_response": True,
+        "interrupt_response": True,
+    }
+
     supports_truncate: ClassVar[bool] = True
     default_url: ClassVar[str] = DEFAULT_OPENAI_URL
     default_model: ClassVar[str | None] = DEFAULT_OPENAI_MODEL
@@ -164,11 +171,7 @@ class OpenAICompatibleAgent(WebSocketAgent):
         o = self.options
         if not o.server_vad:
             return None
-        td: dict[str, Any] = {
-            "type": "server_vad",
-            "create_response": True,
-            "interrupt_response": True,
-        }
+        td: dict[str, Any] = dict(self.turn_detection_base)
         if o.vad_threshold is not None:
             td["threshold"] = o.vad_threshold
         if o.silence_duration_ms is not None:

@@ -27,6 +27,9 @@ class XaiRealtimeAgent(OpenAICompatibleAgent):
     ``wss://api.x.ai/v1`` (``/realtime`` is appended, plus ``?model=`` when a model is set).
     """
 
+    # Grok's server_vad takes the tuning values but not OpenAI's response switches.
+    turn_detection_base: ClassVar[dict[str, Any]] = {"type": "server_vad"}
+
     provider: ClassVar[str] = "xai"
     default_url: ClassVar[str] = DEFAULT_XAI_URL
     default_model: ClassVar[str | None] = None
@@ -51,19 +54,6 @@ class XaiRealtimeAgent(OpenAICompatibleAgent):
         if o.language and o.transcribe_input:
             session["audio"]["input"]["transcription"] = {"language_hint": o.language}
         return deep_merge(session, o.extra)
-
-    def _turn_detection(self) -> dict[str, Any] | None:
-        o = self.options
-        if not o.server_vad:
-            return None
-        td: dict[str, Any] = {"type": "server_vad"}
-        if o.vad_threshold is not None:
-            td["threshold"] = o.vad_threshold
-        if o.silence_duration_ms is not None:
-            td["silence_duration_ms"] = o.silence_duration_ms
-        if o.prefix_padding_ms is not None:
-            td["prefix_padding_ms"] = o.prefix_padding_ms
-        return td
 
     def _instructions_update(self, instructions: str) -> dict[str, Any]:
         return {"instructions": instructions}

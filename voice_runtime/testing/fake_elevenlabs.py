@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
+from voice_runtime.testing._wait import wait_on_change
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -388,16 +390,7 @@ class FakeScribeServer(_Service):
         timeout: float = 5.0,  # noqa: ASYNC109
     ) -> bool:
         """Wait on the server loop until ``predicate()`` holds; False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
-        return True
+        return await wait_on_change(self._changed, predicate, timeout)
 
     async def wait_for_connections(self, n: int, timeout: float = 5.0) -> bool:  # noqa: ASYNC109
         """Wait until ``n`` websocket connections were accepted."""

@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from voice_runtime.audio import resample, rms_dbfs, ulaw_decode
+from voice_runtime.testing._wait import wait_on_change
 
 logger = logging.getLogger(__name__)
 
@@ -287,16 +288,7 @@ class FakeRealtimeServer:
         timeout: float = 5.0,  # noqa: ASYNC109
     ) -> bool:
         """Wait until ``predicate()`` is true (checked on every recorded change)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return predicate()
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
-        return True
+        return await wait_on_change(self._changed, predicate, timeout)
 
     async def wait_for_message(
         self,

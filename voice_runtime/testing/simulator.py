@@ -26,6 +26,7 @@ from typing import Any, Literal
 import websockets
 
 from voice_runtime._sync import cancel_and_wait
+from voice_runtime.testing._wait import wait_on_change
 from voice_runtime.testing.clock import Clock, RealClock
 
 logger = logging.getLogger(__name__)
@@ -469,16 +470,13 @@ class CallerSimulator:
 
     async def wait_for_heard(self, ms: float, timeout: float = 10.0) -> bool:
         """Wait until at least ``ms`` of agent audio has been played; False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.heard_ms < ms:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._closed.is_set():
-                return self.heard_ms >= ms
-            self._heard_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heard_changed.wait(), min(remaining, 0.1))
-        return True
+        return await wait_on_change(
+            self._heard_changed,
+            lambda: self.heard_ms >= ms,
+            timeout,
+            poll=0.1,
+            give_up=self._closed.is_set,
+        )
 
     async def wait_for_mark(self, prefix: str, timeout: float = 10.0) -> str | None:
         """Wait until a mark whose name starts with ``prefix`` was echoed; return its name."""
