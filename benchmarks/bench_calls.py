@@ -151,7 +151,7 @@ def _serve_ours(args: argparse.Namespace) -> None:
         stream_options=options,
     )
     probe.install(voice.app, lambda: voice.registry.live_count)
-    uv = _production_uvicorn_settings(voice)
+    uv = _production_uvicorn_settings(voice.app)
     if args.ws != "auto":
         uv["ws"] = args.ws
     if args.deflate != "prod":
@@ -170,7 +170,6 @@ def _serve_floor(args: argparse.Namespace) -> None:
     from fastapi import FastAPI
     from starlette.routing import WebSocketRoute
 
-    from voice_runtime.serving import uvicorn_config
     from voice_runtime.transports.fastws import EXTENSION
     from voice_runtime.transports.twilio_protocol import encode_mark
 
@@ -215,19 +214,15 @@ def _serve_floor(args: argparse.Namespace) -> None:
 
     app.router.routes.append(WebSocketRoute("/voice", floor))
     probe.install(app, lambda: len(live))
-    config = uvicorn_config(app, log_level="error")
-    uv = {k: getattr(config, k) for k in ("ws", "ws_max_size", "ws_per_message_deflate")}
-    kit.serve(app, uv, probe.lag.start)
+    kit.serve(app, _production_uvicorn_settings(app), probe.lag.start)
 
 
-def _production_uvicorn_settings(voice: Any) -> dict[str, Any]:
-    """The websocket settings ``voice_runtime.serving.serve_forever`` runs uvicorn with."""
+def _production_uvicorn_settings(app: Any) -> dict[str, Any]:
+    """The websocket settings ``voice_runtime.serving`` runs uvicorn with, for ``app``."""
     keys = ("ws", "ws_max_size", "ws_per_message_deflate", "ws_ping_interval", "ws_ping_timeout")
-    try:
-        from voice_runtime.serving import _uvicorn_config
-    except ImportError:
-        return {"ws_max_size": 1 << 20}
-    config = _uvicorn_config(voice, "127.0.0.1", 0, "error", False)
+    from voice_runtime.serving import uvicorn_config
+
+    config = uvicorn_config(app, log_level="error")
     return {k: getattr(config, k) for k in keys}
 
 
@@ -957,26 +952,23 @@ def main() -> None:
     sub = parser.add_subparsers(dest="role")
     p_run = sub.add_parser("run", help="the benchmark (default)")
     p_run.add_argument("--quick", action="store_true")
-    p_level = sub.add_parser("level", help="one concurrency level")
+    # The server knobs, for a level (passed on to its server) and for the server itself.
+    knobs = argparse.ArgumentParser(add_help=False)
+    knobs.add_argument("--ws", default="auto")
+    knobs.add_argument("--frame-bytes", type=int, default=0)
+    knobs.add_argument("--lead-ms", type=float, default=0)
+    knobs.add_argument("--mark-every-ms", type=float, default=0)
+    knobs.add_argument("--deflate", default="prod", choices=["prod", "on", "off"])
+    p_level = sub.add_parser("level", help="one concurrency level", parents=[knobs])
     p_level.add_argument("calls", type=int)
     p_level.add_argument("--window", type=float, default=10.0)
     p_level.add_argument("--impl", default="ours", choices=["ours", "baseline", "floor"])
-    p_level.add_argument("--ws", default="auto")
     p_level.add_argument("--uvicorn", default="default")
-    p_level.add_argument("--frame-bytes", type=int, default=0)
-    p_level.add_argument("--lead-ms", type=float, default=0)
-    p_level.add_argument("--mark-every-ms", type=float, default=0)
-    p_level.add_argument("--deflate", default="prod", choices=["prod", "on", "off"])
     p_level.add_argument("--profile", help="py-spy raw (collapsed) output path")
     p_level.add_argument("--profile-target", default="server", choices=["server", "client"])
     p_soak_run = sub.add_parser("soakrun", help="sequential calls only")
     p_soak_run.add_argument("calls", type=int)
-    p_serve = sub.add_parser("serve")
-    p_serve.add_argument("--ws", default="auto")
-    p_serve.add_argument("--frame-bytes", type=int, default=0)
-    p_serve.add_argument("--lead-ms", type=float, default=0)
-    p_serve.add_argument("--mark-every-ms", type=float, default=0)
-    p_serve.add_argument("--deflate", default="prod", choices=["prod", "on", "off"])
+    p_serve = sub.add_parser("serve", parents=[knobs])
     p_serve.add_argument("--soak", action="store_true")
     sub.add_parser("serve-floor")
     p_client = sub.add_parser("client")

@@ -9,7 +9,6 @@ than the absolute times. ``x realtime`` is seconds of audio processed per second
 
 from __future__ import annotations
 
-import argparse
 import timeit
 import warnings
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from _cli import bench_main  # benchmarks/ is sys.path[0] for scripts and run.py
 
 from voice_runtime.audio import (
     FRAME_BYTES,
@@ -56,6 +56,7 @@ def _row(
     baseline_name: str,
     budget: float,
 ) -> dict[str, Any]:
+
     ours_s = _seconds_per_call(ours, budget)
     base_s = _seconds_per_call(baseline, budget) if baseline is not None else None
     return {
@@ -189,10 +190,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     """Command-line entry: run the benchmark and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter timing budget")
-    args = parser.parse_args()
-    print(format_table(run(quick=args.quick)))
+    bench_main(__doc__, run, format_table, "shorter timing budget")
 
 
 if __name__ == "__main__":

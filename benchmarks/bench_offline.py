@@ -11,12 +11,12 @@ is the time from the call to the first audio a caller could start playing.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
+from _cli import bench_main  # benchmarks/ is sys.path[0] for scripts and run.py
 
 from voice_runtime.audio.resample import resample
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter
@@ -26,6 +26,8 @@ PARAGRAPH = (
     "Please hold while we look up your account, this should only take a moment. "
     "If you would like a call back instead, say call back at any time."
 )
+
+
 FRAME = 160  # 20 ms at 8 kHz
 
 
@@ -153,10 +155,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     """Command-line entry: run the benchmark and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    args = parser.parse_args()
-    print(format_table(run(quick=args.quick)))
+    bench_main(__doc__, run, format_table, "fewer repeats")
 
 
 if __name__ == "__main__":

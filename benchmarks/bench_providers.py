@@ -20,7 +20,6 @@ websocket, the providers run against the local ElevenLabs fakes or the offline e
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import statistics
@@ -29,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
+from _cli import bench_main  # benchmarks/ is sys.path[0] for scripts and run.py
 from fastapi import FastAPI
 
 from voice_runtime.audio import pcm16_to_ulaw, resample, tone_ulaw, ulaw_decode
@@ -321,10 +321,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     """Command-line entry: run the benchmark and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    args = parser.parse_args()
-    print(format_table(run(quick=args.quick)))
+    bench_main(__doc__, run, format_table, "fewer repeats")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ own marks off (only the transport's periodic position marks).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -28,6 +27,7 @@ import multiprocessing
 import statistics
 from typing import Any
 
+from _cli import bench_main  # benchmarks/ is sys.path[0] for scripts and run.py
 from fastapi import FastAPI
 
 from voice_runtime.realtime import AgentOptions, AssistantAudio, BridgeOptions, attach_agent
@@ -177,11 +177,8 @@ def _print(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer calls, shorter audio")
-    args = parser.parse_args()
-    _print(run(quick=args.quick))
+    """Command-line entry: run the benchmark and print the table."""
+    bench_main(__doc__, run, _print, "fewer calls, shorter audio")
 
 
 if __name__ == "__main__":
