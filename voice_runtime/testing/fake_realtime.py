@@ -725,7 +725,9 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
         else:
             item_id = _uid("item")
             self.item_audio_ms[item_id] = 0.0
-            ids = {"response_id": response_id, "item_id": item_id, "output_index": 0}
+            # The ids of the message's one audio part.
+            part = {"response_id": response_id, "item_id": item_id, "output_index": 0}
+            part["content_index"] = 0
             message = {"id": item_id, "type": "message", "role": "assistant", "content": []}
             await self._send(
                 conn,
@@ -733,39 +735,16 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
             )
             await self._send(conn, {"type": "conversation.item.added", "item": message})
             for chunk in self._chunks(response.audio):
-                await self._send(
-                    conn,
-                    {
-                        "type": "response.output_audio.delta",
-                        **ids,
-                        "content_index": 0,
-                        "delta": base64.b64encode(chunk).decode("ascii"),
-                    },
-                )
+                audio = {"type": "response.output_audio.delta", **part}
+                await self._send(conn, {**audio, "delta": base64.b64encode(chunk).decode("ascii")})
                 self.item_audio_ms[item_id] += len(chunk) / 8.0
                 await self._pace()
             if response.transcript:
-                await self._send(
-                    conn,
-                    {
-                        "type": "response.output_audio_transcript.delta",
-                        **ids,
-                        "content_index": 0,
-                        "delta": response.transcript,
-                    },
-                )
-            await self._send(
-                conn, {"type": "response.output_audio.done", **ids, "content_index": 0}
-            )
-            await self._send(
-                conn,
-                {
-                    "type": "response.output_audio_transcript.done",
-                    **ids,
-                    "content_index": 0,
-                    "transcript": response.transcript,
-                },
-            )
+                transcript = {"type": "response.output_audio_transcript.delta", **part}
+                await self._send(conn, {**transcript, "delta": response.transcript})
+            await self._send(conn, {"type": "response.output_audio.done", **part})
+            done_text = {"type": "response.output_audio_transcript.done", **part}
+            await self._send(conn, {**done_text, "transcript": response.transcript})
             await self._send(
                 conn,
                 {"type": "response.output_item.done", "response_id": response_id, "item": message},
