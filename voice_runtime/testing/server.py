@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import uvicorn
 
+from voice_runtime.serving import uvicorn_config
+
 T = TypeVar("T")
 
 __all__ = ["ServerThread", "serve_in_loop"]
@@ -23,12 +25,6 @@ def _bind_free_socket(host: str) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
-
-
-def _config(app: Any, log_level: str, config: dict[str, Any]) -> uvicorn.Config:
-    from voice_runtime.serving import uvicorn_config
-
-    return uvicorn_config(app, log_level=log_level, **config)
 
 
 class _Base:
@@ -60,7 +56,7 @@ class ServerThread(_Base):
         self.host = host
         self._sock = _bind_free_socket(host)
         self.port = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(_config(app, log_level, config))
+        self._server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -146,7 +142,7 @@ async def serve_in_loop(
     ``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets).
     """
     sock = _bind_free_socket(host)
-    server = uvicorn.Server(_config(app, log_level, config))
+    server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]), name="voice-test-uvicorn")
     try:
