@@ -101,7 +101,9 @@ def _serve_ours(args: argparse.Namespace) -> None:
             pacer_var.set(self)
 
     class BenchCall(twilio_ws.MediaStreamCall):
-        """Times each media frame from 'may go out' to the end of its send."""
+        """Times each media frame from 'may go out' to the end of the write that carries it."""
+
+        bench_due: list[float]
 
         async def _send(self, text: str) -> bool:
             ok = await super()._send(text)
@@ -109,7 +111,18 @@ def _serve_ours(args: argparse.Namespace) -> None:
                 pacer = pacer_var.get()
                 release = pacer.release if pacer is not None else 0.0
                 due = max(self.session.bench_put_t, release)  # type: ignore[attr-defined]
-                probe.out_lat_ms.append((time.monotonic() - due) * 1e3)
+                if self._fast is None:  # sent already
+                    probe.out_lat_ms.append((time.monotonic() - due) * 1e3)
+                else:  # batched: timed at the flush
+                    self.__dict__.setdefault("bench_due", []).append(due)
+            return ok
+
+        async def _flush(self) -> bool:
+            ok = await super()._flush()
+            dues = self.__dict__.pop("bench_due", None)
+            if ok and dues:
+                now = time.monotonic()
+                probe.out_lat_ms.extend((now - due) * 1e3 for due in dues)
             return ok
 
     twilio_ws._Pacer = BenchPacer  # type: ignore[misc]

@@ -1348,3 +1348,108 @@ async def test_the_most_fragments_allowed_still_make_a_message() -> None:
         event = await asyncio.wait_for(received.get(), 1)
         assert event["text"] == "a" + "b" * (MAX_FRAGMENTS - 2) + "c"
         assert transport.written == b""
+
+
+class _CountingTransport(_Transport):
+    """A transport that also keeps each write apart, to count socket writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        super().write(data)
+        self.writes.append(bytes(data))
+
+
+def _server_messages(data: bytes) -> list[dict[str, Any]]:
+    """The JSON text messages in bytes the server wrote (unmasked frames)."""
+    out = []
+    i = 0
+    while i < len(data):
+        b0, n = data[i], data[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        assert b0 == 0x80 | OP_TEXT
+        out.append(json.loads(data[i : i + n]))
+        i += n
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _media_stream(audio: bytes, **options: Any) -> Any:
+    """A VoiceServer call on the protocol over a counting transport; its agent queues ``audio``."""
+    from uvicorn.server import ServerState
+
+    from voice_runtime.server import VoiceServer
+    from voice_runtime.transports.twilio_ws import StreamOptions
+
+    async def on_call(session: Any) -> None:
+        await session.put_outbound(audio)
+        await session.wait_until_disconnected_async()
+
+    server = VoiceServer(on_call=on_call, stream_options=StreamOptions(**options))
+    config = uvicorn_config(server.app, log_level="error", ws_ping_interval=None)
+    config.load()
+    state = ServerState()
+    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
+    transport = _CountingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(upgrade_request("/voice"))
+    try:
+        for _ in range(200):
+            if transport.written.startswith(b"HTTP/1.1 101"):
+                break
+            await asyncio.sleep(0.005)
+        assert transport.written.startswith(b"HTTP/1.1 101")
+        transport.writes.clear()
+        start = {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": "MZbatch",
+            "start": {"streamSid": "MZbatch", "callSid": "CAbatch", "tracks": ["inbound"]},
+        }
+        protocol.data_received(frame(OP_TEXT, json.dumps(start).encode()))
+        for _ in range(200):
+            if transport.writes:
+                break
+            await asyncio.sleep(0.005)
+        yield transport
+    finally:
+        protocol.connection_lost(None)  # the caller hangs up: the call ends by itself
+        if state.tasks:
+            await asyncio.wait(list(state.tasks), timeout=TIMEOUT)
+
+
+def _audio_of(messages: list[dict[str, Any]]) -> bytes:
+    return b"".join(base64.b64decode(m["media"]["payload"]) for m in messages if "media" in m)
+
+
+async def test_agent_audio_and_marks_due_at_one_moment_leave_in_one_socket_write() -> None:
+    # 200 ms of audio: the 120 ms lead lets the first 3 messages go at once.
+    async with _media_stream(b"\xff" * 1600) as transport:
+        first = _server_messages(transport.writes[0])
+    events = [m["event"] for m in first]
+    # Before batching, each message was a write of its own (one frame per write).
+    assert events[:3] == ["media", "media", "media"], events
+    assert "mark" in events  # the position mark after 100 ms rides in the same write
+    assert len(_audio_of(first)) >= 960  # at least the 120 ms lead
+
+
+async def test_a_long_lead_still_writes_in_bounded_batches() -> None:
+    from voice_runtime.transports.twilio_ws import BATCH_MAX
+
+    audio = bytes(range(256)) * 63  # 2 s, all of it within a 10 s lead
+    async with _media_stream(audio, lead_ms=10_000) as transport:
+        for _ in range(200):
+            got = [m for w in transport.writes for m in _server_messages(w)]
+            if len(_audio_of(got)) >= len(audio):
+                break
+            await asyncio.sleep(0.005)
+        batches = [_server_messages(w) for w in transport.writes]
+    assert _audio_of([m for b in batches for m in b]) == audio  # all of it, in order
+    assert len(batches) > 1
+    assert max(len(b) for b in batches) <= BATCH_MAX

@@ -598,6 +598,19 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.transport.write(frame_header(OP_TEXT, len(data)) + data)
         return True
 
+    def send_texts(self, texts: list[str]) -> bool:
+        """Send several text messages with one socket write; False once closing or closed."""
+        if self.close_sent or self.disconnected or not self.accepted:
+            return False
+        parts = []
+        for text in texts:
+            data = text.encode("utf-8")
+            parts.append(frame_header(OP_TEXT, len(data)))
+            parts.append(data)
+        # One write: one syscall and one segment for the peer, instead of one per message.
+        self.transport.write(b"".join(parts))
+        return True
+
     def send_bytes(self, data: bytes) -> bool:
         """Send one binary message; False once the connection is closing or closed."""
         if self.close_sent or self.disconnected or not self.accepted:

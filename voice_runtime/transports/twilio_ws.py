@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 REST_CLOSE_WAIT_S = 5.0
 STT_STOP_TIMEOUT_S = 5.0
 POSITION_MARK_EVERY_MS = 100.0
+# Most messages one socket write carries (a second of 40 ms media with its marks).
+BATCH_MAX = 32
 # A pacing wait may end this much early when a caller frame wakes the loop anyway (Twilio
 # sends one every 20 ms), so paced audio needs no timer wakeups of its own.
 NUDGE_S = 0.02
@@ -130,6 +132,7 @@ class MediaStreamCall:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stt_from_factory = False
         self._closed = False
+        self._batch: list[str] = []
         self._max_bytes = self.options.max_message_bytes
         # Frames are handled on the loop, so put_inbound's which-thread check can be skipped,
         # unless a session subclass overrides put_inbound (then it is called as such).
@@ -280,30 +283,42 @@ class MediaStreamCall:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _send(self, text: str) -> bool:
+        """Send one message; on the direct channel it waits in the batch for :meth:`_flush`."""
+        if self._closed:
+            return False
+        if self._fast is not None:
+            self._batch.append(text)
+            return True
+        try:
+            await self.ws.send_text(text)
+        except Exception:
+            return self._send_failed()
+        return True
+
+    async def _flush(self) -> bool:
+        """Write the batched messages with one socket write; False when the far end is gone."""
+        batch = self._batch
+        if not batch:
+            return not self._closed
+        self._batch = []
         if self._closed:
             return False
         fast = self._fast
-        if fast is not None:
-            if not fast.writable:
-                await fast.wait_writable()
-            if fast.send_text(text):
-                return True
-            sent = False
-        else:
-            try:
-                await self.ws.send_text(text)
-                sent = True
-            except Exception:
-                sent = False
-        if not sent:
-            # A failed send means the far end is gone.
-            logger.info(
-                "send failed; treating the call as ended", extra={"call_sid": self.session.call_sid}
-            )
-            self._closed = True
-            self.session.signal_disconnected()
-            return False
-        return True
+        assert fast is not None  # only the direct channel batches
+        if not fast.writable:
+            await fast.wait_writable()
+        if fast.send_texts(batch) if len(batch) > 1 else fast.send_text(batch[0]):
+            return True
+        return self._send_failed()
+
+    def _send_failed(self) -> bool:
+        # A failed send means the far end is gone.
+        logger.info(
+            "send failed; treating the call as ended", extra={"call_sid": self.session.call_sid}
+        )
+        self._closed = True
+        self.session.signal_disconnected()
+        return False
 
     async def _send_loop(self) -> None:
         session = self.session
@@ -316,13 +331,18 @@ class MediaStreamCall:
         encode_media = proto.encode_media
         reserve = pacer.reserve
         loop = asyncio.get_running_loop()
+        # What may go out at one moment (frames the pacing allows, the marks between them)
+        # leaves in one write, flushed before anything that can wait.
+        flush = self._flush
         while not session.is_disconnected:
+            if self._batch and not session.outbound_pending() and not await flush():
+                return
             item = await session.next_outbound()
             if session.is_disconnected:
                 return
             if isinstance(item, OutboundClear):
                 pacer.reset()
-                if await self._send(proto.encode_clear(sid)):
+                if await self._send(proto.encode_clear(sid)) and await flush():
                     session.note_clear_sent()
                 last_position = session.sent_ms
                 continue
@@ -338,6 +358,8 @@ class MediaStreamCall:
                 chunk = item if size <= frame else item[i : i + frame]
                 delay = reserve(len(chunk) / 8000.0)
                 if delay > 0:
+                    if self._batch and not await flush():
+                        return
                     if await session.sleep_unless_cleared(delay, early=min(delay, NUDGE_S)):
                         break
                     pacer.woke(loop.time())
@@ -350,6 +372,8 @@ class MediaStreamCall:
                     if not await self._send(proto.encode_mark(sid, session.position_mark_name())):
                         return
                     last_position = session.sent_ms
+                if len(self._batch) >= BATCH_MAX and not await flush():
+                    return  # a long lead must not build one huge write
             if session.clear_pending:
                 continue
             if session.sent_ms > last_position and not session.outbound_pending():
