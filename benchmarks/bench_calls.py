@@ -178,15 +178,21 @@ def _serve_floor(args: argparse.Namespace) -> None:
     What any Python server on this machine pays for a call before doing anything with it:
     the wakeup for each caller frame, the socket read and the websocket framing (through
     this package's lean protocol). Its CPU per call-minute bounds what a library can reach.
+
+    With ``--duplex`` it also plays agent audio as a call does, with the least code that can:
+    ready-made 40 ms media messages kept 120 ms ahead and a mark every 100 ms, written in one
+    write on the wakeups of the caller's frames (no timers), the mark echoes read and dropped.
     """
     logging.basicConfig(level=logging.ERROR)
     from fastapi import FastAPI
     from starlette.routing import WebSocketRoute
 
     from voice_runtime.transports.fastws import EXTENSION
-    from voice_runtime.transports.twilio_protocol import encode_mark
+    from voice_runtime.transports.twilio_protocol import encode_mark, encode_media
 
     probe = kit.Probe()
+    duplex = args.duplex
+    message = kit.tone_chunk()[:320]  # 40 ms
     app = FastAPI()
     live: dict[Any, str] = {}
 
@@ -203,17 +209,38 @@ def _serve_floor(args: argparse.Namespace) -> None:
         stream = websocket.scope["extensions"][EXTENSION]["stream"]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec: Any = None
+        loop = asyncio.get_running_loop()
+        media = mark = ""
+        until = played = marked = 0.0
+
+        def play() -> None:
+            nonlocal until, played, marked
+            now = loop.time()
+            until = max(until, now)
+            out = []
+            while until - now < 0.12:
+                out.append(media)
+                until += 0.04
+                played += 40.0
+                if played - marked >= 100.0:
+                    out.append(mark)
+                    marked = played
+            if out:
+                stream.send_texts(out)
 
         def on_text(text: str) -> None:
-            nonlocal rec
+            nonlocal rec, media, mark
             if rec is not None:
                 if text.startswith('{"event":"media"'):
                     rec.frames_in += 1
+                    if duplex:
+                        play()
                 return
             data = json.loads(text)
             if data.get("event") == "start":
                 rec = probe.new_call(data["start"]["callSid"])
-                live[stream] = data["streamSid"]
+                live[stream] = sid = data["streamSid"]
+                media, mark = encode_media(sid, message), encode_mark(sid, "p")
 
         def on_close(_code: int) -> None:
             if not done.done():
@@ -529,8 +556,9 @@ def _server_cmd(impl: str, opts: dict[str, Any]) -> list[str]:
             "--sessions",
             str(opts.get("sessions", 1)),
         ]
-    if impl == "floor":
-        return [sys.executable, str(Path(__file__).resolve()), "serve-floor"]
+    if impl in ("floor", "floor-duplex"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "serve-floor"]
+        return cmd + ["--duplex"] if impl == "floor-duplex" else cmd
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--ws", opts.get("ws", "auto")]
     for key in ("frame_bytes", "lead_ms", "mark_every_ms"):
         if opts.get(key):
@@ -854,11 +882,18 @@ def baseline_rows(rows: list[dict[str, Any]], window: float, quick: bool) -> lis
         # The old package holds one call per app: 50 apps mounted at /c{i}.
         base = run_level(50, window, impl="baseline", sessions=50)
         out.append(_compare(by_calls[50], base, "voice-runtime 0.1.15, 50 calls (50 apps)"))
-    # What a call costs a server that only reads and counts its frames.
-    floor = run_level(1, window, impl="floor")
-    floor = _compare(ours, floor, "floor: frames read and counted, nothing else, 1 call")
-    floor["floor_vs_baseline"] = floor["cpu_s_per_call_min"] / out[0]["cpu_s_per_call_min"]
-    out.append(floor)
+    # What a call costs a server that only reads and counts its frames, and one that also
+    # plays the agent audio with the least code that can: no library can go below them.
+    floors = [(1, "floor", "floor: frames read and counted, nothing else")]
+    floors.append((1, "floor-duplex", "duplex floor: frames counted, stock audio played"))
+    if 50 in by_calls:
+        floors.append((50, "floor-duplex", "duplex floor: frames counted, stock audio played"))
+    for calls, impl, name in floors:
+        floor = run_level(calls, window, impl=impl)
+        floor = _compare(by_calls[calls], floor, f"{name}, {calls} call{'s' * (calls > 1)}")
+        base = next(r for r in out if r["calls"] == calls)
+        floor["floor_vs_baseline"] = floor["cpu_s_per_call_min"] / base["cpu_s_per_call_min"]
+        out.append(floor)
     return out
 
 
@@ -934,19 +969,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if base:
         out.append("\nAgainst the baseline (ratio = ours / this row, same load; below 1 is better)")
         out.append(
-            f"{'row':<56} {'CPU s/call-min':>14} {'ours':>6} {'ratio':>6} {'in p50':>7} "
+            f"{'row':<60} {'CPU s/call-min':>14} {'ours':>6} {'ratio':>6} {'in p50':>7} "
             f"{'in p99':>7} {'out p99':>7}"
         )
         for r in base:
             out.append(
-                f"{r['name']:<56} {_fmt(r['cpu_s_per_call_min'], 3):>14} "
+                f"{r['name']:<60} {_fmt(r['cpu_s_per_call_min'], 3):>14} "
                 f"{_fmt(r.get('ours_cpu_s_per_call_min'), 3):>6} {_fmt(r['cpu_ratio']):>6} "
                 f"{_fmt(r['in_p50_ms']):>7} {_fmt(r['in_p99_ms']):>7} {_fmt(r['out_p99_ms']):>7}"
             )
             if "floor_vs_baseline" in r:
                 out.append(
-                    f"  the floor is {r['floor_vs_baseline']:.2f}x the baseline's one call: "
-                    "no library can go lower on this machine"
+                    f"  this floor is {r['floor_vs_baseline']:.2f}x the baseline at the same "
+                    "load: no library can go lower on this machine"
                 )
     for r in rows:
         if r.get("table") == "soak":
@@ -975,7 +1010,9 @@ def main() -> None:
     p_level = sub.add_parser("level", help="one concurrency level", parents=[knobs])
     p_level.add_argument("calls", type=int)
     p_level.add_argument("--window", type=float, default=10.0)
-    p_level.add_argument("--impl", default="ours", choices=["ours", "baseline", "floor"])
+    p_level.add_argument(
+        "--impl", default="ours", choices=["ours", "baseline", "floor", "floor-duplex"]
+    )
     p_level.add_argument("--uvicorn", default="default")
     p_level.add_argument("--profile", help="py-spy raw (collapsed) output path")
     p_level.add_argument("--profile-target", default="server", choices=["server", "client"])
@@ -983,7 +1020,8 @@ def main() -> None:
     p_soak_run.add_argument("calls", type=int)
     p_serve = sub.add_parser("serve", parents=[knobs])
     p_serve.add_argument("--soak", action="store_true")
-    sub.add_parser("serve-floor")
+    p_floor = sub.add_parser("serve-floor")
+    p_floor.add_argument("--duplex", action="store_true")
     p_client = sub.add_parser("client")
     p_client.add_argument("--port", type=int, required=True)
     p_client.add_argument("--first", type=int, default=0)
