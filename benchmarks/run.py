@@ -131,7 +131,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
                 if name.startswith("floor"):
                     labels.append("live, 1 call:\nfloor (frames only)")
                 elif name.startswith("duplex floor"):
-                    labels.append(f"live, {r['calls']} call(s):\nduplex floor")
+                    calls = r["calls"]
+                    labels.append(f"live, {calls} call{'s' * (calls > 1)}:\nduplex floor")
                 else:
                     labels.append("live: " + name.split(", ", 1)[-1].replace(" (", "\n("))
                 ours.append(r["ours_cpu_s_per_call_min"])
