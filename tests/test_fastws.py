@@ -1277,6 +1277,24 @@ class _Transport(asyncio.Transport):
         return None
 
 
+async def _upgraded(config: Any, transport: _Transport, path: str) -> tuple[Any, Any]:
+    """A protocol for ``config`` on ``transport`` that accepted a websocket at ``path``."""
+    from uvicorn.server import ServerState
+
+    config.load()
+    state = ServerState()
+    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
+    protocol.connection_made(transport)
+    protocol.data_received(upgrade_request(path))
+    for _ in range(200):
+        if transport.written.startswith(b"HTTP/1.1 101"):
+            break
+        await asyncio.sleep(0.005)
+    assert transport.written.startswith(b"HTTP/1.1 101")
+    transport.written.clear()
+    return protocol, state
+
+
 @contextlib.asynccontextmanager
 async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> Any:
     """A protocol that accepted a websocket; its app puts what it receives in ``received``."""
@@ -1292,20 +1310,8 @@ async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> An
     config = uvicorn.Config(
         app, ws=VoiceWebSocketProtocol, log_level="error", ws_ping_interval=None
     )
-    config.load()
-    from uvicorn.server import ServerState
-
-    state = ServerState()
-    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
     transport = _Transport()
-    protocol.connection_made(transport)
-    protocol.data_received(upgrade_request())
-    for _ in range(100):
-        if transport.written.startswith(b"HTTP/1.1 101"):
-            break
-        await asyncio.sleep(0)
-    assert transport.written.startswith(b"HTTP/1.1 101")
-    transport.written.clear()
+    protocol, state = await _upgraded(config, transport, "/echo")
     try:
         yield protocol, transport
     finally:
@@ -1382,8 +1388,6 @@ def _server_messages(data: bytes) -> list[dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def _media_stream(audio: bytes, **options: Any) -> Any:
     """A VoiceServer call on the protocol over a counting transport; its agent queues ``audio``."""
-    from uvicorn.server import ServerState
-
     from voice_runtime.server import VoiceServer
     from voice_runtime.transports.twilio_ws import StreamOptions
 
@@ -1393,19 +1397,10 @@ async def _media_stream(audio: bytes, **options: Any) -> Any:
 
     server = VoiceServer(on_call=on_call, stream_options=StreamOptions(**options))
     config = uvicorn_config(server.app, log_level="error", ws_ping_interval=None)
-    config.load()
-    state = ServerState()
-    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
     transport = _CountingTransport()
-    protocol.connection_made(transport)
-    protocol.data_received(upgrade_request("/voice"))
+    protocol, state = await _upgraded(config, transport, "/voice")
+    transport.writes.clear()
     try:
-        for _ in range(200):
-            if transport.written.startswith(b"HTTP/1.1 101"):
-                break
-            await asyncio.sleep(0.005)
-        assert transport.written.startswith(b"HTTP/1.1 101")
-        transport.writes.clear()
         start = {
             "event": "start",
             "sequenceNumber": "1",
