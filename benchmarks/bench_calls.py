@@ -106,7 +106,9 @@ def _serve_ours(args: argparse.Namespace) -> None:
     class BenchCall(twilio_ws.MediaStreamCall):
         """Times each media frame from 'may go out' to the end of the write that carries it."""
 
-        bench_due: list[float]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.bench_due: list[float] = []  # of the media frames in the batch
 
         async def _send(self, text: str) -> bool:
             ok = await super()._send(text)
@@ -117,12 +119,12 @@ def _serve_ours(args: argparse.Namespace) -> None:
                 if self._fast is None:  # sent already
                     probe.out_lat_ms.append((time.monotonic() - due) * 1e3)
                 else:  # batched: timed at the flush
-                    self.__dict__.setdefault("bench_due", []).append(due)
+                    self.bench_due.append(due)
             return ok
 
         async def _flush(self) -> bool:
             ok = await super()._flush()
-            dues = self.__dict__.pop("bench_due", None)
+            dues, self.bench_due = self.bench_due, []
             if ok and dues:
                 now = time.monotonic()
                 probe.out_lat_ms.extend((now - due) * 1e3 for due in dues)

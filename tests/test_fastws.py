@@ -312,14 +312,18 @@ def build_app(inbox: Inbox, gates: Gates) -> FastAPI:
         )
         await ws.close()
 
-    @app.websocket("/record")
-    async def record(ws: WebSocket) -> None:
+    async def echo_until_closed(ws: WebSocket) -> WebSocketDisconnect:
         await ws.accept()
         try:
             while True:
                 await ws.send_text(await ws.receive_text())
         except WebSocketDisconnect as exc:
-            inbox.put(ws.query_params["id"], (exc.code, exc.reason))
+            return exc
+
+    @app.websocket("/record")
+    async def record(ws: WebSocket) -> None:
+        closed = await echo_until_closed(ws)
+        inbox.put(ws.query_params["id"], (closed.code, closed.reason))
 
     @app.websocket("/server-close")
     async def server_close(ws: WebSocket) -> None:
@@ -380,12 +384,7 @@ def build_app(inbox: Inbox, gates: Gates) -> FastAPI:
 
     @app.websocket("/hold")
     async def hold(ws: WebSocket) -> None:
-        await ws.accept()
-        try:
-            while True:
-                await ws.send_text(await ws.receive_text())
-        except WebSocketDisconnect as exc:
-            inbox.put("hold", exc.code)
+        inbox.put("hold", (await echo_until_closed(ws)).code)
 
     @app.websocket("/direct")
     async def direct(ws: WebSocket) -> None:

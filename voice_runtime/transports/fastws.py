@@ -25,7 +25,7 @@ import hashlib
 import logging
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
@@ -592,13 +592,9 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
 
     def send_text(self, text: str) -> bool:
         """Send one text message; False once the connection is closing or closed."""
-        if self.close_sent or self.disconnected or not self.accepted:
-            return False
-        data = text.encode("utf-8")
-        self.transport.write(frame_header(OP_TEXT, len(data)) + data)
-        return True
+        return self.send_texts((text,))
 
-    def send_texts(self, texts: list[str]) -> bool:
+    def send_texts(self, texts: Sequence[str]) -> bool:
         """Send several text messages with one socket write; False once closing or closed."""
         if self.close_sent or self.disconnected or not self.accepted:
             return False

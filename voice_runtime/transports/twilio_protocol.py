@@ -177,7 +177,7 @@ class MediaStreamParser:
             media, audio = self._media_audio(data)
             if media.get("track") != "outbound":
                 return audio
-            return self._media(data)
+            return self._media_event(data, media, audio)
         return self._event(data)
 
     def _decode(self, text: str | bytes) -> dict[str, Any]:
@@ -259,7 +259,10 @@ class MediaStreamParser:
         return media, audio
 
     def _media(self, data: dict[str, Any]) -> Media:
-        media, audio = self._media_audio(data)
+        return self._media_event(data, *self._media_audio(data))
+
+    @staticmethod
+    def _media_event(data: dict[str, Any], media: dict[str, Any], audio: bytes) -> Media:
         track = media.get("track")
         return Media(
             audio,

@@ -307,7 +307,7 @@ class MediaStreamCall:
         assert fast is not None  # only the direct channel batches
         if not fast.writable:
             await fast.wait_writable()
-        if fast.send_texts(batch) if len(batch) > 1 else fast.send_text(batch[0]):
+        if fast.send_texts(batch):
             return True
         return self._send_failed()
 
