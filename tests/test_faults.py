@@ -10,11 +10,11 @@ import os
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import websockets
+from abuse_kit import PacedCaller, media_frame, sids, start_frame
 from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,77 +30,6 @@ from voice_runtime.testing.simulator import CallerSimulator
 from voice_runtime.watchdog import LoopWatchdog
 
 FRAME = 160
-
-
-def _sids() -> tuple[str, str]:
-    return "CA" + uuid.uuid4().hex, "MZ" + uuid.uuid4().hex
-
-
-def _start(call_sid: str, stream_sid: str) -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": stream_sid,
-            "start": {
-                "accountSid": "AC" + "0" * 32,
-                "streamSid": stream_sid,
-                "callSid": call_sid,
-                "tracks": ["inbound"],
-                "customParameters": {},
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-        }
-    )
-
-
-def _media(stream_sid: str, frame: bytes, seq: int) -> str:
-    return json.dumps(
-        {
-            "event": "media",
-            "sequenceNumber": str(seq),
-            "streamSid": stream_sid,
-            "media": {
-                "track": "inbound",
-                "chunk": str(seq),
-                "timestamp": str(20 * seq),
-                "payload": base64.b64encode(frame).decode("ascii"),
-            },
-        }
-    )
-
-
-class _PacedCaller(threading.Thread):
-    """A well-behaved call: random 20 ms frames every 20 ms until stopped, then ``stop``."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(name="paced-caller", daemon=True)
-        self.url = url
-        self.call_sid, self.stream_sid = _sids()
-        self.sent = bytearray()
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with ws_connect(self.url, compression=None) as ws:
-                ws.send(_start(self.call_sid, self.stream_sid))
-                next_t = time.monotonic()
-                seq = 2
-                while not self._halt.is_set():
-                    frame = os.urandom(FRAME)
-                    ws.send(_media(self.stream_sid, frame, seq))
-                    self.sent += frame
-                    seq += 1
-                    next_t += 0.02
-                    self._halt.wait(max(0.0, next_t - time.monotonic()))
-                ws.send(json.dumps({"event": "stop", "streamSid": self.stream_sid, "stop": {}}))
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
 
 
 class _Recorder:
@@ -251,12 +180,12 @@ def _attack(url: str) -> Callable[[], None]:
         start_first=st.sampled_from([True, True, True, False]),
     )
     def attack(batch: list[Any], start_first: bool) -> None:
-        call_sid, stream_sid = _sids()
+        call_sid, stream_sid = sids()
         with ws_connect(url, compression=None, max_size=None) as ws:
             try:
                 if start_first:
-                    ws.send(_start(call_sid, stream_sid))
-                    ws.send(_media(stream_sid, bytes(FRAME), 2))
+                    ws.send(start_frame(call_sid, stream_sid))
+                    ws.send(media_frame(stream_sid, bytes(FRAME), 2))
                 for message in batch:
                     if isinstance(message, tuple):
                         message = _near_valid_text(*message, stream_sid)
@@ -273,7 +202,7 @@ def test_malformed_traffic_leaves_the_server_and_the_other_call_whole(caplog: An
     voice = VoiceServer(on_call=recorder.handle, max_calls=1000)
     with ServerThread(voice.app) as srv:
         url = srv.ws_url + "/voice"
-        good = _PacedCaller(url)
+        good = PacedCaller(url)
         good.start()
         _attack(url)()
         good.stop()
@@ -289,12 +218,12 @@ def test_malformed_traffic_leaves_the_server_and_the_other_call_whole(caplog: An
         # The server still serves: health answers and a new call gets its audio through.
         with urllib.request.urlopen(srv.url + "/health", timeout=5) as resp:
             assert resp.status == 200
-        call_sid, stream_sid = _sids()
+        call_sid, stream_sid = sids()
         frames = [os.urandom(FRAME) for _ in range(5)]
         with ws_connect(url, compression=None) as ws:
-            ws.send(_start(call_sid, stream_sid))
+            ws.send(start_frame(call_sid, stream_sid))
             for i, frame in enumerate(frames):
-                ws.send(_media(stream_sid, frame, i + 2))
+                ws.send(media_frame(stream_sid, frame, i + 2))
         assert recorder.ended_event(call_sid).wait(5)
         assert bytes(recorder.audio[call_sid]) == b"".join(frames)
     # Malformed input is counted and logged as a warning, never raised out of a stream.
@@ -416,13 +345,13 @@ def test_handler_that_blocks_the_event_loop_is_detected_and_logged(caplog: Any) 
     lags: list[float] = []
     voice = VoiceServer(on_call=on_call, watchdog=LoopWatchdog(threshold=0.2, on_lag=lags.append))
     with ServerThread(voice.app) as srv:
-        call_sid, stream_sid = _sids()
+        call_sid, stream_sid = sids()
         with ws_connect(srv.ws_url + "/voice", compression=None) as ws:
-            ws.send(_start(call_sid, stream_sid))
+            ws.send(start_frame(call_sid, stream_sid))
             deadline = time.monotonic() + 5
             while not lags:
                 assert time.monotonic() < deadline, "the blocked loop was not noticed"
-                ws.send(_media(stream_sid, bytes(FRAME), 2))
+                ws.send(media_frame(stream_sid, bytes(FRAME), 2))
                 time.sleep(0.05)
     # The watchdog's timer fell due somewhere inside the 0.6 s block: it saw at least the
     # part of the block after its interval.

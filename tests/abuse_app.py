@@ -1,0 +1,58 @@
+"""The app that abuse tests serve in a second process (see abuse_kit.ServedApp).
+
+Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``,
+so a test can check that a legitimate call lost no frame while an attack ran. Knobs come
+from the environment: ABUSE_MAX_CALLS (default 20), and the usual TWILIO_* / VOICE_*
+variables (signatures, public URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any
+
+from fastapi import FastAPI
+
+from voice_runtime.server import VoiceServer
+from voice_runtime.session import VoiceSession
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, dict[str, Any]] = {}
+
+    async def handle(self, session: VoiceSession) -> None:
+        sid = session.call_sid or ""
+        digest = hashlib.sha256()
+        record = {"bytes": 0, "sha256": digest.hexdigest(), "ended": False}
+        with self._lock:
+            self.calls[sid] = record
+        try:
+            while (frame := await session.inbound.get()) is not None:
+                digest.update(frame)
+                record["bytes"] += len(frame)
+            record["sha256"] = digest.hexdigest()
+        finally:
+            record["sha256"] = digest.hexdigest()
+            record["ended"] = True
+
+
+counter = _Counter()
+app = FastAPI()
+
+
+@app.get("/test/calls/{call_sid}")
+async def call_record(call_sid: str) -> dict[str, Any]:
+    """What this server received on one call."""
+    return counter.calls.get(call_sid, {"bytes": 0, "sha256": "", "ended": False})
+
+
+voice = VoiceServer(
+    app=app,
+    on_call=counter.handle,
+    max_calls=int(os.environ.get("ABUSE_MAX_CALLS", "20")),
+    drain_timeout=float(os.environ.get("ABUSE_DRAIN_TIMEOUT", "5")),
+)
