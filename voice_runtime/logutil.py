@@ -1,0 +1,61 @@
+"""Logging where an attacker controls how often, or what, we log.
+
+A peer that sends a million unknown marks must not write a million log lines, and a string it
+chose must not reach a log record at any length. :class:`LogLimiter` lets the first few
+records of a kind through, then one in N, and counts them all; :func:`clip` shortens any
+attacker-supplied string before it goes into a message or an ``extra=`` field.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+__all__ = ["MAX_LOGGED_CHARS", "LogLimiter", "clip", "log_limiter"]
+
+MAX_LOGGED_CHARS = 64
+
+
+def clip(value: Any, limit: int = MAX_LOGGED_CHARS) -> str:
+    """``value`` as a string of at most ``limit`` characters, control characters escaped."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    # Escaping can only lengthen the text; clip again so the bound holds.
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+class LogLimiter:
+    """Lets the first ``first`` events of a kind be logged, then one in ``every``; counts all.
+
+    ``allow(kind)`` counts the event and says whether to log it; ``counts`` has every kind's
+    total. Thread-safe.
+    """
+
+    def __init__(self, first: int = 5, every: int = 1000) -> None:
+        self.first = first
+        self.every = every
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def allow(self, kind: str) -> bool:
+        """Count one ``kind`` event; True when this one should be logged."""
+        with self._lock:
+            self.counts[kind] += 1
+            n = self.counts[kind]
+        return n <= self.first or (n - self.first) % self.every == 0
+
+    def count(self, kind: str) -> int:
+        """How many ``kind`` events were seen."""
+        with self._lock:
+            return self.counts[kind]
+
+
+_process_limiter = LogLimiter()
+
+
+def log_limiter() -> LogLimiter:
+    """The process-wide limiter (per-connection code may keep its own)."""
+    return _process_limiter
