@@ -3,7 +3,7 @@
 ::
 
     VoiceRuntimeError
-    ├── ConfigurationError              a required setting is missing or invalid
+    ├── ConfigurationError              a required setting is missing or invalid (a ValueError)
     │   ├── MissingCredentialError      names the environment variable to set
     │   └── MissingStreamUrlError       VOICE_STREAM_URL is not set
     ├── SessionError
@@ -16,8 +16,10 @@
     └── ProviderError                   a vendor failed; ``retryable`` says whether to retry
         └── ProviderConnectionError     the vendor could not be reached (retryable)
 
-Twilio REST errors (``TwilioCallNotFoundError``, ``TwilioCallListIncompleteError``) also
-derive from ``RuntimeError`` for compatibility with the 0.1.x package.
+``ConfigurationError`` is also a ``ValueError`` (0.1.x raised ValueError for a bad setting such
+as TWILIO_HTTP_TIMEOUT). Twilio REST errors (``TwilioCallNotFoundError``,
+``TwilioCallListIncompleteError``) also derive from ``RuntimeError`` for compatibility with the
+0.1.x package.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class VoiceRuntimeError(Exception):
     """Root of every error raised by voice_runtime."""
 
 
-class ConfigurationError(VoiceRuntimeError):
-    """A required setting is missing or invalid."""
+class ConfigurationError(VoiceRuntimeError, ValueError):
+    """A required setting is missing or invalid; a ValueError too, as 0.1.x raised."""
 
 
 class MissingCredentialError(ConfigurationError, RuntimeError):

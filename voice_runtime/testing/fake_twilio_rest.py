@@ -63,9 +63,10 @@ API_HOST_HEADER = "X-Voice-Runtime-Api-Host"
 TERMINAL_CALL_STATUSES = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
 _API_PREFIX = "/2010-04-01/Accounts/"
 _ROUTE = re.compile(r"/2010-04-01/Accounts/(?P<account>[^/]+)/(?P<rest>.+)")
-_CALL = re.compile(r"Calls/(?P<call>[A-Za-z0-9]+)\.json")
-_RECORDINGS = re.compile(r"Calls/(?P<call>[A-Za-z0-9]+)/Recordings\.json")
-_RECORDING = re.compile(r"Calls/(?P<call>[A-Za-z0-9]+)/Recordings/(?P<rec>[A-Za-z0-9]+)\.json")
+# Any SID the client may send (voice_runtime accepts e.g. "CA-test"), one path segment each.
+_CALL = re.compile(r"Calls/(?P<call>[^/]+)\.json")
+_RECORDINGS = re.compile(r"Calls/(?P<call>[^/]+)/Recordings\.json")
+_RECORDING = re.compile(r"Calls/(?P<call>[^/]+)/Recordings/(?P<rec>[^/]+)\.json")
 _STATUS_TEXT = {
     400: "Bad Request",
     401: "Unauthorized",

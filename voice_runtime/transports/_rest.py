@@ -15,26 +15,29 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import inspect
 import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import twilio.rest
 from twilio.base.exceptions import TwilioException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
-from twilio.rest import Client
 
 from voice_runtime.config import settings
 from voice_runtime.transports.twilio_models import (
     DEFAULT_API_HOST,
     TwilioRegion,
     TwilioRestError,
+    transport_error,
 )
+
+if TYPE_CHECKING:
+    from twilio.rest import Client
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,12 @@ class _QuietLogging:
 
 
 class RestHttpClient(_QuietLogging, TwilioHttpClient):
-    """The SDK's sync HTTP client with a bounded timeout, URL rewrite and leak-free logs."""
+    """The SDK's sync HTTP client with a bounded timeout, URL rewrite and leak-free logs.
+
+    Every request reaches ``requests.Session.send`` with ``timeout=`` (this client's
+    timeout unless the SDK passes one) and ``allow_redirects=False``, so tools that intercept
+    ``requests`` (``responses``, ``requests-mock``) see both.
+    """
 
     def __init__(self, *, timeout: float, api_base_url: str | None = None) -> None:
         super().__init__(timeout=resolve_timeout(timeout), logger=logger)
@@ -145,6 +153,7 @@ class RestHttpClient(_QuietLogging, TwilioHttpClient):
         target, host = rewrite_url(url, self.api_base_url)
         if host is not None:
             headers = {**(headers or {}), API_HOST_HEADER: host}
+        # A redirect would resend the Basic credentials to wherever it points: never follow.
         return super().request(
             method,
             target,
@@ -152,8 +161,8 @@ class RestHttpClient(_QuietLogging, TwilioHttpClient):
             data=data,
             headers=headers,
             auth=auth,
-            timeout=timeout,
-            allow_redirects=allow_redirects,
+            timeout=self.timeout if timeout is None else resolve_timeout(timeout),
+            allow_redirects=False,
         )
 
     def close(self) -> None:
@@ -235,7 +244,7 @@ class AsyncRestHttpClient(_QuietLogging, AsyncTwilioHttpClient):
             params=_pairs(params),
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=limit),
-            allow_redirects=allow_redirects,
+            allow_redirects=False,
             **body,
         ) as response:
             text = await response.text()
@@ -250,8 +259,14 @@ class AsyncRestHttpClient(_QuietLogging, AsyncTwilioHttpClient):
 
 
 def _check_credential(value: object, name: str) -> str:
+    # The message never holds the value: it is a secret.
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-blank string")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        # requests would raise an error whose repr holds the whole secret.
+        raise ValueError(f"{name} must hold only Latin-1 characters") from None
     return value
 
 
@@ -264,7 +279,8 @@ def _client(
     region: str | None,
     edge: str | None,
 ) -> Client:
-    return Client(
+    # Looked up at call time, so ``patch("twilio.rest.Client")`` replaces it.
+    return twilio.rest.Client(
         _check_credential(username, "account_sid"),
         _check_credential(password, "auth_token"),
         account_sid=account_sid,
@@ -347,23 +363,30 @@ def build_region_client(
 
 
 def client_api_host(client: Client) -> str:
-    """The API host a client sends requests to (after its region/edge settings)."""
-    host = urlsplit(client.get_hostname(client.api.base_url)).hostname
+    """The API host a client sends requests to (after its region/edge settings).
+
+    A stand-in client (a mock) that cannot say is taken to use ``api.twilio.com``.
+    """
+    try:
+        url = client.get_hostname(client.api.base_url)
+    except Exception:  # noqa: BLE001 - a stand-in client; the host only labels logs/errors
+        return DEFAULT_API_HOST
+    host = urlsplit(url).hostname if isinstance(url, str) else None
     return host or DEFAULT_API_HOST
 
 
 def close_client(client: Client) -> None:
-    """Release a sync client's pooled connections."""
-    close = getattr(client.http_client, "close", None)
-    if callable(close) and not inspect.iscoroutinefunction(close):
-        close()
+    """Release a sync client's pooled connections (only those of our own HTTP client)."""
+    http_client = getattr(client, "http_client", None)
+    if isinstance(http_client, RestHttpClient):
+        http_client.close()
 
 
 async def aclose_client(client: Client) -> None:
-    """Release an async client's aiohttp session."""
-    close = getattr(client.http_client, "close", None)
-    if callable(close) and inspect.iscoroutinefunction(close):
-        await close()
+    """Release an async client's aiohttp session (only that of our own HTTP client)."""
+    http_client = getattr(client, "http_client", None)
+    if isinstance(http_client, AsyncRestHttpClient):
+        await http_client.close()
 
 
 def _is_transport_error(exc: BaseException) -> bool:
@@ -393,7 +416,7 @@ def as_rest_error(exc: BaseException) -> TwilioRestError | None:
     if isinstance(exc, TwilioException) and hasattr(exc, "status"):
         return TwilioRestError.from_exception(exc)
     if _is_transport_error(exc):
-        return TwilioRestError.from_exception(exc)
+        return transport_error(exc)
     return None
 
 

@@ -1,8 +1,10 @@
 """Twilio REST for calls: TwiML for Media Streams, placing, updating, ending and listing calls.
 
-Everything here talks to Twilio through the official SDK (built by
-:mod:`voice_runtime.transports._rest`, with a bounded timeout), except :func:`list_calls`,
-which reads raw ``Calls.json`` pages with httpx so it can validate exactly what Twilio sent.
+Everything here talks to Twilio through the official SDK. Sync functions get their client
+from :func:`build_twilio_client` / :func:`build_explicit_twilio_client` (looked up at call
+time, so tests can patch them or ``twilio.rest.Client``); its HTTP client is the SDK's
+``requests``-based one with a bounded timeout and no redirects. :func:`list_calls` reads
+pages with ``calls.page``/``calls.get_page`` and validates each page's raw JSON itself.
 
 Settings come from :func:`voice_runtime.config.settings` when a function is called:
 VOICE_STREAM_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER,
@@ -16,15 +18,17 @@ Each sync function has an ``*_async`` twin with the same options, built on the S
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from voice_runtime.config import Settings, settings
 from voice_runtime.errors import MissingStreamUrlError
@@ -41,7 +45,6 @@ from voice_runtime.transports.twilio_models import (
 )
 
 if TYPE_CHECKING:
-    import httpx
     from twilio.rest import Client
     from twilio.twiml.voice_response import VoiceResponse
 
@@ -188,7 +191,35 @@ def _credentials(current: Settings) -> tuple[str, str]:
         raise MissingTwilioCredentialError("TWILIO_ACCOUNT_SID", "Twilio account SID")
     if not current.twilio_auth_token:
         raise MissingTwilioCredentialError("TWILIO_AUTH_TOKEN", "Twilio auth token")
-    return current.twilio_account_sid, current.twilio_auth_token
+    # The account SID goes into every request path.
+    return validate_sid(current.twilio_account_sid), current.twilio_auth_token
+
+
+def build_twilio_client(account_sid: str, auth_token: str) -> Client:
+    """Return the ``twilio.rest.Client`` every sync REST function here uses (as in 0.1.x).
+
+    It has a bounded timeout (TWILIO_HTTP_TIMEOUT, default 15 s), never follows redirects,
+    honours TWILIO_REGION / TWILIO_EDGE and TWILIO_API_BASE_URL, and is built through
+    ``twilio.rest.Client`` looked up at call time. The functions here call this module-level
+    name each time, so ``monkeypatch.setattr(twilio_call, "build_twilio_client", ...)`` and
+    ``patch("twilio.rest.Client", ...)`` both reach every request.
+    """
+    from voice_runtime.transports import _rest
+
+    return _rest.build_client(account_sid, auth_token)
+
+
+def build_explicit_twilio_client(
+    region: TwilioRegion, *, api_base_url: str | None = None, timeout: float | None = None
+) -> Client:
+    """Return a ``twilio.rest.Client`` bound to one explicit :class:`TwilioRegion`.
+
+    Used by :func:`hangup_call` with ``regions`` and by :func:`list_calls`; the same timeout,
+    redirect and patching rules as :func:`build_twilio_client` apply.
+    """
+    from voice_runtime.transports import _rest
+
+    return _rest.build_region_client(region, api_base_url=api_base_url, timeout=timeout)
 
 
 def _sync_client(client: Client | None) -> Any:
@@ -198,7 +229,7 @@ def _sync_client(client: Client | None) -> Any:
     if client is not None:
         return _rest.sync_client(client, lambda: client)
     account_sid, auth_token = _credentials(settings())
-    return _rest.sync_client(None, lambda: _rest.build_client(account_sid, auth_token))
+    return _rest.sync_client(None, lambda: build_twilio_client(account_sid, auth_token))
 
 
 def _async_client(client: Client | None) -> Any:
@@ -477,7 +508,7 @@ def hangup_call(call_sid: str, *, regions: tuple[TwilioRegion, ...] | None = Non
     if regions is not None:
         checked = validate_regions(regions)
         for region in checked:
-            client = _rest.build_region_client(region)
+            client = build_explicit_twilio_client(region)
             try:
                 if _complete(client, call_sid, region.api_host):
                     return
@@ -485,7 +516,7 @@ def hangup_call(call_sid: str, *, regions: tuple[TwilioRegion, ...] | None = Non
                 _rest.close_client(client)
         raise TwilioCallNotFoundError(tuple(region.api_host for region in checked))
     account_sid, auth_token = _credentials(settings())
-    client = _rest.build_client(account_sid, auth_token)
+    client = build_twilio_client(account_sid, auth_token)
     try:
         host = _rest.client_api_host(client)
         if not _complete(client, call_sid, host):
@@ -773,7 +804,7 @@ def _next_page_url(link: object, api_host: str, collection: str) -> str:
 
 
 class _CallListing:
-    """The paging state machine of a call list, without I/O: URLs out, JSON pages in."""
+    """The paging state machine of a call list, without I/O: queries out, JSON pages in."""
 
     def __init__(
         self,
@@ -793,12 +824,11 @@ class _CallListing:
         self.cap_is_error = cap_is_error
         self.pages_fetched = 0
         self.rows: list[TwilioCallRow] = []
-        query: list[tuple[str, str]] = []
+        # The SDK's calls.page() keywords: To, StartTime> (UTC, ...Z) and PageSize.
+        self.first_query: dict[str, Any] = {"start_time_after": self.after, "page_size": page_size}
         if to is not None:
-            query.append(("To", to))
-        query.append(("StartTime>", self.after.strftime("%Y-%m-%dT%H:%M:%SZ")))
-        query.append(("PageSize", str(page_size)))
-        self.next_url: str | None = f"https://{api_host}{self.collection}?{urlencode(query)}"
+            self.first_query["to"] = to
+        self.next_url: str | None = None
 
     def feed(self, payload: object) -> None:
         """Take one decoded page; set ``next_url`` (None when done) or raise."""
@@ -817,78 +847,92 @@ class _CallListing:
             return
         self.next_url = target
 
-    def pages(self) -> Iterator[str]:
-        """Yield each URL to fetch until the listing is complete."""
-        while self.next_url is not None:
-            yield self.next_url
 
-
-def _request_target(logical_url: str, base: str | None) -> tuple[str, dict[str, str]]:
-    from voice_runtime.transports import _rest
-
-    target, host = _rest.rewrite_url(logical_url, base)
-    headers = {"Accept": "application/json"}
-    if host is not None:
-        headers[_rest.API_HOST_HEADER] = host
-    return target, headers
-
-
-def _decode_page(response: httpx.Response) -> object:
-    if response.status_code != 200:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        body = body if isinstance(body, dict) else {}
-        code = body.get("code")
-        raise TwilioRestError(
-            str(body.get("message") or response.reason_phrase or "call list request failed"),
-            status=response.status_code,
-            code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-            uri=urlsplit(str(response.request.url)).path,
-            method="GET",
-        )
+def _status_error(response: Any, path: str) -> TwilioRestError:
+    """The TwilioRestError for a non-200 page (the SDK raises a bare TwilioException)."""
     try:
-        return response.json()
-    except ValueError:
-        raise ValueError("Call list page is not JSON") from None
+        body = json.loads(response.text)
+    except (TypeError, ValueError):
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    code = body.get("code")
+    status = response.status_code
+    return TwilioRestError(
+        str(body.get("message") or "call list request failed"),
+        status=status if isinstance(status, int) else None,
+        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
+        uri=path,
+        method="GET",
+    )
 
 
-def _listing_setup(api_base_url: str | None, timeout: float | None) -> tuple[str | None, float]:
+def _page_failure(exc: Exception, path: str) -> Exception:
+    """Map what the SDK raised while fetching or decoding a page to our error."""
+    from twilio.base.exceptions import TwilioException
+    from twilio.http.response import Response
+
     from voice_runtime.transports import _rest
 
-    return _rest.resolve_base_url(api_base_url), _rest.resolve_timeout(timeout)
+    error = _rest.as_rest_error(exc)
+    if error is not None:
+        return error
+    if isinstance(exc, TwilioException) and len(exc.args) > 1 and isinstance(exc.args[1], Response):
+        return _status_error(exc.args[1], path)  # "Unable to fetch page", with the response
+    if isinstance(exc, TwilioException | ValueError | TypeError | AttributeError | KeyError):
+        # The SDK's page parser choked on the body (not JSON, not an object of records).
+        return ValueError("Call list page is not a JSON object with a list of calls")
+    return exc
 
 
-def _fetch_all(
-    listing: _CallListing, auth: tuple[str, str], base: str | None, timeout: float
-) -> list[TwilioCallRow]:
-    import httpx
+def _page_payload(page: object) -> object:
+    # The raw JSON the SDK decoded: validated here, before the SDK's lossy record parsing.
+    return getattr(page, "_payload", None)
 
-    with httpx.Client(auth=auth, timeout=timeout, follow_redirects=False) as http:
-        for logical in listing.pages():
-            target, headers = _request_target(logical, base)
-            try:
-                response = http.get(target, headers=headers)
-            except httpx.TransportError as exc:
-                raise TwilioRestError.from_exception(exc) from exc
-            listing.feed(_decode_page(response))
+
+def _read_page(fetch: Callable[[], object], path: str) -> object:
+    try:
+        page = fetch()
+    except Exception as exc:
+        error = _page_failure(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+    return _page_payload(page)
+
+
+async def _read_page_async(fetch: Callable[[], Awaitable[object]], path: str) -> object:
+    try:
+        page = await fetch()
+    except Exception as exc:
+        error = _page_failure(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+    return _page_payload(page)
+
+
+def _fetch_all(listing: _CallListing, client: Client) -> list[TwilioCallRow]:
+    """Read every page through the SDK (``calls.page``, then ``calls.get_page``)."""
+    listing.feed(_read_page(lambda: client.calls.page(**listing.first_query), listing.collection))
+    while listing.next_url is not None:
+        url = listing.next_url
+        listing.feed(_read_page(functools.partial(client.calls.get_page, url), listing.collection))
     return listing.rows
 
 
-async def _fetch_all_async(
-    listing: _CallListing, auth: tuple[str, str], base: str | None, limit: float
-) -> list[TwilioCallRow]:
-    import httpx
-
-    async with httpx.AsyncClient(auth=auth, timeout=limit, follow_redirects=False) as http:
-        for logical in listing.pages():
-            target, headers = _request_target(logical, base)
-            try:
-                response = await http.get(target, headers=headers)
-            except httpx.TransportError as exc:
-                raise TwilioRestError.from_exception(exc) from exc
-            listing.feed(_decode_page(response))
+async def _fetch_all_async(listing: _CallListing, client: Client) -> list[TwilioCallRow]:
+    """Async twin of :func:`_fetch_all` (``page_async``, ``get_page_async``)."""
+    first = listing.first_query
+    listing.feed(
+        await _read_page_async(lambda: client.calls.page_async(**first), listing.collection)
+    )
+    while listing.next_url is not None:
+        url = listing.next_url
+        listing.feed(
+            await _read_page_async(
+                functools.partial(client.calls.get_page_async, url), listing.collection
+            )
+        )
     return listing.rows
 
 
@@ -944,8 +988,16 @@ def list_calls(
     listing, region = _new_listing(
         api_host, account_sid, auth, to, start_after, page_size, max_pages
     )
-    base, limit = _listing_setup(api_base_url, timeout)
-    return _fetch_all(listing, region.auth, base, limit)
+    from voice_runtime.transports import _rest
+
+    if api_base_url is None and timeout is None:
+        client = build_explicit_twilio_client(region)
+    else:
+        client = build_explicit_twilio_client(region, api_base_url=api_base_url, timeout=timeout)
+    try:
+        return _fetch_all(listing, client)
+    finally:
+        _rest.close_client(client)
 
 
 async def list_calls_async(
@@ -958,14 +1010,21 @@ async def list_calls_async(
     page_size: int = 200,
     max_pages: int = 10,
     api_base_url: str | None = None,
-    timeout: float | None = None,  # noqa: ASYNC109 - per-request HTTP timeout (httpx)
+    timeout: float | None = None,  # noqa: ASYNC109 - per-request HTTP timeout
 ) -> list[TwilioCallRow]:
-    """Async twin of :func:`list_calls`."""
+    """Async twin of :func:`list_calls` (the SDK's ``page_async``/``get_page_async``)."""
+    from voice_runtime.transports import _rest
+
     listing, region = _new_listing(
         api_host, account_sid, auth, to, start_after, page_size, max_pages
     )
-    base, limit = _listing_setup(api_base_url, timeout)
-    return await _fetch_all_async(listing, region.auth, base, limit)
+    client = _rest.build_region_client(
+        region, api_base_url=api_base_url, timeout=timeout, use_async=True
+    )
+    try:
+        return await _fetch_all_async(listing, client)
+    finally:
+        await _rest.aclose_client(client)
 
 
 def list_recent_calls(lookback_s: float = 3600.0) -> list[dict[str, Any]]:
@@ -990,21 +1049,20 @@ def list_recent_calls(lookback_s: float = 3600.0) -> list[dict[str, Any]]:
     if not current.twilio_account_sid or not current.twilio_auth_token:
         return []
     account_sid = validate_sid(current.twilio_account_sid)
-    api_host = _rest.api_host_for(
-        getattr(current, "twilio_region", None), getattr(current, "twilio_edge", None)
-    )
-    listing = _CallListing(
-        api_host=api_host,
-        account_sid=account_sid,
-        to=current.twilio_phone_number or None,
-        start_after=datetime.fromtimestamp(time.time() - lookback_s, tz=UTC),
-        page_size=200,
-        max_pages=1,
-        cap_is_error=False,
-    )
-    base, limit = _listing_setup(None, None)
-    auth = (account_sid, current.twilio_auth_token)
-    rows = _fetch_all(listing, auth, base, limit)
+    client = build_twilio_client(account_sid, current.twilio_auth_token)
+    try:
+        listing = _CallListing(
+            api_host=_rest.client_api_host(client),
+            account_sid=account_sid,
+            to=current.twilio_phone_number or None,
+            start_after=datetime.fromtimestamp(time.time() - lookback_s, tz=UTC),
+            page_size=200,
+            max_pages=1,
+            cap_is_error=False,
+        )
+        rows = _fetch_all(listing, client)
+    finally:
+        _rest.close_client(client)
     return [
         {
             "call_sid": row.call_sid,
@@ -1027,10 +1085,12 @@ __all__ = [
     "TwilioRegion",
     "TwilioRestError",
     "build_digits_twiml",
+    "build_explicit_twilio_client",
     "build_route_stream_xml",
     "build_stream_twiml",
     "build_stream_xml",
     "build_transfer_twiml",
+    "build_twilio_client",
     "hangup_call",
     "hangup_call_async",
     "initiate_outbound_call",

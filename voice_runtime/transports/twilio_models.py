@@ -9,12 +9,15 @@
     ├── TwilioCallListIncompleteError      also a RuntimeError; ``api_host``, ``pages_fetched``
     └── ProviderError
         └── TwilioRestError                also a twilio ``TwilioRestException``; ``status``,
-                                           ``code``, ``message``, ``retryable``, cause kept
+            │                              ``code``, ``message``, ``retryable``, cause kept
+            └── TwilioTransportError       Twilio unreachable or timed out; also an instance
+                                           of the HTTP library's exception (requests.Timeout)
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -34,11 +37,36 @@ _DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _REGIONAL_HOST = re.compile(rf"api\.{_DNS_LABEL}\.{_DNS_LABEL}\.twilio\.com")
 
 
+_SID_FORBIDDEN = frozenset("/?#%\\")
+
+
 def validate_sid(value: object) -> str:
-    """Return ``value`` if it is a non-empty ASCII alphanumeric SID, else raise ValueError."""
-    # SIDs are pasted into URL paths unquoted by the SDK, so anything else could change the path.
+    """Return ``value`` if it is a SID that cannot change a request path, else raise ValueError.
+
+    Any non-empty string is accepted (as 0.1.x did, e.g. ``"CA-test"``) except one holding
+    ``/ ? # % \\``, whitespace or control characters, or a bare ``.``/``..``: the SDK pastes
+    SIDs into URL paths unquoted, so those could change the path or a header.
+    """
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or any(
+            char in _SID_FORBIDDEN or char.isspace() or unicodedata.category(char) == "Cc"
+            for char in value
+        )
+    ):
+        raise ValueError(
+            "SID must be a non-empty string without '/', '?', '#', '%', '\\', whitespace or "
+            "control characters (they would change the request path)"
+        )
+    return value
+
+
+def validate_account_sid(value: object) -> str:
+    """Return ``value`` if it is a non-empty ASCII alphanumeric account SID, else ValueError."""
     if not isinstance(value, str) or not value.isascii() or not value.isalnum():
-        raise ValueError("SID must be a non-empty ASCII alphanumeric string")
+        raise ValueError("account SID must be a non-empty ASCII alphanumeric string")
     return value
 
 
@@ -76,7 +104,7 @@ class TwilioRegion(BaseModel):
     @field_validator("account_sid")
     @classmethod
     def _check_account(cls, value: str) -> str:
-        return validate_sid(value)
+        return validate_account_sid(value)
 
     @field_validator("auth")
     @classmethod
@@ -261,6 +289,48 @@ class TwilioRestError(ProviderError, TwilioRestException):
         return cls(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+class TwilioTransportError(TwilioRestError):
+    """Twilio could not be reached (connection refused, DNS, timeout): ``status`` is None.
+
+    Each instance is also an instance of the HTTP library's exception it replaces (for
+    example ``requests.exceptions.ReadTimeout``), so ``except requests.Timeout`` written
+    against 0.1.x still catches it. Build them with :func:`transport_error`.
+    """
+
+
+_TRANSPORT_CLASSES: dict[type[BaseException], type[TwilioTransportError]] = {}
+_URL_QUERY = re.compile(r"\?[^\s'\"()<>]*")
+
+
+def _transport_class(kind: type[BaseException]) -> type[TwilioTransportError]:
+    cls = _TRANSPORT_CLASSES.get(kind)
+    if cls is None:
+        try:
+            cls = type(
+                f"TwilioTransportError[{kind.__name__}]",
+                (TwilioTransportError, kind),
+                {"__module__": __name__, "__str__": TwilioRestError.__str__},
+            )
+        except TypeError:  # an exception type that cannot be combined (layout, final class)
+            cls = TwilioTransportError
+        cls = _TRANSPORT_CLASSES.setdefault(kind, cls)
+    return cls
+
+
+def transport_error(exc: BaseException) -> TwilioRestError:
+    """A retryable TwilioRestError for a transport failure, also of ``exc``'s own type."""
+    # URLs in transport messages carry the query (To=phone number): drop it.
+    detail = _URL_QUERY.sub("?…", str(exc))
+    message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    cls = _transport_class(type(exc))
+    error = cls.__new__(cls, message)
+    TwilioRestError.__init__(error, message)
+    # Attributes the HTTP library's own code and users read (request, response, ...).
+    for name, value in getattr(exc, "__dict__", {}).items():
+        error.__dict__.setdefault(name, value)
+    return error
+
+
 def parse_call_page(payload: object) -> tuple[list[TwilioCallRow], str | None]:
     """Validate one raw ``Calls.json`` page; return its rows and its next-page link."""
     page = _CallPage.model_validate(payload)
@@ -275,7 +345,10 @@ __all__ = [
     "TwilioCallRow",
     "TwilioRegion",
     "TwilioRestError",
+    "TwilioTransportError",
     "parse_call_page",
+    "transport_error",
+    "validate_account_sid",
     "validate_api_host",
     "validate_sid",
 ]

@@ -1,6 +1,7 @@
 """Twilio SMS: sending messages, answering the inbound SMS webhook, parsing its form.
 
-``send_sms`` reads TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER (through
+``send_sms`` gets its client from :func:`build_twilio_client` (patchable) and reads
+TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER (through
 :func:`voice_runtime.config.settings`) when called, unless given ``client`` / ``from_`` /
 ``messaging_service_sid``; REST failures raise
 :class:`~voice_runtime.transports.twilio_models.TwilioRestError`.
@@ -20,6 +21,19 @@ if TYPE_CHECKING:
     from twilio.rest import Client
 
 logger = logging.getLogger(__name__)
+
+
+def build_twilio_client(account_sid: str, auth_token: str) -> Client:
+    """Return the ``twilio.rest.Client`` :func:`send_sms` uses (as in 0.1.x).
+
+    :func:`send_sms` calls this module-level name each time, so tests can replace it with
+    ``monkeypatch.setattr(twilio_sms, "build_twilio_client", ...)`` (or patch
+    ``twilio.rest.Client``). Bounded timeout, no redirects, as in
+    :func:`voice_runtime.transports.twilio_call.build_twilio_client`.
+    """
+    from voice_runtime.transports import _rest
+
+    return _rest.build_client(account_sid, auth_token)
 
 
 def _message_options(
@@ -113,7 +127,7 @@ def send_sms(
 
     def build() -> Client:
         assert credentials is not None
-        return _rest.build_client(*credentials)
+        return build_twilio_client(*credentials)
 
     with _rest.sync_client(client, build) as rest, _rest.rest_errors():
         message = rest.messages.create(**options)
@@ -217,4 +231,11 @@ def parse_inbound_sms(form: Mapping[str, str]) -> InboundSms:
     )
 
 
-__all__ = ["InboundSms", "parse_inbound_sms", "send_sms", "send_sms_async", "sms_reply_twiml"]
+__all__ = [
+    "InboundSms",
+    "build_twilio_client",
+    "parse_inbound_sms",
+    "send_sms",
+    "send_sms_async",
+    "sms_reply_twiml",
+]
