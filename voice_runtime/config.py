@@ -115,7 +115,7 @@ def _convert(name: str, kind: object, raw: str) -> object:
         except ValueError:
             raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
         if name == "TWILIO_HTTP_TIMEOUT" and (not math.isfinite(value) or value <= 0):
-            raise ValueError(f"{name} must be a finite positive number, got {raw!r}")
+            raise ConfigurationError(f"{name} must be a finite positive number, got {raw!r}")
         return value
     return raw
 

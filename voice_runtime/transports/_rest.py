@@ -262,11 +262,9 @@ def _check_credential(value: object, name: str) -> str:
     # The message never holds the value: it is a secret.
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-blank string")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        # requests would raise an error whose repr holds the whole secret.
-        raise ValueError(f"{name} must hold only Latin-1 characters") from None
+    if any(ord(char) > 0xFF for char in value):
+        # requests would raise a UnicodeEncodeError whose repr holds the whole secret.
+        raise ValueError(f"{name} must hold only Latin-1 characters")
     return value
 
 
