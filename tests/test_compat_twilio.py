@@ -26,7 +26,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from voice_runtime.config import Settings
+from voice_runtime.config import Settings, settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.testing.fake_twilio_rest import FakeTwilioRest
 from voice_runtime.transports import twilio_call, twilio_sms
@@ -489,6 +489,7 @@ def test_no_secret_in_errors_reprs_or_logs(
 
     client = twilio_call.build_twilio_client(ACCOUNT, TOKEN)
     texts = [repr(region), str(region), repr(client), repr(client.http_client), caplog.text]
+    texts.append(repr(settings()))
     for error in errors:
         texts.extend(f"{e!s} {e!r} {getattr(e, '__dict__', {})!r}" for e in _chain(error))
     texts.extend(r.getMessage() + repr(vars(r)) for r in caplog.records)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from voice_runtime.errors import ConfigurationError
 
@@ -58,30 +58,30 @@ ENV_VARS: tuple[EnvVar, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    """A snapshot of every voice_runtime environment variable."""
+    """A snapshot of every voice_runtime environment variable (secrets are left out of repr)."""
 
     voice_stream_url: str | None = None
     voice_server_port: int = 8080
     voice_public_url: str | None = None
     twilio_account_sid: str | None = None
-    twilio_auth_token: str | None = None
+    twilio_auth_token: str | None = field(default=None, repr=False)
     twilio_phone_number: str | None = None
     twilio_skip_signature_validation: bool = False
     twilio_http_timeout: float = 15.0
     twilio_region: str | None = None
     twilio_edge: str | None = None
     twilio_api_base_url: str | None = None
-    elevenlabs_api_key: str | None = None
+    elevenlabs_api_key: str | None = field(default=None, repr=False)
     elevenlabs_voice_id: str = "21m00Tcm4TlvDq8ikWAM"
     elevenlabs_model: str = "eleven_multilingual_v2"
     stt_model_id: str = "scribe_v2_realtime"
     stt_language_code: str | None = None
-    openai_api_key: str | None = None
-    gemini_api_key: str | None = None
-    google_api_key: str | None = None
-    xai_api_key: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
+    gemini_api_key: str | None = field(default=None, repr=False)
+    google_api_key: str | None = field(default=None, repr=False)
+    xai_api_key: str | None = field(default=None, repr=False)
     elevenlabs_agent_id: str | None = None
-    azure_speech_key: str | None = None
+    azure_speech_key: str | None = field(default=None, repr=False)
     azure_speech_region: str = "westeurope"
     azure_tts_voice: str = "fi-FI-NooraNeural"
     voice_monitor: bool = False
