@@ -135,6 +135,23 @@ def test_patched_client_class_sees_regional_hangups(env: None) -> None:
     au1.calls.return_value.update.assert_called_once_with(status="completed")
 
 
+def test_patching_client_where_0_1_x_imported_it(env: None) -> None:
+    region = TwilioRegion(api_host=IE1, account_sid=ACCOUNT, auth=(ACCOUNT, TOKEN))
+    with (
+        patch("voice_runtime.transports.twilio_call.Client") as call_cls,
+        patch("voice_runtime.transports.twilio_sms.Client") as sms_cls,
+    ):
+        call_cls.return_value.calls.create.return_value.sid = "CA9"
+        sms_cls.return_value.messages.create.return_value = MagicMock(sid="SM9", status="sent")
+        assert initiate_outbound_call(CALLEE) == "CA9"
+        hangup_call("CA9", regions=(region,))
+        assert twilio_sms.send_sms(CALLEE, "hi")["message_sid"] == "SM9"
+    assert call_cls.call_count == 2 and sms_cls.call_count == 1
+    assert call_cls.call_args.kwargs["region"] == "ie1"
+    # The patch leaves nothing behind: the real class is used again.
+    assert "Client" not in vars(twilio_call) and twilio_call.Client is Client
+
+
 # ------------------------------------------------------------- responses (requests level)
 
 

@@ -276,9 +276,11 @@ def _client(
     account_sid: str | None,
     region: str | None,
     edge: str | None,
+    client_class: Callable[..., Client] | None = None,
 ) -> Client:
     # Looked up at call time, so ``patch("twilio.rest.Client")`` replaces it.
-    return twilio.rest.Client(
+    cls = client_class if client_class is not None else twilio.rest.Client
+    return cls(
         _check_credential(username, "account_sid"),
         _check_credential(password, "auth_token"),
         account_sid=account_sid,
@@ -306,16 +308,26 @@ def build_client(
     timeout: float | None = None,
     region: str | None = None,
     edge: str | None = None,
+    client_class: Callable[..., Client] | None = None,
 ) -> Client:
     """Return a sync ``twilio.rest.Client`` with a bounded timeout and the configured base URL.
 
-    Close it with :func:`close_client` when done (it pools connections).
+    ``client_class`` replaces ``twilio.rest.Client`` (a test's stand-in). Close the client
+    with :func:`close_client` when done (it pools connections).
     """
     region, edge = _ambient_routing(region, edge)
     http_client = RestHttpClient(
         timeout=resolve_timeout(timeout), api_base_url=resolve_base_url(api_base_url)
     )
-    return _client(account_sid, auth_token, http_client, account_sid=None, region=region, edge=edge)
+    return _client(
+        account_sid,
+        auth_token,
+        http_client,
+        account_sid=None,
+        region=region,
+        edge=edge,
+        client_class=client_class,
+    )
 
 
 def build_async_client(
@@ -344,6 +356,7 @@ def build_region_client(
     api_base_url: str | None = None,
     timeout: float | None = None,
     use_async: bool = False,
+    client_class: Callable[..., Client] | None = None,
 ) -> Client:
     """Return a client bound to one explicit :class:`TwilioRegion` (host, account, auth)."""
     region = TwilioRegion.model_validate(region)
@@ -357,6 +370,7 @@ def build_region_client(
         account_sid=region.account_sid,
         region=region.region,
         edge=region.edge,
+        client_class=client_class,
     )
 
 

@@ -206,7 +206,7 @@ def build_twilio_client(account_sid: str, auth_token: str) -> Client:
     """
     from voice_runtime.transports import _rest
 
-    return _rest.build_client(account_sid, auth_token)
+    return _rest.build_client(account_sid, auth_token, client_class=_patched_client_class())
 
 
 def build_explicit_twilio_client(
@@ -219,7 +219,27 @@ def build_explicit_twilio_client(
     """
     from voice_runtime.transports import _rest
 
-    return _rest.build_region_client(region, api_base_url=api_base_url, timeout=timeout)
+    return _rest.build_region_client(
+        region,
+        api_base_url=api_base_url,
+        timeout=timeout,
+        client_class=_patched_client_class(),
+    )
+
+
+def _patched_client_class() -> Any:
+    """``Client`` set on this module by a test's ``patch(...twilio_call.Client)``, else None."""
+    return globals().get("Client")
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1.x imported twilio.rest.Client into this module, and tests patch it here; it is
+    # resolved lazily so that a patch leaves nothing behind (see _patched_client_class).
+    if name == "Client":
+        import twilio.rest
+
+        return twilio.rest.Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _sync_client(client: Client | None) -> Any:

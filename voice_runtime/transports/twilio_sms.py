@@ -33,7 +33,17 @@ def build_twilio_client(account_sid: str, auth_token: str) -> Client:
     """
     from voice_runtime.transports import _rest
 
-    return _rest.build_client(account_sid, auth_token)
+    # A test's patch("voice_runtime.transports.twilio_sms.Client") lands in globals().
+    return _rest.build_client(account_sid, auth_token, client_class=globals().get("Client"))
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1.x imported twilio.rest.Client into this module; resolved lazily (see above).
+    if name == "Client":
+        import twilio.rest
+
+        return twilio.rest.Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _message_options(
