@@ -9,7 +9,9 @@ pages with ``calls.page``/``calls.get_page`` and validates each page's raw JSON 
 Settings come from :func:`voice_runtime.config.settings` when a function is called:
 VOICE_STREAM_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_PHONE_NUMBER,
 TWILIO_HTTP_TIMEOUT and TWILIO_API_BASE_URL. Failures of the REST API surface as
-:class:`TwilioRestError` (also a twilio ``TwilioRestException``), missing settings as
+:class:`TwilioRestError` (also a twilio ``TwilioRestException``; when Twilio cannot be
+reached, a :class:`TwilioTransportError` that is also the ``requests`` exception, e.g.
+``requests.exceptions.Timeout``), missing settings as
 :class:`MissingTwilioCredentialError` / :class:`~voice_runtime.errors.MissingStreamUrlError`.
 
 Each sync function has an ``*_async`` twin with the same options, built on the SDK's
@@ -40,6 +42,7 @@ from voice_runtime.transports.twilio_models import (
     TwilioCallRow,
     TwilioRegion,
     TwilioRestError,
+    TwilioTransportError,
     parse_call_page,
     validate_sid,
 )
@@ -898,7 +901,9 @@ def _page_failure(exc: Exception, path: str) -> Exception:
         return error
     if isinstance(exc, TwilioException) and len(exc.args) > 1 and isinstance(exc.args[1], Response):
         return _status_error(exc.args[1], path)  # "Unable to fetch page", with the response
-    if isinstance(exc, TwilioException | ValueError | TypeError | AttributeError | KeyError):
+    if isinstance(
+        exc, TwilioException | json.JSONDecodeError | TypeError | AttributeError | KeyError
+    ):
         # The SDK's page parser choked on the body (not JSON, not an object of records).
         return ValueError("Call list page is not a JSON object with a list of calls")
     return exc
@@ -1104,6 +1109,7 @@ __all__ = [
     "TwilioCallRow",
     "TwilioRegion",
     "TwilioRestError",
+    "TwilioTransportError",
     "build_digits_twiml",
     "build_explicit_twilio_client",
     "build_route_stream_xml",
