@@ -117,6 +117,18 @@ def test_patched_client_class_sees_call_hangup_and_sms(env: None) -> None:
     assert result == {"message_sid": "SM1", "status": "queued", "to": CALLEE}
 
 
+def test_hangup_of_an_unknown_call_is_still_the_sdks_404(env: None) -> None:
+    with patch("twilio.rest.Client") as client_cls:
+        client_cls.return_value.calls.return_value.update.side_effect = TwilioRestException(
+            404, calls_url(sid="CA1"), "The requested resource was not found", code=20404
+        )
+        with pytest.raises(TwilioRestException) as info:
+            hangup_call("CA1")
+    assert (info.value.status, info.value.code) == (404, 20404)
+    assert isinstance(info.value, TwilioCallNotFoundError)
+    assert info.value.attempted_hosts == ("api.twilio.com",)
+
+
 def test_patched_client_class_sees_regional_hangups(env: None) -> None:
     ie1, au1 = MagicMock(name="ie1"), MagicMock(name="au1")
     ie1.calls.return_value.update.side_effect = TwilioRestException(

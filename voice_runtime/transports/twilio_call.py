@@ -39,6 +39,7 @@ from voice_runtime.transports.twilio_models import (
     MissingTwilioCredentialError,
     TwilioCallListIncompleteError,
     TwilioCallNotFoundError,
+    TwilioCallNotFoundRestError,
     TwilioCallRow,
     TwilioRegion,
     TwilioRestError,
@@ -522,8 +523,9 @@ def hangup_call(call_sid: str, *, regions: tuple[TwilioRegion, ...] | None = Non
     With ``regions`` (a non-empty tuple of :class:`TwilioRegion` with distinct hosts), each
     region is tried in order: 404/20404 means "not here, try the next", 400/21220 means the
     call had already ended (success). Without regions the environment's credentials are used.
-    When no region knows the call, :class:`TwilioCallNotFoundError` is raised; any other
-    failure raises :class:`TwilioRestError`.
+    When no region knows the call, :class:`TwilioCallNotFoundError` is raised (without
+    regions, a :class:`TwilioCallNotFoundRestError`: also the 404 ``TwilioRestException``);
+    any other failure raises :class:`TwilioRestError`.
     """
     from voice_runtime.transports import _rest
 
@@ -543,7 +545,7 @@ def hangup_call(call_sid: str, *, regions: tuple[TwilioRegion, ...] | None = Non
     try:
         host = _rest.client_api_host(client)
         if not _complete(client, call_sid, host):
-            raise TwilioCallNotFoundError((host,))
+            raise TwilioCallNotFoundRestError((host,), uri=f"/Calls/{call_sid}.json")
     finally:
         _rest.close_client(client)
 
@@ -570,7 +572,7 @@ async def hangup_call_async(
     try:
         host = _rest.client_api_host(client)
         if not await _complete_async(client, call_sid, host):
-            raise TwilioCallNotFoundError((host,))
+            raise TwilioCallNotFoundRestError((host,), uri=f"/Calls/{call_sid}.json")
     finally:
         await _rest.aclose_client(client)
 
@@ -1106,6 +1108,7 @@ __all__ = [
     "MissingTwilioCredentialError",
     "TwilioCallListIncompleteError",
     "TwilioCallNotFoundError",
+    "TwilioCallNotFoundRestError",
     "TwilioCallRow",
     "TwilioRegion",
     "TwilioRestError",

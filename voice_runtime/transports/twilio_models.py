@@ -6,6 +6,7 @@
     ├── MissingCredentialError
     │   └── MissingTwilioCredentialError   also a RuntimeError, as in 0.1.x
     ├── TwilioCallNotFoundError            also a RuntimeError; ``attempted_hosts``
+    │   └── TwilioCallNotFoundRestError    without regions: also a TwilioRestError (404/20404)
     ├── TwilioCallListIncompleteError      also a RuntimeError; ``api_host``, ``pages_fetched``
     └── ProviderError
         └── TwilioRestError                also a twilio ``TwilioRestException``; ``status``,
@@ -289,6 +290,21 @@ class TwilioRestError(ProviderError, TwilioRestException):
         return cls(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+class TwilioCallNotFoundRestError(TwilioCallNotFoundError, TwilioRestError):
+    """Hang-up without regions of a call Twilio does not know (404, code 20404).
+
+    Both a :class:`TwilioCallNotFoundError` and a :class:`TwilioRestError` (so the SDK's
+    ``TwilioRestException``, which the SDK's 404 answer was in 0.1.x).
+    """
+
+    def __init__(self, attempted_hosts: tuple[str, ...], *, uri: str = "") -> None:
+        TwilioRestError.__init__(
+            self, "call not found", status=404, code=20404, retryable=False, uri=uri, method="POST"
+        )
+        self.attempted_hosts = tuple(attempted_hosts)
+        self.args = (f"Call not found in: {', '.join(self.attempted_hosts)}",)
+
+
 class TwilioTransportError(TwilioRestError):
     """Twilio could not be reached (connection refused, DNS, timeout): ``status`` is None.
 
@@ -342,6 +358,7 @@ __all__ = [
     "MissingTwilioCredentialError",
     "TwilioCallListIncompleteError",
     "TwilioCallNotFoundError",
+    "TwilioCallNotFoundRestError",
     "TwilioCallRow",
     "TwilioRegion",
     "TwilioRestError",
