@@ -506,6 +506,8 @@ def test_no_secret_in_errors_reprs_or_logs(
         lambda: TwilioRegion(api_host=IE1, account_sid="AC/1", auth=(TOKEN, TOKEN)),
         lambda: TwilioRegion(api_host=IE1, account_sid=ACCOUNT, auth=(ACCOUNT, TOKEN, TOKEN)),
         lambda: twilio_call.build_twilio_client(ACCOUNT, TOKEN + "\u20ac"),
+        lambda: hangup_call("CA1", regions=(("api.twilio.com", ACCOUNT, (ACCOUNT, TOKEN)),)),
+        lambda: hangup_call("CA1", regions=({"api_host": "x", "auth": (ACCOUNT, TOKEN)},)),
     ]
     errors: list[BaseException] = []
     for attempt in attempts:
