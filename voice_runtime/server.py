@@ -451,6 +451,11 @@ class VoiceServer:
         """Webhooks answered busy and streams closed with 1013 because of ``max_calls``."""
         return self._refused.count("busy")
 
+    @property
+    def handlers_waiting(self) -> int:
+        """Sync ``on_call`` handlers waiting for a free pool thread."""
+        return self._pool.waiting
+
     def _refuse(self, reason: str, message: str, **extra: Any) -> None:
         if self._refused.allow(reason):
             logger.warning(
