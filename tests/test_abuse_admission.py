@@ -140,6 +140,7 @@ async def test_socket_burst_gives_exactly_max_calls_and_1013_for_the_rest(
     served: tuple[ServedApp, PacedCaller, httpx.AsyncClient],
 ) -> None:
     app, _caller, http = served
+    fds = app.fd_count()
     attempts = await asyncio.gather(*(open_and_start(app.ws_url + "/voice") for _ in range(BURST)))
     await settle(attempts, BURST - MAX_CALLS)
     codes = [a.close_code for a in attempts if a.closed.done()]
@@ -156,6 +157,8 @@ async def test_socket_burst_gives_exactly_max_calls_and_1013_for_the_rest(
     assert (await wait_admission(http, lambda s: s["live_calls"] == 2))["live_calls"] == 2
     assert not again.closed.done()
     await close_all([again])
+    # No socket of the burst is left open in the server.
+    assert await wait_for(lambda: app.fd_count() <= fds, 10), (app.fd_count(), fds)
 
 
 async def test_webhook_and_socket_burst_together_admit_exactly_max_calls(

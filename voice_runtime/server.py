@@ -361,7 +361,11 @@ class _HandlerPool:
                     self.threads.discard(me)
                     return
                 fn, session = self._jobs.popleft()
-            fn(session)
+            try:
+                fn(session)
+            except BaseException:
+                # Even SystemExit from a handler must not silently shrink the pool.
+                logger.exception("call handler failed", extra={"call_sid": session.call_sid})
 
 
 class VoiceServer:
@@ -673,7 +677,7 @@ class VoiceServer:
                 reason,
                 "media stream start refused",
                 call_sid=clip(start.call_sid),
-                expected_call_sid=expected,
+                expected_call_sid=clip(expected),
             )
         return reason
 
