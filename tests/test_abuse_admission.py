@@ -393,6 +393,18 @@ async def test_unrouted_path_is_off_by_default_when_signatures_are_enforced(
     session.signal_disconnected()
 
 
+def test_serve_allow_unrouted_flag_opens_the_fixed_path_under_signatures() -> None:
+    env = {"TWILIO_AUTH_TOKEN": TOKEN, "VOICE_PUBLIC_URL": PUBLIC}
+    with ServedApp(env, args=["--allow-unrouted"]) as app:
+        caller = PacedCaller(app.ws_url + "/voice", headers=signed("/voice"))
+        caller.start()
+        assert caller.started.wait(10)
+        caller.stop()
+        assert_no_frame_lost(app, caller)
+        assert app.get_json("/test/admission")["refusals"]["unrouted"] == 0
+        assert app.stop() == 0
+
+
 async def test_unrouted_path_stays_on_without_signatures(no_twilio_env: None) -> None:
     server = VoiceServer()
     assert server.unrouted_streams_allowed()
