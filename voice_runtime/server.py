@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
-from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.logutil import LogLimiter, clip, log_limiter
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -107,10 +107,12 @@ class CallRegistry:
 
     def add_route(self, route: Route) -> None:
         """Remember a route until it is claimed or expires."""
+        route.reserved = False  # only add_reserved_route takes a slot
         with self._lock:
-            self._insert(route, time.monotonic())
+            evicted = self._insert(route, time.monotonic())
             if route.session is not None and route.call_sid:
                 self._by_call[route.call_sid] = route.session
+        _log_evicted(evicted)
 
     def add_reserved_route(self, route: Route, limit: int) -> bool:
         """Add ``route`` holding a slot; False (nothing added) when ``limit`` slots are taken.
@@ -129,16 +131,20 @@ class CallRegistry:
                 return False
             self._slots += 1
             route.reserved = True
-            self._insert(route, now)
-            return True
+            evicted = self._insert(route, now)
+        _log_evicted(evicted)
+        return True
 
-    def _insert(self, route: Route, now: float) -> None:
+    def _insert(self, route: Route, now: float) -> int:
+        """Add ``route`` (lock held); return how many live routes were evicted for room."""
         self._prune(now)
+        evicted = 0
         while len(self._routes) >= self.max_routes and self._expiry:
             _, _, token = heapq.heappop(self._expiry)
             if token in self._routes:
                 self._drop(self._routes[token])
-                self.routes_evicted += 1
+                evicted += 1
+        self.routes_evicted += evicted
         self._routes[route.token] = route
         if route.call_sid and route.reserved:
             self._route_by_call[route.call_sid] = route.token
@@ -149,6 +155,7 @@ class CallRegistry:
             # proportional to the table (amortised O(1) per route).
             self._expiry = [(r.expires_at, i, t) for i, (t, r) in enumerate(self._routes.items())]
             heapq.heapify(self._expiry)
+        return evicted
 
     def _drop(self, route: Route | None) -> None:
         """Forget a pending route and give back its slot (lock held)."""
@@ -872,6 +879,14 @@ class VoiceServer:
             tts = self.goodbye_tts
             await asyncio.to_thread(tts.speak, self.goodbye, session)
         session.request_disconnect(after_playback=True)
+
+
+def _log_evicted(evicted: int) -> None:
+    if evicted and log_limiter().allow("route_evicted"):
+        logger.warning(
+            "route table full: evicted the routes closest to expiry",
+            extra={"evicted": evicted, "count": log_limiter().count("route_evicted")},
+        )
 
 
 def _make_route(
