@@ -112,7 +112,12 @@ class _Pacer:
 
 
 class MediaStreamCall:
-    """One Twilio media stream bound to one session, from accept to cleanup."""
+    """One Twilio media stream bound to one session, from accept to cleanup.
+
+    ``check_start(start)`` runs before a ``start`` touches the session; a returned reason
+    refuses the stream (closed with 1008, ``refused`` set, counted as ``start_refused``).
+    ``on_start(session)`` runs once the stream started.
+    """
 
     def __init__(
         self,
@@ -124,8 +129,6 @@ class MediaStreamCall:
         on_start: Callable[[VoiceSession], Any] | None = None,
         check_start: Callable[[proto.Start], str | None] | None = None,
     ) -> None:
-        """``check_start(start)`` runs before a ``start`` touches the session: a returned
-        reason refuses the stream (closed with 1008, counted in the session's bad frames)."""
         self.ws = websocket
         self.session = session
         self.options = options or StreamOptions()
