@@ -194,6 +194,31 @@ async def test_webhook_and_socket_burst_together_admit_exactly_max_calls(
     assert (await wait_admission(http, lambda s: s["reserved"] == 1))["reserved"] == 1
 
 
+async def test_burst_on_routes_admits_max_calls_and_a_token_opens_one_stream(
+    no_twilio_env: None,
+) -> None:
+    server = VoiceServer(max_calls=MAX_CALLS)
+    async with serve_in_loop(server.app) as srv:
+        routes = [server.new_route() for _ in range(BURST)]
+        attempts = await asyncio.gather(
+            *(open_and_start(f"{srv.ws_url}/voice/{r.token}") for r in routes)
+        )
+        await settle(attempts, BURST - MAX_CALLS)
+        assert sorted(a.close_code or 0 for a in attempts) == [0] * MAX_CALLS + [1013] * (
+            BURST - MAX_CALLS
+        )
+        assert await wait_for(lambda: server.registry.live_count == MAX_CALLS)
+        # Many sockets on one token: one stream, the rest refused before the handshake ends.
+        shared = server.new_route().token
+        await close_all(attempts)
+        results = await asyncio.gather(
+            *(handshake(f"{srv.ws_url}/voice/{shared}", {}) for _ in range(10))
+        )
+        assert sorted(results) == [101] + [403] * 9
+        assert server.refusals["bad_route"] == 9 and server.refused_busy == BURST - MAX_CALLS
+    assert server.registry.reserved_count == 0
+
+
 # --------------------------------------------------------------------------- reservations
 
 
