@@ -1,9 +1,10 @@
 """The app that abuse tests serve in a second process (see abuse_kit.ServedApp).
 
 Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``,
-so a test can check that a legitimate call lost no frame while an attack ran. Knobs come
-from the environment: ABUSE_MAX_CALLS (default 20), and the usual TWILIO_* / VOICE_*
-variables (signatures, public URL).
+so a test can check that a legitimate call lost no frame while an attack ran; call slots and
+refusals by reason are at ``GET /test/admission``. Knobs come from the environment:
+ABUSE_MAX_CALLS (default 20), and the usual TWILIO_* / VOICE_* variables (signatures, public
+URL).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ app = FastAPI()
 async def call_record(call_sid: str) -> dict[str, Any]:
     """What this server received on one call."""
     return counter.calls.get(call_sid, {"bytes": 0, "sha256": "", "ended": False})
+
+
+@app.get("/test/admission")
+async def admission() -> dict[str, Any]:
+    """This server's call slots and refusals."""
+    return {
+        "live_calls": voice.registry.live_count,
+        "reserved": voice.registry.reserved_count,
+        "refusals": voice.refusals,
+    }
 
 
 voice = VoiceServer(

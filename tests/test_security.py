@@ -236,17 +236,20 @@ async def test_websocket_bad_signature_refused_before_accept(public: Running, ca
 
 
 async def test_websocket_behind_trusted_proxy(trusted: Running) -> None:
-    headers = {**PROXY_HEADERS, "X-Twilio-Signature": sign("wss://voice.example.com/voice")}
-    assert await handshake_status(trusted.ws_url + "/voice", headers) == 101
-    internal = {**PROXY_HEADERS, "X-Twilio-Signature": sign(trusted.ws_url + "/voice")}
-    assert await handshake_status(trusted.ws_url + "/voice", internal) == 403
+    # Routed: with signatures enforced the unrouted /voice path is off by default.
+    path = "/voice/" + trusted.server.new_route().token
+    internal = {**PROXY_HEADERS, "X-Twilio-Signature": sign(trusted.ws_url + path)}
+    assert await handshake_status(trusted.ws_url + path, internal) == 403
+    headers = {**PROXY_HEADERS, "X-Twilio-Signature": sign("wss://voice.example.com" + path)}
+    assert await handshake_status(trusted.ws_url + path, headers) == 101
 
 
 async def test_websocket_behind_untrusted_proxy(untrusted: Running) -> None:
-    spoofed = {**SPOOF_HEADERS, "X-Twilio-Signature": sign("ws://voice.example.com/voice")}
-    assert await handshake_status(untrusted.ws_url + "/voice", spoofed) == 403
-    direct = {**SPOOF_HEADERS, "X-Twilio-Signature": sign(untrusted.ws_url + "/voice")}
-    assert await handshake_status(untrusted.ws_url + "/voice", direct) == 101
+    path = "/voice/" + untrusted.server.new_route().token
+    spoofed = {**SPOOF_HEADERS, "X-Twilio-Signature": sign("ws://voice.example.com" + path)}
+    assert await handshake_status(untrusted.ws_url + path, spoofed) == 403
+    direct = {**SPOOF_HEADERS, "X-Twilio-Signature": sign(untrusted.ws_url + path)}
+    assert await handshake_status(untrusted.ws_url + path, direct) == 101
 
 
 async def test_single_session_websocket_checks_signatures(

@@ -413,7 +413,7 @@ async def test_over_max_calls_webhook_is_busy_and_stream_gets_1013(no_twilio_env
         assert await wait_for(lambda: server.registry.live_count == 1)
         ok = await http.post("/twilio/voice", data=inbound_form(8))
         url, _ = parse_stream(ok.text)
-        async with CallerSimulator(url) as third:
+        async with CallerSimulator(url, call_sid=inbound_form(8)["CallSid"]) as third:
             assert await wait_for(lambda: server.registry.live_count == 2)
         await sims[1].hangup()
         assert third.close_code != 1013
@@ -547,7 +547,10 @@ async def test_register_voice_websocket_per_call_form(no_twilio_env: None) -> No
     async with serve_in_loop(app) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         answer = await http.post("/twilio/voice", data=inbound_form(1))
         url, params = parse_stream(answer.text)
-        sims = [CallerSimulator(url, parameters=params), CallerSimulator(srv.ws_url + "/voice")]
+        sims = [
+            CallerSimulator(url, parameters=params, call_sid=inbound_form(1)["CallSid"]),
+            CallerSimulator(srv.ws_url + "/voice"),
+        ]
         for sim in sims:
             await sim.connect()
             assert await sim.wait_closed(5)

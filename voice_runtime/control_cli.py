@@ -125,6 +125,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         voice.drain_timeout = args.drain_timeout
     if args.trust_proxy:
         voice.trust_forwarded_headers = True
+    if args.allow_unrouted:
+        voice.allow_unrouted_streams = True
     serve_forever(voice, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -232,6 +234,12 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "--trust-proxy",
         action="store_true",
         help="honour X-Forwarded-Proto/-Host from the proxy in front (signatures, stream URLs)",
+    )
+    serve.add_argument(
+        "--allow-unrouted",
+        action="store_true",
+        help="serve /voice without a route token even while signatures are enforced (e.g. "
+        "for TwiML from call --twiml-only; a captured signature of it can be replayed)",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     serve.set_defaults(func=_cmd_serve)

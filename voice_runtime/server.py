@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import inspect
 import logging
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ from fastapi.responses import JSONResponse
 
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
+from voice_runtime.logutil import LogLimiter, clip, log_limiter
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -47,27 +50,55 @@ logger = logging.getLogger(__name__)
 TWIML = "application/xml"
 MAX_WEBHOOK_BYTES = 64 * 1024
 ENDED_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
+# Keys of VoiceServer.refusals.
+REFUSAL_REASONS = (
+    "busy",
+    "draining",
+    "bad_route",
+    "unrouted",
+    "no_start",
+    "call_sid_mismatch",
+    "call_sid_in_use",
+    "stream_sid_in_use",
+)
 
 __all__ = ["CallRegistry", "Route", "VoiceServer"]
 
 
 @dataclass
 class Route:
-    """A one-time route token for one expected media stream."""
+    """A one-time route token for one expected media stream.
+
+    ``reserved``: the route holds one ``max_calls`` slot (routes the voice webhook hands out);
+    its stream takes the slot over, and expiry or eviction gives it back.
+    """
 
     token: str
     expires_at: float
     parameters: dict[str, str] = field(default_factory=dict)
     session: VoiceSession | None = None
     call_sid: str | None = None
+    reserved: bool = False
 
 
 class CallRegistry:
-    """Live sessions by call SID, stream SID and route token (thread-safe)."""
+    """Live sessions by call SID, stream SID and route token, and the call slots (thread-safe).
 
-    def __init__(self) -> None:
+    A slot is held by every reserved route and every admitted stream, from before its
+    websocket is accepted until it ends, so ``max_calls`` counts calls on their way in too.
+    The route table holds at most ``max_routes`` routes; expired ones go first (a heap by
+    expiry, so a webhook costs O(log n)), then the soonest to expire.
+    """
+
+    def __init__(self, max_routes: int = 10_000) -> None:
+        self.max_routes = max_routes
+        self.routes_evicted = 0
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
+        self._expiry: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._route_by_call: dict[str, str] = {}
+        self._slots = 0
         self._by_call: dict[str, VoiceSession] = {}
         self._by_stream: dict[str, VoiceSession] = {}
         self._live: set[int] = set()
@@ -76,25 +107,154 @@ class CallRegistry:
 
     def add_route(self, route: Route) -> None:
         """Remember a route until it is claimed or expires."""
+        route.reserved = False  # only add_reserved_route takes a slot
         with self._lock:
-            self._prune(time.monotonic())
-            self._routes[route.token] = route
+            evicted = self._insert(route, time.monotonic())
             if route.session is not None and route.call_sid:
                 self._by_call[route.call_sid] = route.session
+        _log_evicted(evicted)
+
+    def add_reserved_route(self, route: Route, limit: int) -> bool:
+        """Add ``route`` holding a slot; False (nothing added) when ``limit`` slots are taken.
+
+        A pending route for the same call SID is replaced (a replayed webhook takes no second
+        slot).
+        """
+        with self._lock:
+            now = time.monotonic()
+            self._prune(now)
+            if route.call_sid:
+                old = self._route_by_call.get(route.call_sid)
+                if old is not None:
+                    self._drop(self._routes.get(old))
+            if self._slots >= limit:
+                return False
+            self._slots += 1
+            route.reserved = True
+            evicted = self._insert(route, now)
+        _log_evicted(evicted)
+        return True
+
+    def _insert(self, route: Route, now: float) -> int:
+        """Add ``route`` (lock held); return how many live routes were evicted for room."""
+        self._prune(now)
+        evicted = 0
+        while len(self._routes) >= self.max_routes and self._expiry:
+            _, _, token = heapq.heappop(self._expiry)
+            if token in self._routes:
+                self._drop(self._routes[token])
+                evicted += 1
+        self.routes_evicted += evicted
+        self._routes[route.token] = route
+        if route.call_sid and route.reserved:
+            self._route_by_call[route.call_sid] = route.token
+        self._seq += 1
+        heapq.heappush(self._expiry, (route.expires_at, self._seq, route.token))
+        if len(self._expiry) > 2 * len(self._routes) + 64:
+            # Claimed routes leave stale heap entries; rebuilding now and then keeps the heap
+            # proportional to the table (amortised O(1) per route).
+            self._expiry = [(r.expires_at, i, t) for i, (t, r) in enumerate(self._routes.items())]
+            heapq.heapify(self._expiry)
+        return evicted
+
+    def _drop(self, route: Route | None) -> None:
+        """Forget a pending route and give back its slot (lock held)."""
+        if route is None or self._routes.pop(route.token, None) is None:
+            return
+        if route.call_sid and self._route_by_call.get(route.call_sid) == route.token:
+            del self._route_by_call[route.call_sid]
+        if route.reserved:
+            route.reserved = False
+            self._slots -= 1
 
     def claim(self, token: str) -> Route | None:
-        """Take a route for its stream; None when unknown, used or expired."""
+        """Take a route for its stream; None when unknown, used or expired.
+
+        A reserved route's slot passes to the caller, who gives it back with :meth:`release`.
+        """
         now = time.monotonic()
         with self._lock:
-            route = self._routes.pop(token, None)
             self._prune(now)
-        if route is None or route.expires_at < now:
-            return None
+            route = self._routes.pop(token, None)
+            if route is None:
+                return None
+            if route.call_sid and self._route_by_call.get(route.call_sid) == token:
+                del self._route_by_call[route.call_sid]
+            if route.expires_at < now:
+                if route.reserved:
+                    route.reserved = False
+                    self._slots -= 1
+                return None
         return route
 
     def _prune(self, now: float) -> None:
-        for token in [t for t, r in self._routes.items() if r.expires_at < now]:
-            del self._routes[token]
+        heap = self._expiry
+        while heap and heap[0][0] < now:
+            _, _, token = heapq.heappop(heap)
+            route = self._routes.get(token)
+            if route is None:
+                continue
+            if route.expires_at >= now:  # its expiry was moved later: keep it
+                self._seq += 1
+                heapq.heappush(heap, (route.expires_at, self._seq, token))
+                continue
+            self._drop(route)
+
+    def reserve(self, limit: int) -> bool:
+        """Take one call slot unless ``limit`` are taken (give it back with :meth:`release`)."""
+        with self._lock:
+            self._prune(time.monotonic())
+            if self._slots >= limit:
+                return False
+            self._slots += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a slot taken by :meth:`reserve` or a claimed reserved route."""
+        with self._lock:
+            self._slots = max(0, self._slots - 1)
+
+    @property
+    def reserved_count(self) -> int:
+        """Call slots taken: live calls, accepted streams not yet started, unused routes."""
+        with self._lock:
+            self._prune(time.monotonic())
+            return self._slots
+
+    @property
+    def route_count(self) -> int:
+        """Routes waiting for their stream."""
+        with self._lock:
+            self._prune(time.monotonic())
+            return len(self._routes)
+
+    def claim_call(
+        self,
+        session: VoiceSession,
+        call_sid: str,
+        stream_sid: str,
+        expected_call_sid: str | None = None,
+    ) -> str | None:
+        """Index a starting stream's SIDs for ``session``; the reason when refused, else None.
+
+        A call SID or stream SID belongs to one session: a start that names one another
+        session holds, or a call SID other than the one its route was issued for, is refused
+        and changes nothing.
+        """
+        with self._lock:
+            if expected_call_sid and call_sid != expected_call_sid:
+                return "call_sid_mismatch"
+            other = self._by_call.get(call_sid)
+            if other is not None and other is not session:
+                return "call_sid_in_use"
+            other = self._by_stream.get(stream_sid)
+            if other is not None and other is not session:
+                return "stream_sid_in_use"
+            if call_sid:
+                self._by_call[call_sid] = session
+            if stream_sid:
+                self._by_stream[stream_sid] = session
+            return None
 
     def bind_call(self, call_sid: str, session: VoiceSession) -> None:
         """Index a session by its call SID (known before the stream when we placed the call)."""
@@ -170,11 +330,67 @@ def _twiml_busy(message: str) -> str:
     return str(response)
 
 
+class _HandlerPool:
+    """Runs sync call handlers on at most ``size()`` daemon threads; the rest wait in order.
+
+    Threads are started on demand and end when no handler waits, so an idle server holds
+    none, and (being daemons) a handler that never returns cannot block process exit.
+    """
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._jobs: deque[tuple[Callable[[VoiceSession], Any], VoiceSession]] = deque()
+        self.threads: set[threading.Thread] = set()
+
+    def submit(self, fn: Callable[[VoiceSession], Any], session: VoiceSession) -> None:
+        """Run ``fn(session)`` on a pool thread as soon as one is free."""
+        with self._lock:
+            self._jobs.append((fn, session))
+            if len(self.threads) >= max(1, self._size()):
+                return
+            thread = threading.Thread(target=self._work, name="vr-on-call", daemon=True)
+            self.threads.add(thread)
+        thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Handlers waiting for a free thread."""
+        with self._lock:
+            return len(self._jobs)
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                if not self._jobs or len(self.threads) > max(1, self._size()):
+                    # Also shrinks the pool when max_calls was lowered at run time.
+                    self.threads.discard(me)
+                    return
+                fn, session = self._jobs.popleft()
+            try:
+                fn(session)
+            except BaseException:
+                # Even SystemExit from a handler must not silently shrink the pool.
+                logger.exception("call handler failed", extra={"call_sid": session.call_sid})
+
+
 class VoiceServer:
     """Serves Twilio calls, one session per call, on a FastAPI app.
 
-    ``on_call(session)`` runs once the call's stream starts: a plain function runs in a
-    worker thread, a coroutine function as a task on the loop.
+    ``on_call(session)`` runs once the call's stream starts: a coroutine function as a task
+    on the loop, a plain function on a pool of at most ``max_calls`` threads.
+
+    Admission: at most ``max_calls`` calls hold a slot at once. A slot is taken by every
+    route the voice webhook hands out (until its stream claims it, or it expires after
+    ``inbound_route_ttl_s``) and by every media stream from before its websocket is accepted
+    until it ends (a stream that sends no ``start`` in ``StreamOptions.start_timeout_s`` is
+    closed). Over the limit the webhook answers busy TwiML and a stream is closed with 1013.
+    A ``start`` whose call SID another stream holds, or that differs from the call SID its
+    route was issued for, is closed with 1008. ``refusals`` counts every refusal by reason.
+
+    ``allow_unrouted_streams``: None (default) serves ``{path}`` without a route token only
+    while signatures are not enforced (a signed upgrade of that fixed URL could be replayed).
     """
 
     def __init__(
@@ -189,7 +405,9 @@ class VoiceServer:
         trust_forwarded_headers: bool = False,
         max_calls: int = 200,
         route_ttl_s: float = 300.0,
-        allow_unrouted_streams: bool = True,
+        inbound_route_ttl_s: float = 30.0,
+        max_routes: int = 10_000,
+        allow_unrouted_streams: bool | None = None,
         inbound_parameters: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None,
         on_sms: Callable[[Any], str | None] | None = None,
         busy_message: str = "All our lines are busy right now. Please call again later.",
@@ -208,6 +426,7 @@ class VoiceServer:
         self.trust_forwarded_headers = trust_forwarded_headers
         self.max_calls = max_calls
         self.route_ttl_s = route_ttl_s
+        self.inbound_route_ttl_s = inbound_route_ttl_s
         self.allow_unrouted_streams = allow_unrouted_streams
         self.inbound_parameters = inbound_parameters
         self.on_sms = on_sms
@@ -217,11 +436,13 @@ class VoiceServer:
         self.goodbye_tts = goodbye_tts
         self.stream_options = stream_options or StreamOptions()
         self.hangup_regions = hangup_regions
-        self.registry = CallRegistry()
+        self.registry = CallRegistry(max_routes=max_routes)
         self.draining = False
-        self.refused_busy = 0
+        # Counts refusals by reason (and limits their log lines: a peer can trigger them).
+        self._refused = LogLimiter(first=5, every=1000)
         self._call_tasks: set[asyncio.Task[Any]] = set()
-        self._threads: set[threading.Thread] = set()
+        self._pool = _HandlerPool(lambda: self.max_calls)
+        self._threads = self._pool.threads
         # Watches the event loop while media streams are served: a blocking call in a
         # handler delays every call's audio, and the warning says so.
         self.watchdog = watchdog or LoopWatchdog()
@@ -230,6 +451,27 @@ class VoiceServer:
         if app is not None:
             self._wrap_lifespan(app)
         self._install(self.app)
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        """Refused webhooks, streams and starts so far, by reason (see the README)."""
+        return {reason: self._refused.count(reason) for reason in REFUSAL_REASONS}
+
+    @property
+    def refused_busy(self) -> int:
+        """Webhooks answered busy and streams closed with 1013 because of ``max_calls``."""
+        return self._refused.count("busy")
+
+    @property
+    def handlers_waiting(self) -> int:
+        """Sync ``on_call`` handlers waiting for a free pool thread."""
+        return self._pool.waiting
+
+    def _refuse(self, reason: str, message: str, **extra: Any) -> None:
+        if self._refused.allow(reason):
+            logger.warning(
+                message, extra={"reason": reason, "count": self._refused.count(reason), **extra}
+            )
 
     # ------------------------------------------------------------------ app wiring
 
@@ -273,13 +515,7 @@ class VoiceServer:
         call_sid: str | None = None,
     ) -> Route:
         """Create a one-time route token for a stream this server expects."""
-        route = Route(
-            token=secrets.token_urlsafe(24),
-            expires_at=time.monotonic() + self.route_ttl_s,
-            parameters=dict(parameters or {}),
-            session=session,
-            call_sid=call_sid,
-        )
+        route = _make_route(self.route_ttl_s, parameters, session, call_sid)
         self.registry.add_route(route)
         return route
 
@@ -383,26 +619,39 @@ class VoiceServer:
             if self._streams == 0:
                 await self.watchdog.stop()
 
+    def unrouted_streams_allowed(self, policy: SignaturePolicy | None = None) -> bool:
+        """Whether ``{path}`` without a route token is served (see ``allow_unrouted_streams``)."""
+        if self.allow_unrouted_streams is not None:
+            return self.allow_unrouted_streams
+        return (policy or self._policy()).mode != "enforce"
+
     async def _serve_stream_watched(self, websocket: WebSocket, token: str | None) -> None:
-        if not check_websocket_signature(websocket, self._policy()):
+        policy = self._policy()
+        if not check_websocket_signature(websocket, policy):
             await websocket.close(code=1008)
             return
         route: Route | None = None
         if token is not None:
             route = self.registry.claim(token)
             if route is None:
-                logger.warning("media stream refused: unknown or expired route token")
+                self._refuse("bad_route", "media stream refused: unknown or expired route token")
                 await websocket.close(code=1008)
                 return
-        elif not self.allow_unrouted_streams:
+        elif not self.unrouted_streams_allowed(policy):
+            self._refuse("unrouted", "media stream refused: streams need a route token")
             await websocket.close(code=1008)
             return
+        # A claimed webhook route brings the slot it reserved; any other stream takes one
+        # now, before accepting, so a burst of sockets cannot all pass the check.
+        holds_slot = route is not None and route.reserved
         if self.draining and (route is None or route.session is None):
+            if holds_slot:
+                self.registry.release()
+            self._refuse("draining", "media stream refused: the server is draining")
             await _close_try_again_later(websocket)
             return
-        if self.registry.live_count >= self.max_calls:
-            self.refused_busy += 1
-            logger.warning("media stream refused: server is at max_calls")
+        if not holds_slot and not self.registry.reserve(self.max_calls):
+            self._refuse("busy", "media stream refused: server is at max_calls")
             await _close_try_again_later(websocket)
             return
         session = (
@@ -410,18 +659,34 @@ class VoiceServer:
             if route is not None and route.session is not None
             else self.session_factory()
         )
-        await websocket.accept()
-        call = MediaStreamCall(
-            websocket,
-            session,
-            options=self.stream_options,
-            hangup=_rest_hangup(self.hangup_regions),
-            on_start=self._call_started,
-        )
+        expected = route.call_sid if route is not None else None
         try:
+            await websocket.accept()
+            call = MediaStreamCall(
+                websocket,
+                session,
+                options=self.stream_options,
+                hangup=_rest_hangup(self.hangup_regions),
+                on_start=self._call_started,
+                check_start=lambda start: self._check_start(session, start, expected),
+            )
             await call.run()
+            if not call.started and call.refused is None:
+                self._refused.allow("no_start")  # counted; the call logged it
         finally:
             self.registry.ended(session)
+            self.registry.release()
+
+    def _check_start(self, session: VoiceSession, start: Any, expected: str | None) -> str | None:
+        reason = self.registry.claim_call(session, start.call_sid, start.stream_sid, expected)
+        if reason is not None:
+            self._refuse(
+                reason,
+                "media stream start refused",
+                call_sid=clip(start.call_sid),
+                expected_call_sid=clip(expected),
+            )
+        return reason
 
     def _call_started(self, session: VoiceSession) -> None:
         self.registry.started(session)
@@ -432,11 +697,7 @@ class VoiceServer:
             self._call_tasks.add(task)
             task.add_done_callback(self._call_tasks.discard)
         else:
-            thread = threading.Thread(
-                target=self._run_sync_handler, args=(session,), name="vr-on-call", daemon=True
-            )
-            self._threads.add(thread)
-            thread.start()
+            self._pool.submit(self._run_sync_handler, session)
 
     async def _run_async_handler(self, session: VoiceSession) -> None:
         assert self.on_call is not None
@@ -468,8 +729,6 @@ class VoiceServer:
             self.on_call(session)
         except Exception:
             logger.exception("call handler failed", extra={"call_sid": session.call_sid})
-        finally:
-            self._threads.discard(threading.current_thread())
 
     # ------------------------------------------------------------------ webhooks
 
@@ -489,9 +748,6 @@ class VoiceServer:
         form = await self._form(request)
         if form is None:
             return Response(status_code=403)
-        if self.draining or self.registry.live_count >= self.max_calls:
-            self.refused_busy += 1
-            return Response(_twiml_busy(self.busy_message), media_type=TWIML)
         from voice_runtime.transports.twilio_call import build_route_stream_xml
 
         params: dict[str, str] = {
@@ -502,7 +758,12 @@ class VoiceServer:
         if self.inbound_parameters is not None:
             params.update({str(k): str(v) for k, v in self.inbound_parameters(form).items()})
         params = {k: v for k, v in params.items() if v}
-        route = self.new_route(parameters=params, call_sid=form.get("CallSid") or None)
+        ttl = min(self.route_ttl_s, self.inbound_route_ttl_s)
+        route = _make_route(ttl, params, None, form.get("CallSid") or None)
+        # The route holds a max_calls slot until its stream claims it or it expires.
+        if self.draining or not self.registry.add_reserved_route(route, self.max_calls):
+            self._refuse("draining" if self.draining else "busy", "incoming call refused")
+            return Response(_twiml_busy(self.busy_message), media_type=TWIML)
         base = self._public_base_for(request)
         xml = build_route_stream_xml(base, route.token, parameters=params, path=self.path)
         return Response(xml, media_type=TWIML)
@@ -618,6 +879,29 @@ class VoiceServer:
             tts = self.goodbye_tts
             await asyncio.to_thread(tts.speak, self.goodbye, session)
         session.request_disconnect(after_playback=True)
+
+
+def _log_evicted(evicted: int) -> None:
+    if evicted and log_limiter().allow("route_evicted"):
+        logger.warning(
+            "route table full: evicted the routes closest to expiry",
+            extra={"evicted": evicted, "count": log_limiter().count("route_evicted")},
+        )
+
+
+def _make_route(
+    ttl_s: float,
+    parameters: Mapping[str, str] | None,
+    session: VoiceSession | None,
+    call_sid: str | None,
+) -> Route:
+    return Route(
+        token=secrets.token_urlsafe(24),
+        expires_at=time.monotonic() + ttl_s,
+        parameters=dict(parameters or {}),
+        session=session,
+        call_sid=call_sid,
+    )
 
 
 async def _close_try_again_later(websocket: WebSocket) -> None:

@@ -112,7 +112,12 @@ class _Pacer:
 
 
 class MediaStreamCall:
-    """One Twilio media stream bound to one session, from accept to cleanup."""
+    """One Twilio media stream bound to one session, from accept to cleanup.
+
+    ``check_start(start)`` runs before a ``start`` touches the session; a returned reason
+    refuses the stream (closed with 1008, ``refused`` set, counted as ``start_refused``).
+    ``on_start(session)`` runs once the stream started.
+    """
 
     def __init__(
         self,
@@ -122,12 +127,17 @@ class MediaStreamCall:
         options: StreamOptions | None = None,
         hangup: Callable[[str], Awaitable[bool]] | None = None,
         on_start: Callable[[VoiceSession], Any] | None = None,
+        check_start: Callable[[proto.Start], str | None] | None = None,
     ) -> None:
         self.ws = websocket
         self.session = session
         self.options = options or StreamOptions()
         self._hangup = hangup
         self._on_start = on_start
+        self._check_start = check_start
+        # Why ``check_start`` refused the stream, if it did.
+        self.refused: str | None = None
+        self._end_code = 1000
         self._parser = proto.MediaStreamParser()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stt_from_factory = False
@@ -222,7 +232,8 @@ class MediaStreamCall:
         elif kind is proto.Mark:
             session.signal_mark_received(event.name)  # type: ignore[union-attr]
         elif kind is proto.Start:
-            self._started(event)  # type: ignore[arg-type]
+            if not self._started(event):  # type: ignore[arg-type]
+                return False
         elif kind is proto.Dtmf:
             session.signal_dtmf(event.digit)  # type: ignore[union-attr]
         elif kind is proto.Stop:
@@ -239,7 +250,20 @@ class MediaStreamCall:
                 extra={"call_sid": self.session.call_sid, "reason": reason, "count": n},
             )
 
-    def _started(self, start: proto.Start) -> None:
+    @property
+    def started(self) -> bool:
+        """True once the stream's ``start`` was received."""
+        return self._parser.started
+
+    def _started(self, start: proto.Start) -> bool:
+        """Apply ``start``; False when ``check_start`` refused it (the stream then ends)."""
+        if self._check_start is not None:
+            reason = self._check_start(start)
+            if reason is not None:
+                self.refused = reason
+                self.session.stats.count_bad("start_refused")
+                self._end_code = 1008
+                return False
         session = self.session
         if session.is_disconnected or session.is_connected:
             # A previous call on this session ended without reset(): start clean.
@@ -265,6 +289,7 @@ class MediaStreamCall:
             result = self._on_start(session)
             if asyncio.iscoroutine(result):
                 self._spawn(result, "vr-on-start")
+        return True
 
     def _build_stt(self) -> SttProvider | None:
         session = self.session
@@ -424,7 +449,7 @@ class MediaStreamCall:
             if self._stt_from_factory:
                 session.stt = None
         await cancel_and_wait(self._tasks)
-        await self._close(1000)
+        await self._close(self._end_code)
         logger.info(
             "media stream finished",
             extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
