@@ -64,7 +64,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FakeResponse:
-    """One scripted assistant response: audio (μ-law 8 kHz), its transcript, or a tool call.
+    """One scripted assistant response: audio (μ-law 8 kHz), its transcript, a tool call.
+
+    With both audio and a tool call, the OpenAI-style fakes speak first and then call the
+    tool in the same response (the other fakes send only the tool call).
 
     ``usage`` holds ``input_audio``, ``input_text``, ``output_audio``, ``output_text`` and
     ``cached`` token counts for the response.
@@ -690,39 +693,8 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
             {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}},
         )
         output: list[dict[str, Any]] = []
-        if response.tool_call is not None:
-            name, args = response.tool_call
-            call_id = _uid("call")
-            item = {
-                "id": _uid("item"),
-                "type": "function_call",
-                "name": name,
-                "call_id": call_id,
-                "arguments": json.dumps(dict(args)),
-            }
-            await self._send(
-                conn,
-                {
-                    "type": "response.output_item.added",
-                    "response_id": response_id,
-                    "output_index": 0,
-                    "item": {**item, "arguments": ""},
-                },
-            )
-            await self._send(
-                conn,
-                {
-                    "type": "response.function_call_arguments.done",
-                    "response_id": response_id,
-                    "item_id": item["id"],
-                    "output_index": 0,
-                    "call_id": call_id,
-                    "name": name,
-                    "arguments": item["arguments"],
-                },
-            )
-            output.append(item)
-        else:
+        # A response may speak and then call a tool: a message item, then a function call.
+        if response.audio or response.tool_call is None:
             item_id = _uid("item")
             self.item_audio_ms[item_id] = 0.0
             # The ids of the message's one audio part.
@@ -750,6 +722,39 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
                 {"type": "response.output_item.done", "response_id": response_id, "item": message},
             )
             output.append(message)
+        if response.tool_call is not None:
+            name, args = response.tool_call
+            call_id = _uid("call")
+            index = len(output)
+            item = {
+                "id": _uid("item"),
+                "type": "function_call",
+                "name": name,
+                "call_id": call_id,
+                "arguments": json.dumps(dict(args)),
+            }
+            await self._send(
+                conn,
+                {
+                    "type": "response.output_item.added",
+                    "response_id": response_id,
+                    "output_index": index,
+                    "item": {**item, "arguments": ""},
+                },
+            )
+            await self._send(
+                conn,
+                {
+                    "type": "response.function_call_arguments.done",
+                    "response_id": response_id,
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "call_id": call_id,
+                    "name": name,
+                    "arguments": item["arguments"],
+                },
+            )
+            output.append(item)
         done: dict[str, Any] = {"id": response_id, "status": "completed", "output": output}
         usage = _usage_openai(response.usage)
         if usage is not None:
