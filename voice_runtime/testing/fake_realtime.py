@@ -16,7 +16,9 @@ They are scriptable with a :class:`FakeScript`: a greeting, replies per caller t
 call and the reply after its result, usage figures. Caller speech is detected by energy
 (or forced with :meth:`~FakeRealtimeServer.trigger_speech_started`). Every client message is
 recorded (:attr:`~FakeRealtimeServer.received`), so tests can assert on, say, the
-``audio_end_ms`` of a truncate. :meth:`~FakeRealtimeServer.drop` kills the sockets without a
+``audio_end_ms`` of a truncate (the valid ones are in ``truncated`` as ``(item_id,
+audio_end_ms)``). :meth:`~FakeRealtimeServer.send_raw` sends any message as is, wrong field
+types included. :meth:`~FakeRealtimeServer.drop` kills the sockets without a
 close frame; ``refuse_connections`` makes the handshake fail with HTTP 503.
 """
 
@@ -325,6 +327,16 @@ class FakeRealtimeServer:
         for conn in list(self._conns.values()):
             await self._send_error(conn, message, code)
 
+    async def send_raw(self, message: Mapping[str, Any] | str) -> None:
+        """Send one message as is on every connection (for malformed-input tests).
+
+        An object goes out as JSON, whatever its field types; a string goes out verbatim.
+        Neither is recorded in :attr:`sent`.
+        """
+        text = message if isinstance(message, str) else json.dumps(message)
+        for conn in list(self._conns.values()):
+            await self._send_text(conn, text)
+
     async def trigger_speech_started(self) -> None:
         """Act as if the caller started speaking on every connection."""
         for conn in list(self._conns.values()):
@@ -379,8 +391,10 @@ class FakeRealtimeServer:
             self._changed.set()
 
     async def _send(self, conn: _Conn, obj: dict[str, Any]) -> None:
-        text = json.dumps(obj)
         self.sent.append(obj)
+        await self._send_text(conn, json.dumps(obj))
+
+    async def _send_text(self, conn: _Conn, text: str) -> None:
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(text.encode() if self.binary_frames else text)
 
