@@ -117,6 +117,7 @@ async def test_barge_in_clears_twilio_and_truncates_at_the_heard_audio() -> None
         assert not [m for m in fake.sent if m.get("type") == "error"]
 
 
+@pytest.mark.parametrize("vendor", ["openai", "xai"])
 @pytest.mark.parametrize(
     ("first_ms", "expected_ms"),
     [
@@ -125,7 +126,7 @@ async def test_barge_in_clears_twilio_and_truncates_at_the_heard_audio() -> None
     ],
 )
 async def test_barge_in_truncates_every_queued_item_at_what_was_heard_of_it(
-    first_ms: int, expected_ms: tuple[int | None, int]
+    vendor: str, first_ms: int, expected_ms: tuple[int | None, int]
 ) -> None:
     # The model speaks, calls a tool and speaks again; both replies are queued (faster than
     # real time) before the caller barges in 1.2 s into the call's agent audio.
@@ -139,11 +140,13 @@ async def test_barge_in_truncates_every_queued_item_at_what_was_heard_of_it(
     sessions: list[VoiceSession] = []
     results: list[BridgeResult] = []
     clock = ManualClock()
-    async with FakeOpenAIRealtime(script) as fake:
+    fake_cls = FakeOpenAIRealtime if vendor == "openai" else FakeXaiRealtime
+    async with fake_cls(script) as fake:
 
         async def on_call(session: VoiceSession) -> None:
             sessions.append(session)
-            agent = openai_agent(fake, tools=tools.specs())
+            options = AgentOptions(base_url=fake.base_url, greeting="Hello", tools=tools.specs())
+            agent = create_agent(vendor, options, api_key=KEY)
             results.append(await attach_agent(session, agent, tools=tools))
 
         # A long lead sends all agent audio to the caller at once; the virtual clock then

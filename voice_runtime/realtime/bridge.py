@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from voice_runtime._sync import forbid_on_loop
 from voice_runtime.errors import ConfigurationError, NoEventLoopError, ProviderError, SessionError
+from voice_runtime.logutil import LogLimiter
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
 from voice_runtime.realtime.events import (
     AgentError,
@@ -184,6 +185,7 @@ class AgentBridge:
         self.truncations: list[Truncation] = []
         self.tool_calls = 0
         self.dropped_audio_ms = 0.0
+        self._failures = LogLimiter(first=1, every=1000)
         # Items whose audio may still be unheard, in queue order.
         self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
         self._interrupted: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -351,9 +353,11 @@ class AgentBridge:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception(
-                    "realtime event handling failed", extra={"call_sid": self.session.call_sid}
-                )
+                # Once per call is enough to see the traceback; a fault per event would flood.
+                if self._failures.allow("dispatch"):
+                    logger.exception(
+                        "realtime event handling failed", extra={"call_sid": self.session.call_sid}
+                    )
 
     async def _dispatch(self, event: AgentEvent) -> None:
         kind = type(event)
@@ -428,13 +432,12 @@ class AgentBridge:
             await self.session.send_mark_and_wait_async(MARK_NAME, MARK_TIMEOUT_S)
 
     async def _barge_in(self, event: UserSpeechStarted) -> None:
-        if event.interrupted_response_id:
-            self._remember_interrupted(event.interrupted_response_id)
-        await self._interrupt(event.interrupted_item_id, cancel=False)
+        named = (event.interrupted_item_id, event.interrupted_response_id)
+        await self._interrupt([key for key in named if key], cancel=False)
 
     async def interrupt(self) -> None:
         """Barge in by hand: clear the call's audio, truncate, and cancel the response."""
-        await self._interrupt(None, cancel=True)
+        await self._interrupt([], cancel=True)
 
     def _track(self, key: str, event: AssistantAudio) -> _Item:
         """Start tracking a new item whose first audio is about to be queued."""
@@ -442,8 +445,9 @@ class AgentBridge:
         played = session.played_ms
         generation = session.clear_generation
         for old in list(self._items.values()):
-            # Done and heard: nothing left to cut. From before a clear the bridge did not
-            # make: the axis restarted, so its position no longer says what was heard.
+            old.done = True  # items play one after another: a later one began, this one ended
+            # Heard whole: nothing left to cut. From before a clear the bridge did not make:
+            # the axis restarted, so its position no longer says what was heard.
             if old.fully_heard(played) or old.generation != generation:
                 del self._items[old.key]
         while len(self._items) >= _MAX_ITEMS:
@@ -452,10 +456,9 @@ class AgentBridge:
         self._items[key] = item
         return item
 
-    async def _interrupt(self, vendor_item: str | None, *, cancel: bool) -> None:
+    async def _interrupt(self, vendor_keys: list[str], *, cancel: bool) -> None:
+        """Cut every unfinished item; ``vendor_keys`` name items/responses the vendor cut."""
         session = self.session
-        if vendor_item:
-            self._remember_interrupted(vendor_item)
         played = session.played_ms
         generation = session.clear_generation
         truncations: list[Truncation] = []
@@ -469,6 +472,8 @@ class AgentBridge:
             if current and self.agent.supports_truncate and item.item_id:
                 truncations.append(Truncation(item.item_id, int(item.heard_ms(played)), played))
         self._items.clear()
+        for key in vendor_keys:  # last, so the bound on remembered keys keeps them
+            self._remember_interrupted(key)
         pending = session.agent_audio_pending
         if pending:
             session.request_clear_buffer()
@@ -604,7 +609,10 @@ class AgentBridge:
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            logger.exception("realtime callback failed", extra={"call_sid": self.session.call_sid})
+            if self._failures.allow("callback"):
+                logger.exception(
+                    "realtime callback failed", extra={"call_sid": self.session.call_sid}
+                )
 
 
 async def attach_agent(

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from voice_runtime.errors import ProviderConnectionError, ProviderError, is_retryable_status
+from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
     MalformedMessage,
@@ -292,7 +293,7 @@ class ElevenLabsAgent(WebSocketAgent):
             if v is not None and v != REQUIRED_FORMAT
         }
         if bad:
-            detail = ", ".join(f"{k} is {v!r}" for k, v in bad.items())
+            detail = ", ".join(f"{k} is {clip(v, 32)!r}" for k, v in bad.items())
             message = (
                 f"agent audio format mismatch ({detail}); set both formats to "
                 f"{REQUIRED_FORMAT!r} in the agent's configuration"
