@@ -17,7 +17,7 @@ from voice_runtime.realtime import (
     GeminiLiveAgent,
     OpenAIRealtimeAgent,
     SessionOpened,
-    XaiRealtimeAgent,
+    create_agent,
 )
 from voice_runtime.testing.fake_realtime import (
     FakeElevenLabsAgent,
@@ -118,7 +118,16 @@ def _openai(fake: FakeRealtimeServer) -> Any:
 
 
 def _xai(fake: FakeRealtimeServer) -> Any:
-    return XaiRealtimeAgent(AgentOptions(base_url=fake.base_url), api_key=KEY)
+    # Behind a fallback wrapper: its counter adds up the agents it used.
+    unused = AgentOptions(base_url="ws://127.0.0.1:9/v1")  # nothing listens: skipped
+    return create_agent(
+        ["openai", "xai"],
+        provider_kwargs={
+            "openai": {"options": unused},
+            "xai": {"options": AgentOptions(base_url=fake.base_url)},
+        },
+        api_key=KEY,
+    )
 
 
 def _gemini(fake: FakeRealtimeServer) -> Any:
@@ -168,7 +177,10 @@ async def test_wrong_field_types_are_counted_and_warned_once_and_the_call_goes_o
                 assert await call.simulator.wait_for_heard(REPLY_MS, timeout=2)
                 assert bytes(call.simulator.heard) == reply
             assert not call.simulator.closed
-        assert (await call.result()).reason == "call_ended"
+        result = await call.result()
+    assert result.reason == "call_ended" and result.bad_messages == expected
+    if vendor == "xai":
+        assert [name for name, _ in agent.failures] == ["openai"]  # the fallback path
     warned = [r for r in caplog.records if r.getMessage() == DROPPED]
     assert sorted(r.reason for r in warned) == sorted(expected)  # type: ignore[attr-defined]
     assert all(r.levelno == logging.WARNING and r.provider == vendor for r in warned)  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -130,7 +130,10 @@ class TranscriptLine:
 
 @dataclass(frozen=True)
 class BridgeResult:
-    """How a bridged call went."""
+    """How a bridged call went.
+
+    ``bad_messages`` counts the vendor messages the agent dropped as unusable, by reason.
+    """
 
     provider: str
     reason: str  # call_ended, agent_closed, agent_failed, rejected
@@ -140,6 +143,7 @@ class BridgeResult:
     barge_ins: int = 0
     truncations: tuple[Truncation, ...] = ()
     tool_calls: int = 0
+    bad_messages: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -283,6 +287,7 @@ class AgentBridge:
             barge_ins=self.barge_ins,
             truncations=tuple(self.truncations),
             tool_calls=self.tool_calls,
+            bad_messages=dict(getattr(self.agent, "bad_messages", None) or {}),
         )
         logger.info(
             "realtime bridge finished",
@@ -291,6 +296,7 @@ class AgentBridge:
                 "provider": result.provider,
                 "reason": reason,
                 "duration_s": round(duration, 3),
+                "bad_vendor_messages": sum(result.bad_messages.values()),
             },
         )
         if self.hooks is not None:
