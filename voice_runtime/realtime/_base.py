@@ -44,11 +44,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Vendor error text reaches AgentError and exceptions: bounded, whatever the vendor sends.
+MAX_ERROR_CHARS = 300
 # Close codes blaming the client: protocol error, unsupported or invalid data, policy, too big.
 _CLIENT_FAULT_CODES = frozenset({1002, 1003, 1007, 1008, 1009})
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
+    "MAX_ERROR_CHARS",
     "MalformedMessage",
     "VendorFatal",
     "WebSocketAgent",

@@ -28,6 +28,7 @@ from voice_runtime.errors import ProviderConnectionError, ProviderError, is_retr
 from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MAX_ERROR_CHARS,
     MalformedMessage,
     VendorFatal,
     WebSocketAgent,
@@ -270,7 +271,8 @@ class ElevenLabsAgent(WebSocketAgent):
                 text = err
             else:
                 raise MalformedMessage("error")
-            self._emit(AgentError(text or "vendor error", fatal=False, provider=self.provider))
+            message = clip(text or "vendor error", MAX_ERROR_CHARS)
+            self._emit(AgentError(message, fatal=False, provider=self.provider))
 
     def _message_kind(self, msg: dict[str, Any]) -> str:
         kind = msg.get("type")

@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from voice_runtime.errors import ProviderError
+from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MAX_ERROR_CHARS,
     MalformedMessage,
     WebSocketAgent,
     count_field,
@@ -424,7 +426,7 @@ class OpenAICompatibleAgent(WebSocketAgent):
     def _on_error(self, msg: dict[str, Any], _t: float) -> None:
         err = obj_field(msg, "error")
         code = id_field(err, "code") or id_field(err, "type")
-        message = str_field(err, "message") or "vendor error"
+        message = clip(str_field(err, "message") or "vendor error", MAX_ERROR_CHARS)
         if self._handshaking:
             self._fail_handshake(ProviderError(message, provider=self.provider, code=code))
             return
