@@ -77,7 +77,7 @@ class MalformedMessage(ValueError):
     """A vendor message field has the wrong type or content; the message is dropped.
 
     ``field`` names the field (a path the code chose, never vendor text); ``problem`` is
-    ``wrong_type`` or ``bad_base64``.
+    ``wrong_type``, ``bad_base64`` or ``bad_value``.
     """
 
     def __init__(self, field: str, problem: str = "wrong_type") -> None:
