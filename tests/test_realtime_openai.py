@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from conftest import wait_for
 
 from voice_runtime.audio import silence_ulaw, tone_ulaw
 from voice_runtime.errors import MissingCredentialError, ProviderError
@@ -15,15 +16,20 @@ from voice_runtime.realtime import (
     AgentFailover,
     AgentOptions,
     BridgeOptions,
+    BridgeResult,
     LifecycleHooks,
     OpenAIRealtimeAgent,
     SessionClosed,
     SessionOpened,
     ToolRegistry,
     UserTranscript,
+    attach_agent,
     create_agent,
     end_call_tool,
 )
+from voice_runtime.server import VoiceServer
+from voice_runtime.session import VoiceSession
+from voice_runtime.testing.clock import ManualClock
 from voice_runtime.testing.fake_realtime import (
     FakeOpenAIRealtime,
     FakeResponse,
@@ -33,6 +39,9 @@ from voice_runtime.testing.fake_realtime import (
     pattern_audio,
     tone_response,
 )
+from voice_runtime.testing.server import serve_in_loop
+from voice_runtime.testing.simulator import CallerSimulator
+from voice_runtime.transports.twilio_ws import StreamOptions
 
 KEY = "test-key"
 FRAME_MS = 20.0
@@ -106,6 +115,72 @@ async def test_barge_in_clears_twilio_and_truncates_at_the_heard_audio() -> None
         assert result.barge_ins == 1
         assert [(t.item_id, t.audio_end_ms) for t in result_truncs] == [(item_id, audio_end_ms)]
         assert not [m for m in fake.sent if m.get("type") == "error"]
+
+
+@pytest.mark.parametrize("vendor", ["openai", "xai"])
+@pytest.mark.parametrize(
+    ("first_ms", "expected_ms"),
+    [
+        (3000, (1200, 0)),  # barge-in inside the first item: the second was never reached
+        (600, (None, 600)),  # the first was heard whole: only the second is cut
+    ],
+)
+async def test_barge_in_truncates_every_queued_item_at_what_was_heard_of_it(
+    vendor: str, first_ms: int, expected_ms: tuple[int | None, int]
+) -> None:
+    # The model speaks, calls a tool and speaks again; both replies are queued (faster than
+    # real time) before the caller barges in 1.2 s into the call's agent audio.
+    first, second = pattern_audio(first_ms), tone_ulaw(500.0, 2000, -12.0)
+    script = FakeScript(
+        greeting=FakeResponse(audio=first, tool_call=("lookup_order", {"order_id": "42"})),
+        after_tool=FakeResponse(audio=second),
+    )
+    tools = ToolRegistry()
+    tools.register("lookup_order", lambda order_id: {"status": "shipped"})
+    sessions: list[VoiceSession] = []
+    results: list[BridgeResult] = []
+    clock = ManualClock()
+    fake_cls = FakeOpenAIRealtime if vendor == "openai" else FakeXaiRealtime
+    async with fake_cls(script) as fake:
+
+        async def on_call(session: VoiceSession) -> None:
+            sessions.append(session)
+            options = AgentOptions(base_url=fake.base_url, greeting="Hello", tools=tools.specs())
+            agent = create_agent(vendor, options, api_key=KEY)
+            results.append(await attach_agent(session, agent, tools=tools))
+
+        # A long lead sends all agent audio to the caller at once; the virtual clock then
+        # decides exactly how much of it has played.
+        voice = VoiceServer(on_call=on_call, stream_options=StreamOptions(lead_ms=60_000))
+        async with serve_in_loop(voice.app) as srv:
+            async with CallerSimulator(srv.ws_url + "/voice", clock=clock) as sim:
+                total = len(first) + len(second)
+                assert await wait_for(lambda: len(sim.received) >= total, 5)
+                await clock.advance(1.2)
+                assert await wait_for(lambda: sim.heard_ms >= 1200, 2)
+                assert sim.heard_ms == 1200  # time stands still until the test moves it
+                session = sessions[0]
+                assert await wait_for(lambda: session.played_ms >= 1200, 5)
+
+                await sim.send_audio(LOUD, realtime=False)  # the caller barges in
+                cuts = sum(e is not None for e in expected_ms)
+                assert await fake.wait_for(lambda: len(fake.truncated) == cuts, 5)
+                assert await wait_for(lambda: sim.clears >= 1, 5)
+                await clock.advance(0.5)
+                assert sim.heard_ms == 1200, "the rest of both replies was cleared"
+            assert await wait_for(lambda: bool(results), 5)
+    first_id, second_id = list(fake.item_audio_ms)
+    ids = (first_id, second_id)
+    wanted = [(i, ms) for i, ms in zip(ids, expected_ms, strict=True) if ms is not None]
+    got = fake.truncated
+    assert [item for item, _ in got] == [item for item, _ in wanted]
+    for (_, end), (_, want) in zip(got, wanted, strict=True):
+        # Marks every 20 ms: the position is known to one frame.
+        assert abs(end - want) <= FRAME_MS, (got, wanted)
+    result = results[0]
+    assert [(t.item_id, t.audio_end_ms) for t in result.truncations] == got
+    assert result.barge_ins == 1 and result.tool_calls == 1
+    assert not [m for m in fake.sent if m.get("type") == "error"]
 
 
 async def test_tool_call_round_trips_and_the_reply_plays() -> None:

@@ -5,6 +5,12 @@ handshake it sends, and one handler for each decoded JSON message. The base clas
 socket and the event queue and keeps the promises of the agent protocol: idempotent calls,
 nothing raised after close, a fatal :class:`AgentError` then :class:`SessionClosed` when the
 vendor drops the socket.
+
+Vendor messages are untrusted input. A handler reads fields through :func:`obj_field`,
+:func:`str_field`, :func:`id_field` and :func:`list_field`, which raise
+:class:`MalformedMessage` on a wrong type; the message is then dropped, counted in
+:attr:`WebSocketAgent.bad_messages` and logged as one warning line (the first of each kind,
+then one in a thousand), never as a traceback, and the session goes on.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -28,6 +35,7 @@ from voice_runtime.errors import (
     ProviderError,
     is_retryable_status,
 )
+from voice_runtime.logutil import LogLimiter
 from voice_runtime.realtime.agent import AgentOptions
 from voice_runtime.realtime.events import AgentError, AgentEvent, SessionClosed, SessionOpened
 
@@ -36,10 +44,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Vendor error text reaches AgentError and exceptions: bounded, whatever the vendor sends.
+MAX_ERROR_CHARS = 300
 # Close codes blaming the client: protocol error, unsupported or invalid data, policy, too big.
 _CLIENT_FAULT_CODES = frozenset({1002, 1003, 1007, 1008, 1009})
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "VendorFatal", "WebSocketAgent", "deep_merge", "ws_base"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "MAX_ERROR_CHARS",
+    "MalformedMessage",
+    "VendorFatal",
+    "WebSocketAgent",
+    "count_field",
+    "deep_merge",
+    "id_field",
+    "list_field",
+    "obj_field",
+    "str_field",
+    "ws_base",
+]
 
 
 class VendorFatal(Exception):
@@ -48,6 +71,75 @@ class VendorFatal(Exception):
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+class MalformedMessage(ValueError):
+    """A vendor message field has the wrong type or content; the message is dropped.
+
+    ``field`` names the field (a path the code chose, never vendor text); ``problem`` is
+    ``wrong_type``, ``bad_base64`` or ``bad_value``.
+    """
+
+    def __init__(self, field: str, problem: str = "wrong_type") -> None:
+        super().__init__(f"{problem}: {field}")
+        self.field = field
+        self.problem = problem
+
+
+def obj_field(msg: Mapping[str, Any], key: str, *alias: str) -> dict[str, Any]:
+    """``msg[key]`` (or the first alias present) as an object; {} when absent or null."""
+    value = _get(msg, key, alias)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedMessage(key)
+    return value
+
+
+def str_field(msg: Mapping[str, Any], key: str, *alias: str) -> str:
+    """``msg[key]`` (or the first alias present) as a string; "" when absent or null."""
+    value = _get(msg, key, alias)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedMessage(key)
+    return value
+
+
+def id_field(msg: Mapping[str, Any], key: str) -> str | None:
+    """An identifier: a non-empty string, or None when absent, null or empty."""
+    return str_field(msg, key) or None
+
+
+def list_field(msg: Mapping[str, Any], key: str, *alias: str) -> list[Any]:
+    """``msg[key]`` (or the first alias present) as a list; [] when absent or null."""
+    value = _get(msg, key, alias)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedMessage(key)
+    return value
+
+
+def count_field(msg: Mapping[str, Any], key: str, where: str) -> int:
+    """A token count: a non-negative number (0 when absent); ``where`` names it in errors."""
+    value = msg.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedMessage(where)
+    if not (math.isfinite(value) and value >= 0):
+        raise MalformedMessage(where)
+    return int(value)
+
+
+def _get(msg: Mapping[str, Any], key: str, alias: tuple[str, ...]) -> Any:
+    value = msg.get(key)
+    for other in alias:
+        if value is not None:
+            break
+        value = msg.get(other)
+    return value
 
 
 def ws_base(url: str) -> str:
@@ -122,6 +214,8 @@ class WebSocketAgent:
         self._finished = False
         self._opened = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A vendor decides how many bad messages it sends: count all, log a few.
+        self._bad = LogLimiter(first=1, every=1000)
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -144,6 +238,10 @@ class WebSocketAgent:
     async def _handle(self, msg: dict[str, Any], received_at: float) -> None:
         raise NotImplementedError
 
+    def _message_kind(self, msg: dict[str, Any]) -> str:
+        """The kind of a message for counting (from a fixed set, never raw vendor text)."""
+        return ""
+
     # ------------------------------------------------------------------ state
 
     @property
@@ -155,6 +253,28 @@ class WebSocketAgent:
     def is_open(self) -> bool:
         """True while the session is configured and usable."""
         return self._state == "open"
+
+    @property
+    def bad_messages(self) -> dict[str, int]:
+        """How many vendor messages were dropped as unusable, by reason."""
+        return dict(self._bad.counts)
+
+    def _bad_message(self, reason: str) -> None:
+        """Count one unusable vendor message; log the first of each reason, then rarely."""
+        if self._bad.allow(reason):
+            logger.warning(
+                "unusable vendor message dropped",
+                extra={
+                    "provider": self.provider,
+                    "reason": reason,
+                    "count": self._bad.count(reason),
+                },
+            )
+
+    def _malformed(self, msg: dict[str, Any], exc: MalformedMessage) -> None:
+        kind = self._message_kind(msg)
+        where = f"{kind}.{exc.field}" if kind and exc.field != kind else exc.field
+        self._bad_message(f"{exc.problem}:{where}")
 
     def _emit(self, event: AgentEvent) -> None:
         if not self._finished:
@@ -277,9 +397,10 @@ class WebSocketAgent:
                 try:
                     msg = json.loads(raw)
                 except ValueError:
-                    logger.warning("undecodable vendor frame", extra={"provider": self.provider})
+                    self._bad_message("not_json")
                     continue
                 if not isinstance(msg, dict):
+                    self._bad_message("not_an_object")
                     continue
                 try:
                     await self._handle(msg, received_at)
@@ -290,10 +411,14 @@ class WebSocketAgent:
                     with contextlib.suppress(Exception):
                         await ws.close(1000)
                     break
+                except MalformedMessage as exc:
+                    self._malformed(msg, exc)
                 except Exception:
-                    logger.exception(
-                        "vendor message handling failed", extra={"provider": self.provider}
-                    )
+                    # A bug of ours, not the vendor's: the traceback matters, but only once.
+                    if self._bad.allow("handler_failed"):
+                        logger.exception(
+                            "vendor message handling failed", extra={"provider": self.provider}
+                        )
         except ConnectionClosed:
             pass
         except asyncio.CancelledError:

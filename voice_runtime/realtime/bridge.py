@@ -8,10 +8,12 @@ or the agent ends:
   each followed by a mark, so the playback position (``session.played_ms``) is known from
   Twilio's echoes to that precision;
 * barge-in: on ``UserSpeechStarted`` the bridge clears Twilio and the local queue
-  (``session.request_clear_buffer()``), drops the rest of the interrupted item's audio, and,
-  for vendors that can (OpenAI, xAI), truncates the item at what the caller heard:
-  ``played_ms`` minus the ``queued_ms`` at which the item's first audio was queued, capped
-  at the audio queued for it;
+  (``session.request_clear_buffer()``) and drops the rest of the audio of every item not yet
+  heard to its end. A model that speaks, calls a tool and speaks again can have several items
+  queued at once, so the bridge keeps each unfinished item's start on the playback axis
+  (``session.queued_ms`` when its first audio was queued) and, for vendors that can (OpenAI,
+  xAI), truncates each one at what the caller heard of it: ``played_ms`` (from mark echoes)
+  minus its start, between 0 (not reached yet) and the audio queued for it;
 * tools: each ``ToolCall`` runs in its own task through a :class:`ToolRegistry`; the result
   (or the error) goes back to the model;
 * everything else goes to the callbacks and lifecycle hooks.
@@ -28,12 +30,13 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from voice_runtime._sync import forbid_on_loop
 from voice_runtime.errors import ConfigurationError, NoEventLoopError, ProviderError, SessionError
+from voice_runtime.logutil import LogLimiter
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
 from voice_runtime.realtime.events import (
     AgentError,
@@ -70,6 +73,8 @@ logger = logging.getLogger(__name__)
 MARK_NAME = "vr-rt"
 MARK_TIMEOUT_S = 3600.0
 _MAX_INTERRUPTED = 64
+# Unfinished items tracked at once; vendors queue one or two, so this only bounds a runaway.
+_MAX_ITEMS = 64
 
 __all__ = [
     "AgentBridge",
@@ -125,7 +130,10 @@ class TranscriptLine:
 
 @dataclass(frozen=True)
 class BridgeResult:
-    """How a bridged call went."""
+    """How a bridged call went.
+
+    ``bad_messages`` counts the vendor messages the agent dropped as unusable, by reason.
+    """
 
     provider: str
     reason: str  # call_ended, agent_closed, agent_failed, rejected
@@ -135,17 +143,28 @@ class BridgeResult:
     barge_ins: int = 0
     truncations: tuple[Truncation, ...] = ()
     tool_calls: int = 0
+    bad_messages: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
 class _Item:
+    """One assistant item's audio on the call's playback axis."""
+
     key: str
     item_id: str | None
     response_id: str | None
-    start_ms: float
+    start_ms: float  # session.queued_ms when its first audio was queued
+    generation: int  # the session's clear generation then (a clear restarts the axis)
     queued_ms: float = 0.0
     done: bool = False
-    interrupted: bool = False
+
+    def heard_ms(self, played_ms: float) -> float:
+        """What the caller heard of this item when ``played_ms`` of the call has played."""
+        return min(max(played_ms - self.start_ms, 0.0), self.queued_ms)
+
+    def fully_heard(self, played_ms: float) -> bool:
+        """True when the item is complete and every byte of it has played."""
+        return self.done and self.heard_ms(played_ms) >= self.queued_ms - 0.5
 
 
 Callback = Callable[[Any], Any]
@@ -170,7 +189,9 @@ class AgentBridge:
         self.truncations: list[Truncation] = []
         self.tool_calls = 0
         self.dropped_audio_ms = 0.0
-        self._item: _Item | None = None
+        self._failures = LogLimiter(first=1, every=1000)
+        # Items whose audio may still be unheard, in queue order.
+        self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
         self._interrupted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mark_tasks: set[asyncio.Task[Any]] = set()
@@ -266,6 +287,7 @@ class AgentBridge:
             barge_ins=self.barge_ins,
             truncations=tuple(self.truncations),
             tool_calls=self.tool_calls,
+            bad_messages=dict(getattr(self.agent, "bad_messages", None) or {}),
         )
         logger.info(
             "realtime bridge finished",
@@ -274,6 +296,7 @@ class AgentBridge:
                 "provider": result.provider,
                 "reason": reason,
                 "duration_s": round(duration, 3),
+                "bad_vendor_messages": sum(result.bad_messages.values()),
             },
         )
         if self.hooks is not None:
@@ -336,9 +359,11 @@ class AgentBridge:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception(
-                    "realtime event handling failed", extra={"call_sid": self.session.call_sid}
-                )
+                # Once per call is enough to see the traceback; a fault per event would flood.
+                if self._failures.allow("dispatch"):
+                    logger.exception(
+                        "realtime event handling failed", extra={"call_sid": self.session.call_sid}
+                    )
 
     async def _dispatch(self, event: AgentEvent) -> None:
         kind = type(event)
@@ -365,7 +390,7 @@ class AgentBridge:
                     self.session.request_disconnect(after_playback=True)
         elif kind is AgentFailover or kind is SessionOpened:
             # A new vendor session: item ids of the old one mean nothing now.
-            self._item = None
+            self._items.clear()
         elif kind is UserTranscript:
             ut: UserTranscript = event  # type: ignore[assignment]
             await self._transcript(TranscriptLine("user", ut.text, ut.final, ut.item_id))
@@ -384,10 +409,9 @@ class AgentBridge:
         ):
             self.dropped_audio_ms += event.duration_ms
             return
-        item = self._item
-        if item is None or item.key != key:
-            item = _Item(key, event.item_id, event.response_id, session.queued_ms)
-            self._item = item
+        item = self._items.get(key)
+        if item is None:
+            item = self._track(key, event)
         self._last_audio_at = asyncio.get_running_loop().time()
         audio = event.audio
         step = self._step
@@ -414,43 +438,64 @@ class AgentBridge:
             await self.session.send_mark_and_wait_async(MARK_NAME, MARK_TIMEOUT_S)
 
     async def _barge_in(self, event: UserSpeechStarted) -> None:
-        if event.interrupted_response_id:
-            self._remember_interrupted(event.interrupted_response_id)
-        await self._interrupt(event.interrupted_item_id, cancel=False)
+        named = (event.interrupted_item_id, event.interrupted_response_id)
+        await self._interrupt([key for key in named if key], cancel=False)
 
     async def interrupt(self) -> None:
         """Barge in by hand: clear the call's audio, truncate, and cancel the response."""
-        await self._interrupt(None, cancel=True)
+        await self._interrupt([], cancel=True)
 
-    async def _interrupt(self, vendor_item: str | None, *, cancel: bool) -> None:
+    def _track(self, key: str, event: AssistantAudio) -> _Item:
+        """Start tracking a new item whose first audio is about to be queued."""
         session = self.session
-        item = self._item
-        truncation: Truncation | None = None
-        if vendor_item:
-            self._remember_interrupted(vendor_item)
-        if item is not None and not item.interrupted:
-            played = session.played_ms
-            heard = min(max(played - item.start_ms, 0.0), item.queued_ms)
-            if not (item.done and heard >= item.queued_ms - 0.5):
-                item.interrupted = True
-                self._remember_interrupted(item.key)
-                if self.agent.supports_truncate and item.item_id:
-                    truncation = Truncation(item.item_id, int(heard), played)
+        played = session.played_ms
+        generation = session.clear_generation
+        for old in list(self._items.values()):
+            old.done = True  # items play one after another: a later one began, this one ended
+            # Heard whole: nothing left to cut. From before a clear the bridge did not make:
+            # the axis restarted, so its position no longer says what was heard.
+            if old.fully_heard(played) or old.generation != generation:
+                del self._items[old.key]
+        while len(self._items) >= _MAX_ITEMS:
+            self._items.popitem(last=False)
+        item = _Item(key, event.item_id, event.response_id, session.queued_ms, generation)
+        self._items[key] = item
+        return item
+
+    async def _interrupt(self, vendor_keys: list[str], *, cancel: bool) -> None:
+        """Cut every unfinished item; ``vendor_keys`` name items/responses the vendor cut."""
+        session = self.session
+        played = session.played_ms
+        generation = session.clear_generation
+        truncations: list[Truncation] = []
+        for item in self._items.values():
+            current = item.generation == generation
+            if current and item.fully_heard(played):
+                continue
+            # The rest of this item must not play, whether it was reached or not.
+            self._remember_interrupted(item.key)
+            # An item cut by someone else's clear has no known position: left uncut.
+            if current and self.agent.supports_truncate and item.item_id:
+                truncations.append(Truncation(item.item_id, int(item.heard_ms(played)), played))
+        self._items.clear()
+        for key in vendor_keys:  # last, so the bound on remembered keys keeps them
+            self._remember_interrupted(key)
         pending = session.agent_audio_pending
         if pending:
             session.request_clear_buffer()
-        if truncation is not None:
+        for truncation in truncations:
             await self.agent.truncate(truncation.item_id, truncation.audio_end_ms)
             self.truncations.append(truncation)
         if cancel:
             await self.agent.cancel()
-        if pending or truncation is not None:
+        if pending or truncations:
             self.barge_ins += 1
             logger.info(
                 "caller barged in",
                 extra={
                     "call_sid": session.call_sid,
-                    "audio_end_ms": None if truncation is None else truncation.audio_end_ms,
+                    "audio_end_ms": truncations[0].audio_end_ms if truncations else None,
+                    "items_truncated": len(truncations),
                 },
             )
 
@@ -460,13 +505,16 @@ class AgentBridge:
             self._interrupted.popitem(last=False)
 
     def _on_turn_end(self, event: AssistantTurnEnd) -> None:
-        item = self._item
-        if item is not None and (
-            (event.item_id is None and event.response_id is None)
-            or (event.item_id is not None and event.item_id == item.item_id)
-            or (event.response_id is not None and event.response_id == item.response_id)
-        ):
-            item.done = True
+        items = self._items
+        if event.item_id is None and event.response_id is None:
+            if items:
+                next(reversed(items.values())).done = True  # the latest item
+        else:
+            for item in items.values():
+                if (event.item_id is not None and event.item_id == item.item_id) or (
+                    event.response_id is not None and event.response_id == item.response_id
+                ):
+                    item.done = True
         after = self._hangup_after
         if after is not None and after not in (event.response_id, event.item_id):
             self._turn_end.set()
@@ -567,7 +615,10 @@ class AgentBridge:
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            logger.exception("realtime callback failed", extra={"call_sid": self.session.call_sid})
+            if self._failures.allow("callback"):
+                logger.exception(
+                    "realtime callback failed", extra={"call_sid": self.session.call_sid}
+                )
 
 
 async def attach_agent(

@@ -25,12 +25,18 @@ from urllib.parse import quote
 import httpx
 
 from voice_runtime.errors import ProviderConnectionError, ProviderError, is_retryable_status
+from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MAX_ERROR_CHARS,
+    MalformedMessage,
     VendorFatal,
     WebSocketAgent,
     deep_merge,
     http_base,
+    id_field,
+    obj_field,
+    str_field,
     ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
@@ -226,53 +232,60 @@ class ElevenLabsAgent(WebSocketAgent):
     async def _handle(self, msg: dict[str, Any], received_at: float) -> None:
         kind = msg.get("type")
         if kind == "audio":
-            self._on_audio(msg.get("audio_event") or {}, received_at)
+            self._on_audio(obj_field(msg, "audio_event"), received_at)
         elif kind == "ping":
-            event = msg.get("ping_event") or {}
-            await self._send_pong(event.get("event_id"))
+            event_id = _event_id(obj_field(msg, "ping_event"))
+            await self._send_pong(event_id)
         elif kind == "interruption":
-            self._on_interruption(msg.get("interruption_event") or {})
+            self._on_interruption(obj_field(msg, "interruption_event"))
         elif kind == "conversation_initiation_metadata":
-            self._on_metadata(msg.get("conversation_initiation_metadata_event") or {})
+            self._on_metadata(obj_field(msg, "conversation_initiation_metadata_event"))
         elif kind == "user_transcript":
-            event = msg.get("user_transcription_event") or {}
-            text = str(event.get("user_transcript") or "")
-            self._emit(UserTranscript(text, True))
+            event = obj_field(msg, "user_transcription_event")
+            self._emit(UserTranscript(str_field(event, "user_transcript"), True))
             if self._turn_audio:
                 self._next_turn()
         elif kind == "agent_response":
-            event = msg.get("agent_response_event") or {}
-            self._emit(AssistantText(str(event.get("agent_response") or ""), True, self._item))
+            event = obj_field(msg, "agent_response_event")
+            self._emit(AssistantText(str_field(event, "agent_response"), True, self._item))
         elif kind == "agent_response_correction":
-            event = msg.get("agent_response_correction_event") or {}
-            text = str(event.get("corrected_agent_response") or "")
+            event = obj_field(msg, "agent_response_correction_event")
+            text = str_field(event, "corrected_agent_response")
             self._emit(AssistantText(text, True, self._item))
         elif kind == "agent_chat_response_part":
-            part = msg.get("text_response_part") or {}
-            if part.get("type") == "delta" and part.get("text"):
-                self._emit(AssistantText(str(part["text"]), False, self._item))
+            part = obj_field(msg, "text_response_part")
+            part_type, text = str_field(part, "type"), str_field(part, "text")
+            if part_type == "delta" and text:
+                self._emit(AssistantText(text, False, self._item))
         elif kind == "client_tool_call":
-            call = msg.get("client_tool_call") or {}
-            if call.get("tool_name") and call.get("tool_call_id"):
-                params = call.get("parameters") if isinstance(call.get("parameters"), dict) else {}
-                self._emit(
-                    ToolCall(
-                        str(call["tool_call_id"]), str(call["tool_name"]), params, "", self._item
-                    )
-                )
+            call = obj_field(msg, "client_tool_call")
+            name, call_id = str_field(call, "tool_name"), id_field(call, "tool_call_id")
+            params = obj_field(call, "parameters")
+            if name and call_id:
+                self._emit(ToolCall(call_id, name, params, "", self._item))
         elif kind == "error":
             err = msg.get("error_event") or msg.get("error") or {}
-            text = err.get("message") if isinstance(err, dict) else str(err)
-            self._emit(AgentError(str(text or "vendor error"), fatal=False, provider=self.provider))
+            if isinstance(err, dict):
+                text = str_field(err, "message")
+            elif isinstance(err, str):
+                text = err
+            else:
+                raise MalformedMessage("error")
+            message = clip(text or "vendor error", MAX_ERROR_CHARS)
+            self._emit(AgentError(message, fatal=False, provider=self.provider))
+
+    def _message_kind(self, msg: dict[str, Any]) -> str:
+        kind = msg.get("type")
+        return kind if isinstance(kind, str) and kind in _KNOWN_TYPES else ""
 
     async def _send_pong(self, event_id: Any) -> None:
         # _send works during the handshake too: pings may come before the metadata.
         await self._send({"type": "pong", "event_id": event_id})
 
     def _on_metadata(self, event: Mapping[str, Any]) -> None:
-        out_fmt = event.get("agent_output_audio_format")
-        in_fmt = event.get("user_input_audio_format")
-        self.conversation_id = event.get("conversation_id") or self.conversation_id
+        out_fmt = str_field(event, "agent_output_audio_format") or None
+        in_fmt = str_field(event, "user_input_audio_format") or None
+        self.conversation_id = id_field(event, "conversation_id") or self.conversation_id
         bad = {
             k: v
             for k, v in (
@@ -282,7 +295,7 @@ class ElevenLabsAgent(WebSocketAgent):
             if v is not None and v != REQUIRED_FORMAT
         }
         if bad:
-            detail = ", ".join(f"{k} is {v!r}" for k, v in bad.items())
+            detail = ", ".join(f"{k} is {clip(v, 32)!r}" for k, v in bad.items())
             message = (
                 f"agent audio format mismatch ({detail}); set both formats to "
                 f"{REQUIRED_FORMAT!r} in the agent's configuration"
@@ -296,21 +309,21 @@ class ElevenLabsAgent(WebSocketAgent):
         self._mark_ready(self.conversation_id)
 
     def _on_audio(self, event: Mapping[str, Any], received_at: float) -> None:
-        event_id = event.get("event_id")
-        if isinstance(event_id, int) and event_id <= self._interrupted_id:
+        event_id = _event_id(event)
+        data = str_field(event, "audio_base_64")
+        if event_id is not None and event_id <= self._interrupted_id:
             return  # audio of an interrupted turn that was already in flight
         try:
-            audio = base64.b64decode(event.get("audio_base_64") or "", validate=True)
+            audio = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            logger.warning("undecodable agent audio", extra={"provider": self.provider})
-            return
+            raise MalformedMessage("audio_base_64", "bad_base64") from None
         if audio:
             self._turn_audio = True
             self._emit(AssistantAudio(audio, self._item, None, received_at))
 
     def _on_interruption(self, event: Mapping[str, Any]) -> None:
-        event_id = event.get("event_id")
-        if isinstance(event_id, int):
+        event_id = _event_id(event)
+        if event_id is not None:
             self._interrupted_id = max(self._interrupted_id, event_id)
         self._emit(UserSpeechStarted(interrupted_item_id=self._item))
         self._next_turn()
@@ -318,3 +331,29 @@ class ElevenLabsAgent(WebSocketAgent):
     def _next_turn(self) -> None:
         self._turn += 1
         self._turn_audio = False
+
+
+_KNOWN_TYPES = frozenset(
+    {
+        "audio",
+        "ping",
+        "interruption",
+        "conversation_initiation_metadata",
+        "user_transcript",
+        "agent_response",
+        "agent_response_correction",
+        "agent_chat_response_part",
+        "client_tool_call",
+        "error",
+    }
+)
+
+
+def _event_id(event: Mapping[str, Any]) -> int | None:
+    """An event's ``event_id``: an integer, or None when absent."""
+    value = event.get("event_id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedMessage("event_id")
+    return value

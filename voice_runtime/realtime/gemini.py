@@ -24,15 +24,22 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from voice_runtime.audio import StreamResampler, ulaw_decode, ulaw_encode
+from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MalformedMessage,
     WebSocketAgent,
+    count_field,
     deep_merge,
+    list_field,
+    obj_field,
+    str_field,
     ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
@@ -55,38 +62,45 @@ DEFAULT_GEMINI_URL = "wss://generativelanguage.googleapis.com"
 DEFAULT_GEMINI_MODEL = "models/gemini-2.5-flash-native-audio-preview-12-2025"
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
-_RATE_RE = re.compile(r"rate=(\d+)")
+_RATE_RE = re.compile(r"rate=(\d{1,9})")
 
 __all__ = ["GeminiLiveAgent", "gemini_schema", "gemini_usage"]
 
 
 def gemini_usage(meta: Mapping[str, Any] | None) -> Usage | None:
-    """Normalise a ``usageMetadata`` object; None when there is none."""
+    """Normalise a ``usageMetadata`` object; None when there is none.
+
+    Raises :class:`~voice_runtime.realtime._base.MalformedMessage` when a field has the
+    wrong type.
+    """
     if not meta:
         return None
+    if not isinstance(meta, Mapping):
+        raise MalformedMessage("usageMetadata")
 
     def by_modality(key: str) -> dict[str, int]:
         out: dict[str, int] = {}
-        for d in meta.get(key) or ():
+        for d in list_field(meta, key):
             if isinstance(d, Mapping):
-                mod = str(d.get("modality", "")).upper()
-                out[mod] = out.get(mod, 0) + int(d.get("tokenCount") or 0)
+                mod = str_field(d, "modality").upper()
+                out[mod] = out.get(mod, 0) + count_field(d, "tokenCount", "usageMetadata")
         return out
+
+    def count(key: str) -> int:
+        return count_field(meta, key, "usageMetadata")
 
     prompt = by_modality("promptTokensDetails")
     response = by_modality("responseTokensDetails")
-    output = meta.get("responseTokenCount")
-    if output is None:
-        output = meta.get("candidatesTokenCount")
+    key = "responseTokenCount" if meta.get("responseTokenCount") is not None else None
+    output = count(key or "candidatesTokenCount")
     return Usage(
-        input_tokens=int(meta.get("promptTokenCount") or 0)
-        + int(meta.get("toolUsePromptTokenCount") or 0),
-        output_tokens=int(output or 0) + int(meta.get("thoughtsTokenCount") or 0),
+        input_tokens=count("promptTokenCount") + count("toolUsePromptTokenCount"),
+        output_tokens=output + count("thoughtsTokenCount"),
         input_audio_tokens=prompt.get("AUDIO", 0),
         input_text_tokens=prompt.get("TEXT", 0),
         output_audio_tokens=response.get("AUDIO", 0),
         output_text_tokens=response.get("TEXT", 0),
-        cached_input_tokens=int(meta.get("cachedContentTokenCount") or 0),
+        cached_input_tokens=count("cachedContentTokenCount"),
         provider="gemini",
     )
 
@@ -130,6 +144,52 @@ def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# Top-level server message keys (camelCase, snake_case), for counting bad messages by kind.
+_MESSAGE_KEYS = (
+    ("setupComplete", "setup_complete"),
+    ("serverContent", "server_content"),
+    ("toolCall", "tool_call"),
+    ("toolCallCancellation", "tool_call_cancellation"),
+    ("usageMetadata", "usage_metadata"),
+    ("goAway", "go_away"),
+)
+_MIN_RATE, _MAX_RATE = 8000, 48000
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """A ``serverContent`` message, read and checked."""
+
+    interrupted: bool
+    user_text: str
+    turn_present: bool
+    parts: list[tuple[int, bytes] | str]  # (rate, PCM16) audio, or model text
+    model_text: str
+    complete: bool
+
+
+def _parse_part(part: dict[str, Any]) -> tuple[int, bytes] | str | None:
+    """A model-turn part: (rate, PCM16 bytes) for audio, the text, or None to skip it."""
+    inline = obj_field(part, "inlineData", "inline_data")
+    if inline:
+        mime = str_field(inline, "mimeType", "mime_type")
+        if not mime.startswith("audio/pcm"):
+            return None
+        data = str_field(inline, "data")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedMessage("inlineData.data", "bad_base64") from None
+        match = _RATE_RE.search(mime)
+        rate = int(match.group(1)) if match else OUTPUT_RATE
+        if not _MIN_RATE <= rate <= _MAX_RATE:
+            raise MalformedMessage("inlineData.mimeType", "bad_value")
+        return rate, raw
+    if part.get("text") and not part.get("thought"):
+        return str_field(part, "text")
+    return None
 
 
 class GeminiLiveAgent(WebSocketAgent):
@@ -350,50 +410,86 @@ class GeminiLiveAgent(WebSocketAgent):
     # ------------------------------------------------------------------ server messages
 
     async def _handle(self, msg: dict[str, Any], received_at: float) -> None:
-        if "setupComplete" in msg or "setup_complete" in msg:
-            done = msg.get("setupComplete") or msg.get("setup_complete") or {}
-            self._mark_ready(done.get("sessionId") if isinstance(done, dict) else None)
-        content = msg.get("serverContent") or msg.get("server_content")
-        if isinstance(content, dict):
-            self._on_content(content, received_at)
-        tool_call = msg.get("toolCall") or msg.get("tool_call")
-        if isinstance(tool_call, dict):
-            for fc in tool_call.get("functionCalls") or ():
-                if isinstance(fc, dict) and fc.get("name"):
-                    args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
-                    self._emit(
-                        ToolCall(
-                            str(fc.get("id") or fc.get("name")),
-                            str(fc["name"]),
-                            args,
-                            json.dumps(args),
-                            self._item,
-                        )
-                    )
-        cancelled = msg.get("toolCallCancellation") or msg.get("tool_call_cancellation")
-        if isinstance(cancelled, dict):
-            ids = tuple(str(i) for i in cancelled.get("ids") or ())
-            if ids:
-                self._emit(ToolCallCancelled(ids))
-        usage = gemini_usage(msg.get("usageMetadata") or msg.get("usage_metadata"))
+        # Every field is read before anything is applied: a malformed message is dropped
+        # whole, never half applied.
+        setup_done = "setupComplete" in msg or "setup_complete" in msg
+        done = obj_field(msg, "setupComplete", "setup_complete")
+        session_id = str_field(done, "sessionId") or None
+        content = obj_field(msg, "serverContent", "server_content")
+        parsed = self._parse_content(content) if content else None
+        calls = self._parse_tool_calls(obj_field(msg, "toolCall", "tool_call"))
+        cancelled = obj_field(msg, "toolCallCancellation", "tool_call_cancellation")
+        ids = list_field(cancelled, "ids")
+        if not all(isinstance(i, str) for i in ids):
+            raise MalformedMessage("ids")
+        usage = gemini_usage(obj_field(msg, "usageMetadata", "usage_metadata"))
+        going_away = "goAway" in msg or "go_away" in msg
+        time_left = str_field(obj_field(msg, "goAway", "go_away"), "timeLeft") or "?"
+
+        if setup_done:
+            self._mark_ready(session_id)
+        if parsed is not None:
+            self._on_content(parsed, received_at)
+        for call in calls:
+            self._emit(call)
+        if ids:
+            self._emit(ToolCallCancelled(tuple(ids)))
         if usage is not None:
             self._emit(usage)
-        go_away = msg.get("goAway") or msg.get("go_away")
-        if isinstance(go_away, dict):
+        if going_away:
             logger.warning(
                 "gemini announced the end of the connection", extra={"provider": "gemini"}
             )
             self._emit(
                 AgentError(
-                    f"server will close the connection in {go_away.get('timeLeft', '?')}",
+                    f"server will close the connection in {clip(time_left, 16)}",
                     fatal=False,
                     code="go_away",
                     provider=self.provider,
                 )
             )
 
-    def _on_content(self, content: dict[str, Any], received_at: float) -> None:
-        if content.get("interrupted"):
+    def _message_kind(self, msg: dict[str, Any]) -> str:
+        for key, snake in _MESSAGE_KEYS:
+            if key in msg or snake in msg:
+                return key
+        return ""
+
+    def _parse_tool_calls(self, tool_call: dict[str, Any]) -> list[ToolCall]:
+        calls: list[ToolCall] = []
+        for fc in list_field(tool_call, "functionCalls", "function_calls"):
+            if not isinstance(fc, dict):
+                raise MalformedMessage("functionCalls")
+            name = str_field(fc, "name")
+            if not name:
+                continue
+            args = obj_field(fc, "args")
+            call_id = str_field(fc, "id") or name
+            calls.append(ToolCall(call_id, name, args, json.dumps(args), self._item))
+        return calls
+
+    def _parse_content(self, content: dict[str, Any]) -> _Content:
+        turn_present = "modelTurn" in content or "model_turn" in content
+        turn = obj_field(content, "modelTurn", "model_turn")
+        parts: list[tuple[int, bytes] | str] = []
+        for part in list_field(turn, "parts"):
+            if isinstance(part, dict):
+                parsed = _parse_part(part)
+                if parsed is not None:
+                    parts.append(parsed)
+        user = obj_field(content, "inputTranscription", "input_transcription")
+        model = obj_field(content, "outputTranscription", "output_transcription")
+        return _Content(
+            interrupted=bool(content.get("interrupted")),
+            user_text=str_field(user, "text"),
+            turn_present=turn_present,
+            parts=parts,
+            model_text=str_field(model, "text"),
+            complete=bool(content.get("turnComplete") or content.get("turn_complete")),
+        )
+
+    def _on_content(self, content: _Content, received_at: float) -> None:
+        if content.interrupted:
             self._flush_user_text()
             if self._out is not None:
                 self._out.reset()
@@ -401,22 +497,22 @@ class GeminiLiveAgent(WebSocketAgent):
             if self._turn_audio or self._model_text:
                 self._emit(AssistantTurnEnd(None, self._item, "cancelled"))
             self._next_turn()
-        transcription = content.get("inputTranscription") or content.get("input_transcription")
-        if isinstance(transcription, dict) and transcription.get("text"):
-            self._user_text.append(str(transcription["text"]))
-            self._emit(UserTranscript(str(transcription["text"]), False))
-        turn = content.get("modelTurn") or content.get("model_turn")
-        if isinstance(turn, dict):
+        if content.user_text:
+            self._user_text.append(content.user_text)
+            self._emit(UserTranscript(content.user_text, False))
+        if content.turn_present:
             self._flush_user_text()
-            for part in turn.get("parts") or ():
-                if isinstance(part, dict):
-                    self._on_part(part, received_at)
-        out_tr = content.get("outputTranscription") or content.get("output_transcription")
-        if isinstance(out_tr, dict) and out_tr.get("text"):
+            for part in content.parts:
+                if isinstance(part, str):
+                    self._model_text.append(part)
+                    self._emit(AssistantText(part, False, self._item))
+                else:
+                    self._on_audio(*part, received_at)
+        if content.model_text:
             self._flush_user_text()
-            self._model_text.append(str(out_tr["text"]))
-            self._emit(AssistantText(str(out_tr["text"]), False, self._item))
-        if content.get("turnComplete") or content.get("turn_complete"):
+            self._model_text.append(content.model_text)
+            self._emit(AssistantText(content.model_text, False, self._item))
+        if content.complete:
             self._flush_user_text()
             if self._out is not None:
                 tail = self._out.flush()
@@ -430,31 +526,14 @@ class GeminiLiveAgent(WebSocketAgent):
                 self._emit(AssistantTurnEnd(None, self._item, "completed"))
                 self._next_turn()
 
-    def _on_part(self, part: dict[str, Any], received_at: float) -> None:
-        inline = part.get("inlineData") or part.get("inline_data")
-        if isinstance(inline, dict):
-            mime = str(inline.get("mimeType") or inline.get("mime_type") or "")
-            if not mime.startswith("audio/pcm"):
-                return
-            try:
-                raw = base64.b64decode(inline.get("data") or "", validate=True)
-            except (binascii.Error, ValueError):
-                logger.warning("undecodable gemini audio", extra={"provider": "gemini"})
-                return
-            match = _RATE_RE.search(mime)
-            rate = int(match.group(1)) if match else OUTPUT_RATE
-            if self._out is None or self._out.in_rate != rate:
-                self._out = StreamResampler(rate, 8000, self._output_quality, low_latency=True)
-            samples = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2")
-            pcm8k = self._out.process(samples)
-            self._turn_audio = True
-            if pcm8k.size:
-                self._emit(
-                    AssistantAudio(ulaw_encode(pcm8k).tobytes(), self._item, None, received_at)
-                )
-        elif part.get("text") and not part.get("thought"):
-            self._model_text.append(str(part["text"]))
-            self._emit(AssistantText(str(part["text"]), False, self._item))
+    def _on_audio(self, rate: int, raw: bytes, received_at: float) -> None:
+        if self._out is None or self._out.in_rate != rate:
+            self._out = StreamResampler(rate, 8000, self._output_quality, low_latency=True)
+        samples = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2")
+        pcm8k = self._out.process(samples)
+        self._turn_audio = True
+        if pcm8k.size:
+            self._emit(AssistantAudio(ulaw_encode(pcm8k).tobytes(), self._item, None, received_at))
 
     def _flush_user_text(self) -> None:
         if self._user_text:

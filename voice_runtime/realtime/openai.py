@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -20,10 +21,18 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 from voice_runtime.errors import ProviderError
+from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MAX_ERROR_CHARS,
+    MalformedMessage,
     WebSocketAgent,
+    count_field,
     deep_merge,
+    id_field,
+    list_field,
+    obj_field,
+    str_field,
     ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
@@ -51,19 +60,25 @@ __all__ = ["OpenAICompatibleAgent", "OpenAIRealtimeAgent", "openai_usage"]
 
 
 def openai_usage(usage: Mapping[str, Any] | None, provider: str) -> Usage | None:
-    """Normalise a ``response.done`` usage object; None when there is none."""
+    """Normalise a ``response.done`` usage object; None when there is none.
+
+    Raises :class:`~voice_runtime.realtime._base.MalformedMessage` when a field has the
+    wrong type.
+    """
     if not usage:
         return None
-    inp = usage.get("input_token_details") or {}
-    out = usage.get("output_token_details") or {}
+    if not isinstance(usage, Mapping):
+        raise MalformedMessage("usage")
+    inp = obj_field(usage, "input_token_details")
+    out = obj_field(usage, "output_token_details")
     return Usage(
-        input_tokens=int(usage.get("input_tokens") or 0),
-        output_tokens=int(usage.get("output_tokens") or 0),
-        input_audio_tokens=int(inp.get("audio_tokens") or 0),
-        input_text_tokens=int(inp.get("text_tokens") or 0),
-        output_audio_tokens=int(out.get("audio_tokens") or 0),
-        output_text_tokens=int(out.get("text_tokens") or 0),
-        cached_input_tokens=int(inp.get("cached_tokens") or 0),
+        input_tokens=count_field(usage, "input_tokens", "usage"),
+        output_tokens=count_field(usage, "output_tokens", "usage"),
+        input_audio_tokens=count_field(inp, "audio_tokens", "usage"),
+        input_text_tokens=count_field(inp, "text_tokens", "usage"),
+        output_audio_tokens=count_field(out, "audio_tokens", "usage"),
+        output_text_tokens=count_field(out, "text_tokens", "usage"),
+        cached_input_tokens=count_field(inp, "cached_tokens", "usage"),
         provider=provider,
     )
 
@@ -282,86 +297,101 @@ class OpenAICompatibleAgent(WebSocketAgent):
     # ------------------------------------------------------------------ server events
 
     async def _handle(self, msg: dict[str, Any], received_at: float) -> None:
-        handler = self._handlers.get(str(msg.get("type", "")))
+        kind = msg.get("type")
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is not None:
             handler(msg, received_at)
 
+    def _message_kind(self, msg: dict[str, Any]) -> str:
+        kind = msg.get("type")
+        return kind if isinstance(kind, str) and kind in self._handlers else ""
+
     def _on_session_created(self, msg: dict[str, Any], _t: float) -> None:
-        session = msg.get("session") or {}
-        self.session_id = session.get("id") or self.session_id
+        session = obj_field(msg, "session")
+        self.session_id = id_field(session, "id") or self.session_id
 
     def _on_session_updated(self, msg: dict[str, Any], _t: float) -> None:
-        session = msg.get("session") or {}
-        self._mark_ready(session.get("id"))
+        session = obj_field(msg, "session")
+        self._mark_ready(id_field(session, "id"))
 
     def _on_speech_started(self, msg: dict[str, Any], _t: float) -> None:
+        item_id = id_field(msg, "item_id")
         # With server VAD we ask for interrupt_response, so the active response is cancelled.
         active = self._active_response if self._active_response != "response" else None
         self._emit(
             UserSpeechStarted(
-                msg.get("item_id"),
+                item_id,
                 _num(msg.get("audio_start_ms")),
                 interrupted_response_id=active,
             )
         )
 
     def _on_speech_stopped(self, msg: dict[str, Any], _t: float) -> None:
-        self._emit(UserSpeechStopped(msg.get("item_id"), _num(msg.get("audio_end_ms"))))
+        item_id = id_field(msg, "item_id")
+        self._emit(UserSpeechStopped(item_id, _num(msg.get("audio_end_ms"))))
 
     def _on_committed(self, msg: dict[str, Any], _t: float) -> None:
         self._uncommitted_ms = 0.0
 
     def _on_user_delta(self, msg: dict[str, Any], _t: float) -> None:
-        delta = msg.get("delta") or ""
+        delta, item_id = str_field(msg, "delta"), id_field(msg, "item_id")
         if delta:
-            self._emit(UserTranscript(delta, False, msg.get("item_id")))
+            self._emit(UserTranscript(delta, False, item_id))
 
     def _on_user_updated(self, msg: dict[str, Any], _t: float) -> None:
-        text = msg.get("transcript") or msg.get("text") or ""
+        text, item_id = str_field(msg, "transcript", "text"), id_field(msg, "item_id")
         if text:
-            self._emit(UserTranscript(text, False, msg.get("item_id")))
+            self._emit(UserTranscript(text, False, item_id))
 
     def _on_user_final(self, msg: dict[str, Any], _t: float) -> None:
-        self._emit(UserTranscript(msg.get("transcript") or "", True, msg.get("item_id")))
+        text, item_id = str_field(msg, "transcript"), id_field(msg, "item_id")
+        self._emit(UserTranscript(text, True, item_id))
 
     def _on_response_created(self, msg: dict[str, Any], _t: float) -> None:
-        response = msg.get("response") or {}
-        self._active_response = response.get("id") or "response"
+        response = obj_field(msg, "response")
+        self._active_response = id_field(response, "id") or "response"
 
     def _on_audio(self, msg: dict[str, Any], received_at: float) -> None:
+        delta = str_field(msg, "delta")
+        item_id, response_id = id_field(msg, "item_id"), id_field(msg, "response_id")
         try:
-            audio = base64.b64decode(msg.get("delta") or "", validate=True)
+            audio = base64.b64decode(delta, validate=True)
         except (binascii.Error, ValueError):
-            logger.warning("undecodable audio delta", extra={"provider": self.provider})
-            return
+            raise MalformedMessage("delta", "bad_base64") from None
         if audio:
-            item_id = msg.get("item_id")
             if item_id:
-                self._response_item[str(msg.get("response_id") or "")] = item_id
-            self._emit(
-                AssistantAudio(audio, msg.get("item_id"), msg.get("response_id"), received_at)
-            )
+                self._response_item[response_id or ""] = item_id
+            self._emit(AssistantAudio(audio, item_id, response_id, received_at))
 
     def _on_text_delta(self, msg: dict[str, Any], _t: float) -> None:
-        delta = msg.get("delta") or ""
+        delta, item_id = str_field(msg, "delta"), id_field(msg, "item_id")
         if delta:
-            self._emit(AssistantText(delta, False, msg.get("item_id")))
+            self._emit(AssistantText(delta, False, item_id))
 
     def _on_transcript_done(self, msg: dict[str, Any], _t: float) -> None:
-        self._emit(AssistantText(msg.get("transcript") or "", True, msg.get("item_id")))
+        text, item_id = str_field(msg, "transcript"), id_field(msg, "item_id")
+        self._emit(AssistantText(text, True, item_id))
 
     def _on_text_done(self, msg: dict[str, Any], _t: float) -> None:
-        self._emit(AssistantText(msg.get("text") or "", True, msg.get("item_id")))
+        text, item_id = str_field(msg, "text"), id_field(msg, "item_id")
+        self._emit(AssistantText(text, True, item_id))
 
     def _on_function_args(self, msg: dict[str, Any], _t: float) -> None:
-        call = _tool_call(msg, msg.get("response_id"))
+        call = _tool_call(msg, id_field(msg, "response_id"))
         if call is not None:
             self._calls_by_response.setdefault(call.response_id or "", []).append(call)
 
     def _on_response_done(self, msg: dict[str, Any], _t: float) -> None:
-        response = msg.get("response") or {}
-        response_id = response.get("id")
-        status = str(response.get("status") or "completed")
+        response = obj_field(msg, "response")
+        response_id = id_field(response, "id")
+        status = str_field(response, "status") or "completed"
+        output = list_field(response, "output")
+        try:
+            usage = openai_usage(response.get("usage"), self.provider)
+        except MalformedMessage as exc:
+            # Bad figures must not cost the turn's end and its tool calls.
+            self._malformed(msg, exc)
+            usage = None
         if self._active_response in (response_id, "response") or response_id is None:
             self._active_response = None
         calls = self._calls_by_response.pop(response_id or "", [])
@@ -369,16 +399,16 @@ class OpenAICompatibleAgent(WebSocketAgent):
             calls = self._calls_by_response.pop("", [])
         seen = {c.call_id for c in calls}
         last_item = None
-        for item in response.get("output") or ():
+        for item in output:
             if not isinstance(item, dict):
                 continue
             if item.get("type") == "function_call" and item.get("call_id") not in seen:
-                call = _tool_call(item, response_id)
-                if call is not None:
-                    calls.append(call)
-            elif item.get("type") == "message":
-                last_item = item.get("id")
-        usage = openai_usage(response.get("usage"), self.provider)
+                with contextlib.suppress(MalformedMessage):
+                    call = _tool_call(item, response_id)
+                    if call is not None:
+                        calls.append(call)
+            elif item.get("type") == "message" and isinstance(item.get("id"), str):
+                last_item = item["id"]
         if usage is not None:
             self._emit(usage)
         if status in ("completed", "incomplete"):
@@ -394,9 +424,9 @@ class OpenAICompatibleAgent(WebSocketAgent):
         self._emit(AssistantTurnEnd(response_id, last_item or audio_item, status))
 
     def _on_error(self, msg: dict[str, Any], _t: float) -> None:
-        err = msg.get("error") or {}
-        code = err.get("code") or err.get("type")
-        message = str(err.get("message") or "vendor error")
+        err = obj_field(msg, "error")
+        code = id_field(err, "code") or id_field(err, "type")
+        message = clip(str_field(err, "message") or "vendor error", MAX_ERROR_CHARS)
         if self._handshaking:
             self._fail_handshake(ProviderError(message, provider=self.provider, code=code))
             return
@@ -409,18 +439,21 @@ def _num(value: Any) -> float | None:
 
 
 def _tool_call(msg: Mapping[str, Any], response_id: str | None) -> ToolCall | None:
-    call_id = msg.get("call_id")
-    name = msg.get("name")
+    call_id, name = id_field(msg, "call_id"), id_field(msg, "name")
     if not call_id or not name:
         return None
     raw = msg.get("arguments") or "{}"
+    if isinstance(raw, dict):
+        return ToolCall(call_id, name, raw, "", response_id)
+    if not isinstance(raw, str):
+        raise MalformedMessage("arguments")
     try:
-        args = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (ValueError, TypeError):
-        args = {}
+        args = json.loads(raw)
+    except ValueError:
+        args = {}  # the tool sees no arguments and answers with its own error
     if not isinstance(args, dict):
         args = {}
-    return ToolCall(str(call_id), str(name), args, raw if isinstance(raw, str) else "", response_id)
+    return ToolCall(call_id, name, args, raw, response_id)
 
 
 class OpenAIRealtimeAgent(OpenAICompatibleAgent):

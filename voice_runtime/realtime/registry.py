@@ -155,6 +155,7 @@ class FallbackAgent:
         self._names = list(names) if names is not None else [_name_of(c) for c in candidates]
         self._next = 0
         self._active: RealtimeAgent | None = None
+        self._used: list[RealtimeAgent] = []  # every agent that started, in order
         self.failover_mid_call = failover_mid_call
         self.failover_greeting = failover_greeting
         self.failures: list[tuple[str, str]] = []  # (provider, reason) of candidates that failed
@@ -190,6 +191,15 @@ class FallbackAgent:
     def closed(self) -> bool:
         """True once closed, or once every candidate failed."""
         return self._closed
+
+    @property
+    def bad_messages(self) -> dict[str, int]:
+        """Unusable vendor messages dropped by every agent used so far, by reason."""
+        total: dict[str, int] = {}
+        for agent in self._used:
+            for reason, n in getattr(agent, "bad_messages", {}).items():
+                total[reason] = total.get(reason, 0) + n
+        return total
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,6 +243,7 @@ class FallbackAgent:
                     await agent.close()
                 continue
             logger.info("realtime provider started", extra={"provider": agent.provider})
+            self._used.append(agent)
             return agent
         return None
 

@@ -16,7 +16,9 @@ They are scriptable with a :class:`FakeScript`: a greeting, replies per caller t
 call and the reply after its result, usage figures. Caller speech is detected by energy
 (or forced with :meth:`~FakeRealtimeServer.trigger_speech_started`). Every client message is
 recorded (:attr:`~FakeRealtimeServer.received`), so tests can assert on, say, the
-``audio_end_ms`` of a truncate. :meth:`~FakeRealtimeServer.drop` kills the sockets without a
+``audio_end_ms`` of a truncate (the valid ones are in ``truncated`` as ``(item_id,
+audio_end_ms)``). :meth:`~FakeRealtimeServer.send_raw` sends any message as is, wrong field
+types included. :meth:`~FakeRealtimeServer.drop` kills the sockets without a
 close frame; ``refuse_connections`` makes the handshake fail with HTTP 503.
 """
 
@@ -64,7 +66,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FakeResponse:
-    """One scripted assistant response: audio (μ-law 8 kHz), its transcript, or a tool call.
+    """One scripted assistant response: audio (μ-law 8 kHz), its transcript, a tool call.
+
+    With both audio and a tool call, the OpenAI-style fakes speak first and then call the
+    tool in the same response (the other fakes send only the tool call).
 
     ``usage`` holds ``input_audio``, ``input_text``, ``output_audio``, ``output_text`` and
     ``cached`` token counts for the response.
@@ -322,6 +327,16 @@ class FakeRealtimeServer:
         for conn in list(self._conns.values()):
             await self._send_error(conn, message, code)
 
+    async def send_raw(self, message: Mapping[str, Any] | str) -> None:
+        """Send one message as is on every connection (for malformed-input tests).
+
+        An object goes out as JSON, whatever its field types; a string goes out verbatim.
+        Neither is recorded in :attr:`sent`.
+        """
+        text = message if isinstance(message, str) else json.dumps(message)
+        for conn in list(self._conns.values()):
+            await self._send_text(conn, text)
+
     async def trigger_speech_started(self) -> None:
         """Act as if the caller started speaking on every connection."""
         for conn in list(self._conns.values()):
@@ -376,8 +391,10 @@ class FakeRealtimeServer:
             self._changed.set()
 
     async def _send(self, conn: _Conn, obj: dict[str, Any]) -> None:
-        text = json.dumps(obj)
         self.sent.append(obj)
+        await self._send_text(conn, json.dumps(obj))
+
+    async def _send_text(self, conn: _Conn, text: str) -> None:
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(text.encode() if self.binary_frames else text)
 
@@ -690,39 +707,8 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
             {"type": "response.created", "response": {"id": response_id, "status": "in_progress"}},
         )
         output: list[dict[str, Any]] = []
-        if response.tool_call is not None:
-            name, args = response.tool_call
-            call_id = _uid("call")
-            item = {
-                "id": _uid("item"),
-                "type": "function_call",
-                "name": name,
-                "call_id": call_id,
-                "arguments": json.dumps(dict(args)),
-            }
-            await self._send(
-                conn,
-                {
-                    "type": "response.output_item.added",
-                    "response_id": response_id,
-                    "output_index": 0,
-                    "item": {**item, "arguments": ""},
-                },
-            )
-            await self._send(
-                conn,
-                {
-                    "type": "response.function_call_arguments.done",
-                    "response_id": response_id,
-                    "item_id": item["id"],
-                    "output_index": 0,
-                    "call_id": call_id,
-                    "name": name,
-                    "arguments": item["arguments"],
-                },
-            )
-            output.append(item)
-        else:
+        # A response may speak and then call a tool: a message item, then a function call.
+        if response.audio or response.tool_call is None:
             item_id = _uid("item")
             self.item_audio_ms[item_id] = 0.0
             # The ids of the message's one audio part.
@@ -750,6 +736,39 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
                 {"type": "response.output_item.done", "response_id": response_id, "item": message},
             )
             output.append(message)
+        if response.tool_call is not None:
+            name, args = response.tool_call
+            call_id = _uid("call")
+            index = len(output)
+            item = {
+                "id": _uid("item"),
+                "type": "function_call",
+                "name": name,
+                "call_id": call_id,
+                "arguments": json.dumps(dict(args)),
+            }
+            await self._send(
+                conn,
+                {
+                    "type": "response.output_item.added",
+                    "response_id": response_id,
+                    "output_index": index,
+                    "item": {**item, "arguments": ""},
+                },
+            )
+            await self._send(
+                conn,
+                {
+                    "type": "response.function_call_arguments.done",
+                    "response_id": response_id,
+                    "item_id": item["id"],
+                    "output_index": index,
+                    "call_id": call_id,
+                    "name": name,
+                    "arguments": item["arguments"],
+                },
+            )
+            output.append(item)
         done: dict[str, Any] = {"id": response_id, "status": "completed", "output": output}
         usage = _usage_openai(response.usage)
         if usage is not None:
