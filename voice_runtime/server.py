@@ -250,6 +250,7 @@ class VoiceServer:
         self.stream_options = stream_options or StreamOptions()
         self.hangup_regions = hangup_regions
         self.max_webhook_bytes = max_webhook_bytes
+        self.webhook_read_timeout_s = WEBHOOK_READ_TIMEOUT_S
         self.callbacks = CallbackRunner(workers=callback_workers, max_pending=max_pending_callbacks)
         self.webhook_refusals = LogLimiter()
         self.registry = CallRegistry()
@@ -578,7 +579,7 @@ class VoiceServer:
             return self._refuse(413, "too_large", "webhook refused: body too large")
         body = bytearray()
         try:
-            async with asyncio.timeout(WEBHOOK_READ_TIMEOUT_S):
+            async with asyncio.timeout(self.webhook_read_timeout_s):
                 async for chunk in request.stream():
                     body += chunk
                     if len(body) > cap:
