@@ -23,6 +23,7 @@ import httpx
 import pytest
 from abuse_kit import PacedCaller, ServedApp, assert_no_frame_lost
 from conftest import wait_for
+from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator
 
 from voice_runtime.server import MAX_WEBHOOK_BYTES, VoiceServer
@@ -456,3 +457,21 @@ async def test_webhook_twiml_is_well_formed_with_control_characters(
         sms = await http.post("/twilio/sms", data={**SMS_FORM, "Body": "x\x00y\x01z\x0b"})
         message = ET.fromstring(sms.text).find("Message")
         assert message is not None and message.text == "xyz"
+
+
+async def test_repeated_fields_are_signed_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(monkeypatch) as (_, http, base):
+        pairs = [*SMS_FORM.items(), ("Tag", "b"), ("Tag", "a")]
+        # What Twilio signs: every value of a repeated field (the SDK's multi-dict form).
+        signature = RequestValidator(TOKEN).compute_signature(
+            base + "/twilio/sms", ImmutableMultiDict(pairs)
+        )
+        reply = await http.post(
+            "/twilio/sms",
+            content=urllib.parse.urlencode(pairs),
+            headers={
+                "X-Twilio-Signature": signature,
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        assert reply.status_code == 200

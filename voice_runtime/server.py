@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import ClientDisconnect
 
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
@@ -567,10 +568,9 @@ class VoiceServer:
             )
         except ValueError:  # UnicodeDecodeError is one too
             return self._refuse(400, "malformed", "webhook refused: malformed form body")
-        form = dict(pairs)
-        if not check_request_signature(request, form, policy):
+        if not check_request_signature(request, ImmutableMultiDict(pairs), policy):
             return self._refuse(403, "signature")
-        return form
+        return dict(pairs)
 
     async def _read_body(self, request: Request) -> bytes | Response:
         cap = self.max_webhook_bytes

@@ -269,9 +269,9 @@ def check_request_signature(
 
     url = public_url_for(conn, policy, websocket=False)
     signature = conn.headers.get("x-twilio-signature", "")
-    ok = bool(signature) and RequestValidator(policy.auth_token).validate(
-        url, dict(form), signature
-    )
+    # A multi-dict (``getlist``) keeps repeated fields, which Twilio signs one by one.
+    params = form if hasattr(form, "getlist") else dict(form)
+    ok = bool(signature) and RequestValidator(policy.auth_token).validate(url, params, signature)
     if not ok:
         return _refuse("webhook_signature", "webhook refused: bad or missing X-Twilio-Signature")
     return True
