@@ -355,3 +355,11 @@ async def test_logs_never_carry_phone_numbers_or_digits(
         # ... but never with the caller's number or the digits in the message text.
         assert CALLER not in text and CALLER[1:] not in text, text
         assert not any(ch in text for ch in "49#"), text
+
+
+@pytest.mark.parametrize(
+    "url", ["voice.example.com", "ftp://voice.example.com", "https://voice.example.com/?a=1"]
+)
+def test_a_malformed_public_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="public URL"):
+        VoiceServer(public_url=url)

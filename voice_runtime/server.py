@@ -38,10 +38,10 @@ from voice_runtime.logutil import LogLimiter
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
-    NO_PUBLIC_URL,
     IPNetwork,
     SignaturePolicy,
     TrustedProxies,
+    check_public_url,
     check_request_signature,
     check_websocket_signature,
     refusal_before_body,
@@ -233,6 +233,8 @@ class VoiceServer:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
         if callback_workers < 1 or max_pending_callbacks < 1:
             raise ConfigurationError("callback_workers and max_pending_callbacks must be >= 1")
+        if public_url is not None:
+            check_public_url(public_url)
         self.on_call = on_call
         self.session_factory = session_factory
         self.path = "/" + path.strip("/")
@@ -293,15 +295,16 @@ class VoiceServer:
         # port is known. serve() and `voice-runtime serve` refuse to start instead.
         try:
             self.check_config()
-        except ConfigurationError:
-            logger.error(NO_PUBLIC_URL)
+        except ConfigurationError as exc:
+            # One fixed message per cause, naming what to set; it carries no secret.
+            logger.error(str(exc))
 
     async def _on_shutdown(self) -> None:
         await self.drain()
         self.callbacks.shutdown()
 
     def check_config(self) -> None:
-        """Raise ConfigurationError when signatures are enforced but no public URL is set."""
+        """Raise ConfigurationError for a malformed public URL, or none with signatures on."""
         require_public_url(self._policy())
 
     @property

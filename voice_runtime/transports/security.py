@@ -34,6 +34,7 @@ __all__ = [
     "IPNetwork",
     "SignaturePolicy",
     "TrustedProxies",
+    "check_public_url",
     "check_request_signature",
     "check_websocket_signature",
     "public_url_for",
@@ -143,9 +144,26 @@ def signature_mode(cfg: Settings | None = None) -> str:
     return SignaturePolicy.from_settings(cfg).mode
 
 
+def check_public_url(url: str) -> str:
+    """Return ``url`` if it is an http(s)/ws(s) base URL with a host and no query or fragment.
+
+    Raises ConfigurationError otherwise (Twilio signs the exact URL, so a typo here would
+    refuse every webhook).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise ConfigurationError(f"public URL {url!r} must be an https:// (or http://) URL")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"public URL {url!r} must not carry a query or fragment")
+    return url
+
+
 def require_public_url(policy: SignaturePolicy) -> None:
-    """Raise ConfigurationError when signatures are enforced but no public URL is set."""
-    if policy.mode == "enforce" and not policy.public_base_url:
+    """Raise ConfigurationError when the public URL is malformed, or missing while
+    signatures are enforced."""
+    if policy.public_base_url:
+        check_public_url(policy.public_base_url)
+    elif policy.mode == "enforce":
         raise ConfigurationError(NO_PUBLIC_URL)
 
 
