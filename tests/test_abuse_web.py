@@ -150,7 +150,7 @@ def test_huge_unsigned_posts_are_refused_without_reading_them() -> None:
             form = SMS_FORM if path.endswith("sms") else VOICE_FORM
             assert post_form(app, path, form)[0] in (200, 204), path
             assert post_form(app, path, form, signed=False)[0] == 403
-        rss_before = app.rss_mb()
+        rss_before, fds_before = app.rss_mb(), app.fd_count()
         results: dict[tuple[str, bool, str], tuple[int | None, int]] = {}
         for path in WEBHOOKS:
             for chunked in (False, True):
@@ -173,6 +173,8 @@ def test_huge_unsigned_posts_are_refused_without_reading_them() -> None:
             if not chunked:
                 assert status == expected, results  # answered from the headers alone
         assert rss_after - rss_before < 8, (rss_before, rss_after)
+        # Every refused connection was closed by the server.
+        assert wait_until(lambda: app.fd_count() <= fds_before), (fds_before, app.fd_count())
         # Still serving: a legitimate signed webhook right after.
         assert post_form(app, "/twilio/voice", VOICE_FORM)[0] == 200
 
@@ -285,7 +287,7 @@ async def test_incomplete_signed_forms_get_400(
 async def test_malformed_bodies_get_400(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, body: bytes
 ) -> None:
-    async with serving(monkeypatch) as (_, http, _base):
+    async with serving(monkeypatch) as (server, http, _base):
         for path in WEBHOOKS:
             reply = await http.post(
                 path,
@@ -296,6 +298,7 @@ async def test_malformed_bodies_get_400(
                 },
             )
             assert reply.status_code == 400, path
+        assert server.webhook_refusals.count("malformed") == len(WEBHOOKS)
     assert not errors(caplog)
 
 

@@ -542,7 +542,7 @@ class VoiceServer:
 
     def _refuse(self, status: int, kind: str, message: str | None = None) -> Response:
         """A refusal; the connection closes, so an unread body is never read."""
-        if message is not None and self.webhook_refusals.allow(kind):
+        if self.webhook_refusals.allow(kind) and message is not None:
             logger.warning(message, extra={"refused": self.webhook_refusals.count(kind)})
         return Response(status_code=status, headers={"Connection": "close"})
 
@@ -627,6 +627,9 @@ class VoiceServer:
             extra = await self._user_callback(self.inbound_parameters, form)
             if isinstance(extra, Response):
                 return extra
+            if not isinstance(extra, Mapping):
+                logger.error("inbound_parameters must return a mapping")
+                return Response(status_code=500)
             params.update({str(k): str(v) for k, v in extra.items()})
         params = {k: v for k, v in params.items() if v}
         route = self.new_route(parameters=params, call_sid=call_sid)
