@@ -578,8 +578,11 @@ class VoiceServer:
     async def _read_body(self, request: Request) -> bytes | Response:
         cap = self.max_webhook_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > cap):
-            return self._refuse(413, "too_large", "webhook refused: body too large")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                return self._refuse(400, "malformed", "webhook refused: malformed form body")
+            if int(declared) > cap:
+                return self._refuse(413, "too_large", "webhook refused: body too large")
         body = bytearray()
         try:
             async with asyncio.timeout(self.webhook_read_timeout_s):
