@@ -26,6 +26,7 @@ from conftest import wait_for
 from starlette.datastructures import ImmutableMultiDict
 from twilio.request_validator import RequestValidator
 
+from voice_runtime._callbacks import CallbackRunner
 from voice_runtime.server import MAX_WEBHOOK_BYTES, VoiceServer
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
@@ -478,3 +479,26 @@ async def test_repeated_fields_are_signed_one_by_one(monkeypatch: pytest.MonkeyP
             },
         )
         assert reply.status_code == 200
+
+
+async def test_a_cancelled_waiter_does_not_let_the_next_callback_jump_the_queue() -> None:
+    runner = CallbackRunner(workers=2)
+    gate = threading.Event()
+    order: list[int] = []
+
+    def slow(x: int) -> None:
+        gate.wait(5)
+        order.append(x)
+
+    first = asyncio.ensure_future(runner.run(slow, 1, key="s"))
+    second = asyncio.ensure_future(runner.run(order.append, 2, key="s"))
+    third = asyncio.ensure_future(runner.run(order.append, 3, key="s"))
+    assert await wait_for(lambda: runner.pending == 3)
+    second.cancel()
+    await asyncio.sleep(0.1)  # room for the third to run early, were the lane broken
+    assert order == []
+    gate.set()
+    await first
+    await third
+    assert order == [1, 3]
+    runner.shutdown()
