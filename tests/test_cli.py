@@ -256,3 +256,10 @@ def test_serve_reports_a_bad_app(
 ) -> None:
     assert main(["serve", app, "--app-dir", str(ROOT / "examples")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_reports_a_bad_trusted_proxy_network(capsys: pytest.CaptureFixture[str]) -> None:
+    app = "subclass_session:handle_call"
+    argv = ["serve", app, "--app-dir", str(ROOT / "examples"), "--trust-proxy", "proxy.local"]
+    assert main(argv) == 2
+    assert "'proxy.local' is not an IP network" in capsys.readouterr().err

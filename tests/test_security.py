@@ -7,6 +7,7 @@ import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from conftest import wait_for
 from fastapi import FastAPI
 from twilio.request_validator import RequestValidator
 
+from voice_runtime.errors import ConfigurationError
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
@@ -34,10 +36,6 @@ FORM = {
     "To": "+15550001111",
 }
 PROXY_HEADERS = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "voice.example.com"}
-# uvicorn itself applies X-Forwarded-Proto from 127.0.0.1 (its proxy_headers default), so
-# the untrusted-proxy cases spoof the host, which only our code could wrongly honour.
-SPOOF_HEADERS = {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "voice.example.com"}
-SPOOFED = "http://voice.example.com"
 
 
 def sign(url: str, params: dict[str, str] | None = None, token: str = TOKEN) -> str:
@@ -102,17 +100,16 @@ async def public(token_env: None) -> AsyncIterator[Running]:
 
 
 @pytest.fixture
-async def trusted(token_env: None) -> AsyncIterator[Running]:
-    """No public URL; X-Forwarded-* headers come from a trusted proxy."""
+async def no_url(token_env: None) -> AsyncIterator[Running]:
+    """Signatures enforced but no public URL: nothing may be served."""
     async with running(trust_forwarded_headers=True) as r:
         yield r
 
 
 @pytest.fixture
-async def untrusted(token_env: None) -> AsyncIterator[Running]:
-    """No public URL and no trusted proxy: forwarded headers are ignored."""
-    async with running() as r:
-        yield r
+def unsigned_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TWILIO_AUTH_TOKEN", "VOICE_PUBLIC_URL", "VOICE_STREAM_URL"):
+        monkeypatch.delenv(name, raising=False)
 
 
 # --------------------------------------------------------------------------- webhook
@@ -169,40 +166,68 @@ async def test_status_and_sms_webhooks_are_checked_too(public: Running) -> None:
     assert ok.status_code == 200 and ok.text.startswith("<?xml")
 
 
-async def test_webhook_behind_trusted_proxy_uses_forwarded_url(trusted: Running) -> None:
-    signature = sign(PUBLIC + "/twilio/voice", FORM)
-    reply = await trusted.http.post(
-        "/twilio/voice", data=FORM, headers={**PROXY_HEADERS, "X-Twilio-Signature": signature}
-    )
-    assert reply.status_code == 200
-    assert stream_url_of(reply.text).startswith("wss://voice.example.com/voice/")
-    # The internal URL is not what Twilio signed, so it no longer passes.
-    internal = sign(trusted.url + "/twilio/voice", FORM)
-    refused = await trusted.http.post(
-        "/twilio/voice", data=FORM, headers={**PROXY_HEADERS, "X-Twilio-Signature": internal}
-    )
-    assert refused.status_code == 403
-
-
-async def test_webhook_behind_untrusted_proxy_ignores_forwarded_headers(
-    untrusted: Running,
+async def test_enforced_signatures_without_public_url_refuse_every_webhook(
+    no_url: Running,
 ) -> None:
-    spoofed = await untrusted.http.post(
-        "/twilio/voice",
-        data=FORM,
-        headers={**SPOOF_HEADERS, "X-Twilio-Signature": sign(SPOOFED + "/twilio/voice", FORM)},
-    )
-    assert spoofed.status_code == 403
-    direct = await untrusted.http.post(
-        "/twilio/voice",
-        data=FORM,
-        headers={
-            **SPOOF_HEADERS,
-            "X-Twilio-Signature": sign(untrusted.url + "/twilio/voice", FORM),
-        },
-    )
-    assert direct.status_code == 200
-    assert stream_url_of(direct.text).startswith(untrusted.ws_url + "/voice/")
+    # Whatever URL the sender claims (Host, X-Forwarded-* from a trusted proxy, or the
+    # internal one), the signed URL is not rebuilt from the request: nothing is served.
+    for url in (PUBLIC, no_url.url):
+        for path in ("/twilio/voice", "/twilio/status", "/twilio/sms"):
+            signature = sign(url + path, FORM)
+            reply = await no_url.http.post(
+                path, data=FORM, headers={**PROXY_HEADERS, "X-Twilio-Signature": signature}
+            )
+            assert reply.status_code == 503, (url, path)
+    assert not no_url.server.registry._routes
+
+
+def test_check_config_names_the_missing_public_url(token_env: None) -> None:
+    with pytest.raises(ConfigurationError, match="VOICE_PUBLIC_URL"):
+        VoiceServer().check_config()
+    VoiceServer(public_url=PUBLIC).check_config()
+
+
+async def test_signature_is_checked_against_the_configured_url_not_forwarded_headers(
+    token_env: None,
+) -> None:
+    async with running(public_url=PUBLIC, trust_forwarded_headers=["127.0.0.0/8"]) as r:
+        other = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example.com"}
+        spoofed = sign("https://evil.example.com/twilio/voice", FORM)
+        reply = await r.http.post(
+            "/twilio/voice", data=FORM, headers={**other, "X-Twilio-Signature": spoofed}
+        )
+        assert reply.status_code == 403
+        good = sign(PUBLIC + "/twilio/voice", FORM)
+        reply = await r.http.post(
+            "/twilio/voice", data=FORM, headers={**other, "X-Twilio-Signature": good}
+        )
+        assert reply.status_code == 200
+        assert stream_url_of(reply.text).startswith("wss://voice.example.com/voice/")
+
+
+@pytest.mark.parametrize("trust", [True, "127.0.0.1/32, 10.0.0.0/8", ["127.0.0.0/8"]])
+async def test_forwarded_headers_from_a_trusted_proxy_shape_the_stream_url(
+    unsigned_env: None, trust: object
+) -> None:
+    async with running(trust_forwarded_headers=trust) as r:
+        reply = await r.http.post("/twilio/voice", data=FORM, headers=PROXY_HEADERS)
+        assert stream_url_of(reply.text).startswith("wss://voice.example.com/voice/")
+
+
+@pytest.mark.parametrize("trust", [False, None, "10.0.0.0/8", ["::1/128"]])
+async def test_forwarded_headers_from_other_peers_are_ignored(
+    unsigned_env: None, trust: object
+) -> None:
+    async with running(trust_forwarded_headers=trust) as r:
+        reply = await r.http.post("/twilio/voice", data=FORM, headers=PROXY_HEADERS)
+        # (The scheme is left to uvicorn, whose own proxy handling the test server keeps.)
+        assert urlsplit(stream_url_of(reply.text)).netloc == urlsplit(r.url).netloc
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "proxy.example.com", [42]])
+def test_trusted_proxies_must_be_networks(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="trust_forwarded_headers"):
+        VoiceServer(trust_forwarded_headers=bad)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- websocket
@@ -235,21 +260,13 @@ async def test_websocket_bad_signature_refused_before_accept(public: Running, ca
     assert await handshake_status(f"{public.ws_url}/voice/{route.token}", good) == 101
 
 
-async def test_websocket_behind_trusted_proxy(trusted: Running) -> None:
-    # Routed: with signatures enforced the unrouted /voice path is off by default.
-    path = "/voice/" + trusted.server.new_route().token
-    internal = {**PROXY_HEADERS, "X-Twilio-Signature": sign(trusted.ws_url + path)}
-    assert await handshake_status(trusted.ws_url + path, internal) == 403
-    headers = {**PROXY_HEADERS, "X-Twilio-Signature": sign("wss://voice.example.com" + path)}
-    assert await handshake_status(trusted.ws_url + path, headers) == 101
-
-
-async def test_websocket_behind_untrusted_proxy(untrusted: Running) -> None:
-    path = "/voice/" + untrusted.server.new_route().token
-    spoofed = {**SPOOF_HEADERS, "X-Twilio-Signature": sign("ws://voice.example.com" + path)}
-    assert await handshake_status(untrusted.ws_url + path, spoofed) == 403
-    direct = {**SPOOF_HEADERS, "X-Twilio-Signature": sign(untrusted.ws_url + path)}
-    assert await handshake_status(untrusted.ws_url + path, direct) == 101
+async def test_websocket_refused_without_public_url(no_url: Running) -> None:
+    # Routed: the unrouted /voice path is off under signatures anyway.
+    path = "/voice/" + no_url.server.new_route().token
+    for url in ("wss://voice.example.com" + path, no_url.ws_url + path):
+        headers = {**PROXY_HEADERS, "X-Twilio-Signature": sign(url)}
+        assert await handshake_status(no_url.ws_url + path, headers) == 403
+    assert no_url.sessions == []
 
 
 async def test_single_session_websocket_checks_signatures(
@@ -340,3 +357,11 @@ async def test_logs_never_carry_phone_numbers_or_digits(
         # ... but never with the caller's number or the digits in the message text.
         assert CALLER not in text and CALLER[1:] not in text, text
         assert not any(ch in text for ch in "49#"), text
+
+
+@pytest.mark.parametrize(
+    "url", ["voice.example.com", "ftp://voice.example.com", "https://voice.example.com/?a=1"]
+)
+def test_a_malformed_public_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="public URL"):
+        VoiceServer(public_url=url)

@@ -562,7 +562,7 @@ async def test_oversized_webhook_body_is_refused(no_twilio_env: None) -> None:
     server = VoiceServer()
     async with serve_in_loop(server.app) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         big = {**inbound_form(1), "Padding": "x" * (70 * 1024)}
-        assert (await http.post("/twilio/voice", data=big)).status_code == 403
+        assert (await http.post("/twilio/voice", data=big)).status_code == 413
         assert not server.registry._routes
         assert (await http.post("/twilio/voice", data=inbound_form(1))).status_code == 200
 

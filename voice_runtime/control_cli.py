@@ -123,11 +123,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         voice.max_calls = args.max_calls
     if args.drain_timeout is not None:
         voice.drain_timeout = args.drain_timeout
-    if args.trust_proxy:
-        voice.trust_forwarded_headers = True
     if args.allow_unrouted:
         voice.allow_unrouted_streams = True
-    serve_forever(voice, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        if args.trust_proxy is not None:
+            voice.trust_forwarded_headers = args.trust_proxy
+        serve_forever(voice, host=args.host, port=args.port, log_level=args.log_level)
+    except ConfigurationError as exc:
+        return _fail(str(exc))
     return 0
 
 
@@ -232,8 +235,12 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
     )
     serve.add_argument(
         "--trust-proxy",
-        action="store_true",
-        help="honour X-Forwarded-Proto/-Host from the proxy in front (signatures, stream URLs)",
+        nargs="?",
+        const="127.0.0.0/8,::1",
+        default=None,
+        metavar="NETWORKS",
+        help="honour X-Forwarded-Proto/-Host (stream URLs when no public URL is set) from these "
+        "comma-separated proxy networks (default with no value: this host)",
     )
     serve.add_argument(
         "--allow-unrouted",

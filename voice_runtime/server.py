@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import inspect
 import logging
 import secrets
 import threading
@@ -30,18 +29,30 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import ClientDisconnect
 
+from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
+from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.logutil import LogLimiter, clip, log_limiter
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
+    IPNetwork,
     SignaturePolicy,
+    TrustedProxies,
+    check_public_url,
     check_request_signature,
     check_websocket_signature,
+    refusal_before_body,
+    request_base_url,
+    require_public_url,
+    trusted_networks,
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
+from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.types import SessionEvent
 from voice_runtime.watchdog import LoopWatchdog
 
@@ -49,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 TWIML = "application/xml"
 MAX_WEBHOOK_BYTES = 64 * 1024
+"""Default cap on a webhook body; Twilio's largest (an SMS with media URLs) is a few KB."""
+MAX_WEBHOOK_FIELDS = 256
+WEBHOOK_READ_TIMEOUT_S = 10.0
+"""A webhook body must arrive within this long (a slow sender holds no handler longer)."""
 ENDED_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
 # Keys of VoiceServer.refusals.
 REFUSAL_REASONS = (
@@ -325,7 +340,7 @@ def _twiml_busy(message: str) -> str:
     from twilio.twiml.voice_response import VoiceResponse
 
     response = VoiceResponse()
-    response.say(message)
+    response.say(xml_safe(message))
     response.hangup()
     return str(response)
 
@@ -391,6 +406,18 @@ class VoiceServer:
 
     ``allow_unrouted_streams``: None (default) serves ``{path}`` without a route token only
     while signatures are not enforced (a signed upgrade of that fixed URL could be replayed).
+
+    The webhooks' callbacks
+    (``inbound_parameters``, ``on_sms``, a session's ``on_event``) run the same way, a plain
+    function on a pool of ``callback_workers`` threads (at most ``max_pending_callbacks`` in
+    flight; beyond that a webhook answers 503), so none of them blocks the audio of calls.
+
+    ``trust_forwarded_headers``: the proxy networks (``["10.0.0.0/8"]``, or one
+    comma-separated string) whose ``X-Forwarded-Proto``/``-Host`` are honoured when no public
+    URL is configured; ``True`` means loopback only, ``False`` none. With signatures enforced,
+    a public URL (``public_url``, VOICE_PUBLIC_URL or VOICE_STREAM_URL) is required:
+    :meth:`check_config` raises without one, :meth:`serve` refuses to start, and until one is
+    set every webhook and media stream is refused.
     """
 
     def __init__(
@@ -402,7 +429,7 @@ class VoiceServer:
         path: str = "/voice",
         webhook_prefix: str = "/twilio",
         public_url: str | None = None,
-        trust_forwarded_headers: bool = False,
+        trust_forwarded_headers: TrustedProxies = False,
         max_calls: int = 200,
         route_ttl_s: float = 300.0,
         inbound_route_ttl_s: float = 30.0,
@@ -417,7 +444,16 @@ class VoiceServer:
         stream_options: StreamOptions | None = None,
         hangup_regions: Any = None,
         watchdog: LoopWatchdog | None = None,
+        max_webhook_bytes: int = MAX_WEBHOOK_BYTES,
+        callback_workers: int = 8,
+        max_pending_callbacks: int = 64,
     ) -> None:
+        if max_webhook_bytes < 1:
+            raise ConfigurationError("max_webhook_bytes must be at least 1")
+        if callback_workers < 1 or max_pending_callbacks < 1:
+            raise ConfigurationError("callback_workers and max_pending_callbacks must be >= 1")
+        if public_url is not None:
+            check_public_url(public_url)
         self.on_call = on_call
         self.session_factory = session_factory
         self.path = "/" + path.strip("/")
@@ -436,6 +472,10 @@ class VoiceServer:
         self.goodbye_tts = goodbye_tts
         self.stream_options = stream_options or StreamOptions()
         self.hangup_regions = hangup_regions
+        self.max_webhook_bytes = max_webhook_bytes
+        self.webhook_read_timeout_s = WEBHOOK_READ_TIMEOUT_S
+        self.callbacks = CallbackRunner(workers=callback_workers, max_pending=max_pending_callbacks)
+        self.webhook_refusals = LogLimiter()
         self.registry = CallRegistry(max_routes=max_routes)
         self.draining = False
         # Counts refusals by reason (and limits their log lines: a peer can trigger them).
@@ -477,23 +517,51 @@ class VoiceServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self._on_startup()
         yield
-        await self.drain()
+        await self._on_shutdown()
 
     def _wrap_lifespan(self, app: FastAPI) -> None:
         inner = app.router.lifespan_context
 
         @contextlib.asynccontextmanager
         async def lifespan(a: Any) -> AsyncIterator[Any]:
+            self._on_startup()
             async with inner(a) as state:
                 yield state
-            await self.drain()
+            await self._on_shutdown()
 
         app.router.lifespan_context = lifespan
 
+    def _on_startup(self) -> None:
+        # Only logged here: tests and scripts serve on port 0 and set public_url once the
+        # port is known. serve() and `voice-runtime serve` refuse to start instead.
+        try:
+            self.check_config()
+        except ConfigurationError as exc:
+            # One fixed message per cause, naming what to set; it carries no secret.
+            logger.error(str(exc))
+
+    async def _on_shutdown(self) -> None:
+        await self.drain()
+        self.callbacks.shutdown()
+
+    def check_config(self) -> None:
+        """Raise ConfigurationError for a malformed public URL, or none with signatures on."""
+        require_public_url(self._policy())
+
+    @property
+    def trust_forwarded_headers(self) -> tuple[IPNetwork, ...]:
+        """Proxy networks whose X-Forwarded-Proto/-Host are honoured (empty: none)."""
+        return self._trusted_proxies
+
+    @trust_forwarded_headers.setter
+    def trust_forwarded_headers(self, value: TrustedProxies) -> None:
+        self._trusted_proxies = trusted_networks(value)
+
     def _policy(self) -> SignaturePolicy:
         return SignaturePolicy.from_settings(
-            public_base_url=self.public_url, trust_forwarded_headers=self.trust_forwarded_headers
+            public_base_url=self.public_url, trust_forwarded_headers=self._trusted_proxies
         )
 
     def _install(self, app: FastAPI) -> None:
@@ -732,22 +800,93 @@ class VoiceServer:
 
     # ------------------------------------------------------------------ webhooks
 
-    async def _form(self, request: Request) -> dict[str, str] | None:
-        # Twilio posts application/x-www-form-urlencoded; parsing it here avoids needing
-        # python-multipart (Starlette's request.form()) and bounds the body size.
-        body = await request.body()
-        if len(body) > MAX_WEBHOOK_BYTES:
-            logger.warning("webhook refused: body too large", extra={"bytes": len(body)})
-            return None
-        data = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
-        if not check_request_signature(request, data, self._policy()):
-            return None
-        return data
+    def _refuse_webhook(self, status: int, kind: str, message: str | None = None) -> Response:
+        """A refusal; the connection closes, so an unread body is never read."""
+        if self.webhook_refusals.allow(kind) and message is not None:
+            logger.warning(message, extra={"refused": self.webhook_refusals.count(kind)})
+        return Response(status_code=status, headers={"Connection": "close"})
+
+    async def _form(self, request: Request) -> dict[str, str] | Response:
+        """The webhook's signed form, or the refusal to answer instead.
+
+        Nothing unbounded is read before authentication: with signatures enforced a request
+        without ``X-Twilio-Signature`` is refused before its body is read; a body is capped
+        at ``max_webhook_bytes`` while it streams in (Content-Length first, a chunked body
+        as it arrives). The signature covers the form, so the capped body is parsed once
+        (no interpretation yet), then checked.
+        """
+        policy = self._policy()
+        why = refusal_before_body(request, policy)
+        if why is not None:
+            return self._refuse_webhook(503 if why == "no_public_url" else 403, why)
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            pairs = parse_qsl(
+                body.decode("utf-8"),
+                keep_blank_values=True,
+                strict_parsing=True,
+                max_num_fields=MAX_WEBHOOK_FIELDS,
+            )
+        except ValueError:  # UnicodeDecodeError is one too
+            return self._refuse_webhook(400, "malformed", "webhook refused: malformed form body")
+        if not check_request_signature(request, ImmutableMultiDict(pairs), policy):
+            return self._refuse_webhook(403, "signature")
+        return dict(pairs)
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        cap = self.max_webhook_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                return self._refuse_webhook(
+                    400, "malformed", "webhook refused: malformed form body"
+                )
+            if int(declared) > cap:
+                return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.webhook_read_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > cap:
+                        break
+        except TimeoutError:
+            return self._refuse_webhook(
+                408, "slow_body", "webhook refused: body arrived too slowly"
+            )
+        except ClientDisconnect:
+            return self._refuse_webhook(400, "disconnect")
+        if len(body) > cap:
+            return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
+        return bytes(body)
+
+    async def _user_callback(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a user callback off the loop; a Response when it is refused or failed."""
+        try:
+            return await self.callbacks.run(fn, *args)
+        except CallbacksBusyError:
+            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
+        except Exception:
+            if self.webhook_refusals.allow("callback_failed"):
+                logger.exception("webhook callback failed")
+            return Response(status_code=500)
+
+    def _busy_answer(self) -> Response:
+        self._refuse("draining" if self.draining else "busy", "incoming call refused")
+        return Response(_twiml_busy(self.busy_message), media_type=TWIML)
 
     async def _voice_webhook(self, request: Request) -> Response:
         form = await self._form(request)
-        if form is None:
-            return Response(status_code=403)
+        if isinstance(form, Response):
+            return form
+        call_sid = form.get("CallSid", "")
+        if not _is_sid(call_sid):
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        if self.draining or self.registry.reserved_count >= self.max_calls:
+            # Refused before any user callback runs; the reservation below is the real check.
+            return self._busy_answer()
         from voice_runtime.transports.twilio_call import build_route_stream_xml
 
         params: dict[str, str] = {
@@ -756,14 +895,19 @@ class VoiceServer:
             "called_number": form.get("To", ""),
         }
         if self.inbound_parameters is not None:
-            params.update({str(k): str(v) for k, v in self.inbound_parameters(form).items()})
+            extra = await self._user_callback(self.inbound_parameters, form)
+            if isinstance(extra, Response):
+                return extra
+            if not isinstance(extra, Mapping):
+                logger.error("inbound_parameters must return a mapping")
+                return Response(status_code=500)
+            params.update({str(k): str(v) for k, v in extra.items()})
         params = {k: v for k, v in params.items() if v}
         ttl = min(self.route_ttl_s, self.inbound_route_ttl_s)
-        route = _make_route(ttl, params, None, form.get("CallSid") or None)
+        route = _make_route(ttl, params, None, call_sid)
         # The route holds a max_calls slot until its stream claims it or it expires.
         if self.draining or not self.registry.add_reserved_route(route, self.max_calls):
-            self._refuse("draining" if self.draining else "busy", "incoming call refused")
-            return Response(_twiml_busy(self.busy_message), media_type=TWIML)
+            return self._busy_answer()
         base = self._public_base_for(request)
         xml = build_route_stream_xml(base, route.token, parameters=params, path=self.path)
         return Response(xml, media_type=TWIML)
@@ -772,47 +916,62 @@ class VoiceServer:
         try:
             return self._public_base()
         except MissingStreamUrlError:
-            url = request.url
-            scheme = url.scheme
-            netloc = url.netloc
-            if self.trust_forwarded_headers:
-                scheme = request.headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
-                netloc = request.headers.get("x-forwarded-host", netloc).split(",")[0].strip()
-            return f"{scheme}://{netloc}"
+            # Only reachable with signatures off: enforced ones need a configured URL.
+            return request_base_url(request, self._policy())
+
+    async def _emit(self, session: VoiceSession, event: SessionEvent) -> None:
+        """Deliver ``event`` to ``on_event`` off the loop, in order per session."""
+        handler = session.on_event
+        if handler is None:
+            return
+        if _is_async_callable(handler):
+            await self.callbacks.run(_emit_async, handler, event, key=id(session))
+        else:
+            await self.callbacks.run(session.emit_event, event, key=id(session))
 
     async def _status_webhook(self, request: Request) -> Response:
         form = await self._form(request)
-        if form is None:
-            return Response(status_code=403)
+        if isinstance(form, Response):
+            return form
         call_sid = form.get("CallSid", "")
-        session = self.registry.by_call_sid(call_sid) if call_sid else None
+        if not _is_sid(call_sid):
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        session = self.registry.by_call_sid(call_sid)
         if session is None:
             return Response(status_code=204)
         status = form.get("CallStatus")
-        if status:
-            session.emit_event(
-                SessionEvent("call_status", {"status": status, **_status_fields(form)})
-            )
         answered_by = form.get("AnsweredBy")
-        if answered_by:
-            session.emit_event(SessionEvent("answered_by", {"answered_by": answered_by}))
-        if status in ENDED_STATUSES and not session.is_connected:
-            # The call never reached the stream (busy, no answer, ...): release its waiters.
-            session.signal_disconnected()
-            self.registry.ended(session)
+        try:
+            if status:
+                fields = {"status": status, **_status_fields(form)}
+                await self._emit(session, SessionEvent("call_status", fields))
+            if answered_by:
+                await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
+            if status in ENDED_STATUSES and not session.is_connected:
+                # The call never reached the stream (busy, no answer, ...): release its
+                # waiters, after its events (on_disconnected is a user callback too).
+                await self.callbacks.run(session.signal_disconnected, key=id(session))
+                self.registry.ended(session)
+        except CallbacksBusyError:
+            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
         return Response(status_code=204)
 
     async def _sms_webhook(self, request: Request) -> Response:
         form = await self._form(request)
-        if form is None:
-            return Response(status_code=403)
+        if isinstance(form, Response):
+            return form
         from voice_runtime.transports.twilio_sms import parse_inbound_sms, sms_reply_twiml
 
-        reply: str | None = None
+        try:
+            sms = parse_inbound_sms(form)
+        except ValueError:
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        reply: Any = None
         if self.on_sms is not None:
-            result = self.on_sms(parse_inbound_sms(form))
-            reply = await result if inspect.isawaitable(result) else result
-        return Response(sms_reply_twiml(reply), media_type=TWIML)
+            reply = await self._user_callback(self.on_sms, sms)
+            if isinstance(reply, Response):
+                return reply
+        return Response(sms_reply_twiml(None if reply is None else str(reply)), media_type=TWIML)
 
     async def _health(self) -> JSONResponse:
         return JSONResponse(
@@ -911,11 +1070,16 @@ async def _close_try_again_later(websocket: WebSocket) -> None:
     await websocket.close(code=1013)
 
 
-def _is_async_callable(fn: Any) -> bool:
-    """True for coroutine functions and for objects whose ``__call__`` is one."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - the bound __call__ of an instance
-    )
+def _is_sid(value: str) -> bool:
+    # Twilio SIDs are two letters and 32 hex digits; anything else is not Twilio's form.
+    return 0 < len(value) <= 64 and value.isascii() and value.isalnum()
+
+
+async def _emit_async(handler: Callable[[SessionEvent], Any], event: SessionEvent) -> None:
+    try:
+        await handler(event)
+    except Exception:
+        logger.exception("on_event callback failed", extra={"event": event.kind})
 
 
 def _status_fields(form: Mapping[str, str]) -> dict[str, str]:

@@ -84,12 +84,10 @@ def uvicorn_config(app: Any, *, ws: Any = None, **kwargs: Any) -> uvicorn.Config
     return uvicorn.Config(app, ws=VoiceWebSocketProtocol if ws is None else ws, **kwargs)
 
 
-def _uvicorn_config(
-    voice: VoiceServer, host: str, port: int, log_level: str, proxy_headers: bool
-) -> uvicorn.Config:
-    return uvicorn_config(
-        voice.app, host=host, port=port, log_level=log_level, proxy_headers=proxy_headers
-    )
+def _uvicorn_config(voice: VoiceServer, host: str, port: int, log_level: str) -> uvicorn.Config:
+    # uvicorn's own X-Forwarded-* handling is off: VoiceServer honours those headers itself,
+    # only from its trusted proxy networks (it needs the real peer address to tell).
+    return uvicorn_config(voice.app, host=host, port=port, log_level=log_level, proxy_headers=False)
 
 
 def serve_forever(
@@ -101,11 +99,12 @@ def serve_forever(
 ) -> None:
     """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
 
-    ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. uvicorn applies
-    ``X-Forwarded-Proto`` only when ``voice.trust_forwarded_headers`` is set.
+    ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. Raises
+    ConfigurationError before binding when signatures are enforced and no public URL is set.
     """
+    voice.check_config()
     port = settings().voice_server_port if port is None else port
-    config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+    config = _uvicorn_config(voice, host, port, log_level)
     _DrainingUvicorn(config, voice).run()
 
 
@@ -125,7 +124,7 @@ class BackgroundVoiceServer:
     ) -> None:
         self.voice = voice
         self.host = host
-        config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+        config = _uvicorn_config(voice, host, port, log_level)
         self._server = _DrainingUvicorn(config, voice)
         self._thread: threading.Thread | None = None
         self.port = port

@@ -47,6 +47,7 @@ from voice_runtime.transports.twilio_models import (
     parse_call_page,
     validate_sid,
 )
+from voice_runtime.transports.xml_text import xml_safe
 
 if TYPE_CHECKING:
     from twilio.rest import Client
@@ -114,7 +115,8 @@ def _connect_stream(
     connect = response.connect()
     stream = connect.stream(url=ws_url, name=name, status_callback=status_callback)
     for key, value in pairs:
-        stream.parameter(name=key, value=value)
+        # Caller-supplied values (From, inbound_parameters) must not break the document.
+        stream.parameter(name=xml_safe(key), value=xml_safe(value))
 
 
 def _voice_response() -> VoiceResponse:

@@ -182,11 +182,15 @@ async def send_sms_async(
 def sms_reply_twiml(text: str | None) -> str:
     """Return the TwiML answer to an inbound SMS: one ``<Message>``, or an empty ``<Response/>``.
 
-    ``None`` or an empty string means "no reply".
+    ``None`` or an empty string means "no reply". Characters XML cannot carry (NUL and
+    most other control characters) are removed, so the answer is always well-formed.
     """
     from twilio.twiml.messaging_response import MessagingResponse
 
+    from voice_runtime.transports.xml_text import xml_safe
+
     response = MessagingResponse()
+    text = xml_safe(text) if text else text
     if text:
         response.message(text)
     return response.to_xml()
