@@ -119,7 +119,7 @@ class AzurePersistentStt(ReconnectingStt):
         cfg = settings()
         key = subscription_key or cfg.azure_speech_key
         if not key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -137,6 +137,10 @@ class AzurePersistentStt(ReconnectingStt):
         self._current: _Recognition | None = None
         self._generation = 0
         self._ended: asyncio.Future[tuple[EndKind, str]] | None = None
+
+    def _check_credentials(self) -> None:
+        if not self._key:
+            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
 
     # ------------------------------------------------------------------ audio in
 

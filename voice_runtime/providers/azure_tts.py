@@ -7,6 +7,10 @@ consumer's thread) drains into the session, so nothing blocks an SDK thread or t
 loop. One synthesizer is reused across ``speak()`` calls; one that was stopped mid-way is
 replaced, so its late events cannot leak into the next utterance.
 
+The key is read at construction (argument, else AZURE_SPEECH_KEY); a provider built without
+one logs a warning and raises :class:`~voice_runtime.errors.MissingCredentialError` from the
+first ``speak()``.
+
 ``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`);
 ``stop_event`` is checked every 50 ms and stops the synthesis; a synthesis that is canceled
 or falls silent for ``idle_timeout`` seconds becomes ``error`` plus ``on_error``.
@@ -26,7 +30,7 @@ from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError, ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -72,7 +76,7 @@ class AzureTTS:
         cfg = settings()
         key = subscription_key or cfg.azure_speech_key
         if not key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
         self._sdk = import_speech_sdk()
         self._key = key
         self.region = region or cfg.azure_speech_region
@@ -199,9 +203,11 @@ class AzureTTS:
         stop_event: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
-        forbid_on_loop(session.loop, "AzureTTS.speak")
+        forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak")
         if not text.strip():
-            return play_chunks(text, session, (), stop_event, provider="azure")
+            return nothing_to_say(text, session)
+        if not self._key:
+            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
         synth: _Synth | None = None
         try:
             synth = self._acquire()

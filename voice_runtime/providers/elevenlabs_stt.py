@@ -114,7 +114,7 @@ class PersistentSttSession(ReconnectingStt):
         cfg = settings()
         key = api_key or cfg.elevenlabs_api_key
         if not key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+            logger.warning("no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY")
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -155,6 +155,10 @@ class PersistentSttSession(ReconnectingStt):
     def dropped_audio_ms(self) -> float:
         """Caller audio dropped because the reconnect buffer was full."""
         return self._buffer.dropped_bytes / 8.0
+
+    def _check_credentials(self) -> None:
+        if not self._api_key:
+            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
 
     # ------------------------------------------------------------------ audio in
 
