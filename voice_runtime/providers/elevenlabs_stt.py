@@ -34,10 +34,13 @@ from typing import Any
 
 from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError
+from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
 logger = logging.getLogger(__name__)
+# websockets logs handshake headers at DEBUG: the key must not be one of them.
+_WS_LOGGER = redacting_ws_logger("websockets.client")
 
 DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
 REALTIME_PATH = "/v1/speech-to-text/realtime"
@@ -239,6 +242,7 @@ class PersistentSttSession(ReconnectingStt):
             ws = await connect(
                 self.url,
                 additional_headers={"xi-api-key": self._api_key},
+                logger=_WS_LOGGER,
                 open_timeout=self.connect_timeout,
                 max_size=2**22,
             )

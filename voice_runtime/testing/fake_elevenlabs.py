@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
+from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.testing._wait import wait_on_change
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class FakeScribeServer(_Service):
             0,
             process_request=self._process_request,
             max_size=2**22,
+            logger=redacting_ws_logger("websockets.server"),
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
