@@ -213,7 +213,7 @@ def test_sdk_failures_become_error_results(no_env: None, patched_elevenlabs: Mag
     tts.on_error = errors.append
     session = _mock_session()
     result = tts.speak("Fails.", session)
-    assert result["error"] == "boom" and len(errors) == 1 and "boom" in errors[0]
+    assert result["error"] == "boom" and errors == ["elevenlabs_tts_failed: boom"]
     session.send_mark_and_wait.assert_not_called()
 
 

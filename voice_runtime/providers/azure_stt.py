@@ -18,7 +18,9 @@ Authentication, quota (``Forbidden``) and bad-request errors call ``on_error`` a
 exhausted attempts call ``on_error`` too.
 
 The SDK is imported when the provider is constructed; without it the ImportError names the
-extra to install (``pip install "voice-runtime[azure]"``).
+extra to install (``pip install "voice-runtime[azure]"``). The key is read at construction
+(argument, else AZURE_SPEECH_KEY); without one the provider constructs with a warning and
+``start()`` raises :class:`~voice_runtime.errors.MissingCredentialError`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ HEALTHY_AFTER_S = 5.0  # an STT connection that lived this long counts as a work
 #: no reconnect can help (``terminal``), or a new connection may work (``fatal``).
 EndKind = Literal["stopped", "end_of_input", "terminal", "fatal"]
 
+#: How ``on_error`` names a failed synthesis, as the 0.1.x providers did
+#: (``elevenlabs_tts_failed: …``); other providers follow the same pattern.
+_ERROR_LABELS = {"azure": "azure_synthesis_failed"}
+
 __all__ = [
     "CallerAudioBuffer",
     "EchoGate",
@@ -216,7 +220,7 @@ def _report_error(
     logger.warning("synthesis failed", extra={"provider": provider}, exc_info=exc)
     if on_error is not None:
         try:
-            on_error(f"{provider} synthesis failed: {exc}")
+            on_error(f"{_ERROR_LABELS.get(provider, provider + '_tts_failed')}: {exc}")
         except Exception:
             logger.exception("on_error callback failed")
     return result.build(error=str(exc) or type(exc).__name__)

@@ -19,6 +19,11 @@ progress, so the words the old socket never committed are transcribed by the new
 terminal error (``auth_error``, ``quota_exceeded``, ``rate_limited``, ``input_error``, …)
 calls ``on_error`` at once; exhausted attempts call ``on_error`` too. The provider never
 goes deaf silently.
+
+The API key is read at construction (argument, else ELEVENLABS_API_KEY). Without one the
+provider still constructs (with a warning), and ``start()`` raises
+:class:`~voice_runtime.errors.MissingCredentialError`. The key travels in the ``xi-api-key``
+header, never in the URL, and is redacted from websockets' handshake log.
 """
 
 from __future__ import annotations
