@@ -358,10 +358,12 @@ def test_transport_sends_what_a_mock_session_gives(skip_signatures: None) -> Non
     assert session.stt is None  # built from the factory: dropped after the call
 
 
-def test_transport_takes_an_autospec_session(skip_signatures: None) -> None:
+@pytest.mark.parametrize("instance", [False, True])
+def test_transport_takes_an_autospec_session(
+    skip_signatures: None, instance: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     app = FastAPI()
-    session = create_autospec(VoiceSession, instance=True)
-    session.inbound = asyncio.Queue()
+    session = create_autospec(VoiceSession, instance=instance)
     register_voice_websocket(app, session)
     with TestClient(app) as client, client.websocket_connect("/voice") as ws:
         ws.send_text(_start())
@@ -370,6 +372,7 @@ def test_transport_takes_an_autospec_session(skip_signatures: None) -> None:
     session.signal_ws_connected.assert_called_once_with("MZ123")
     session.put_inbound.assert_called_once_with(b"\x11" * 160)
     session.signal_disconnected.assert_called_once()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_stt_tee_and_conversation_take_mocks() -> None:

@@ -581,18 +581,20 @@ class _DuckSessionCall:
         spawn(self._watch_disconnect(), "vr-disconnect")
         spawn(self._send_clears(), "vr-clears")
         stt = self._build_stt()
-        if stt is not None:
+        inbound = getattr(session, "inbound", None)
+        # An autospec session's ``stt`` is a mock of None: nothing to start.
+        if callable(getattr(stt, "start", None)) and inbound is not None:
             ready = getattr(session, "on_stt_ready", None)
             if callable(ready):
                 try:
                     ready(stt)
                 except Exception:
                     logger.exception("on_stt_ready callback failed")
-            spawn(_start_stt(stt, session.inbound, _sid(session)), "vr-stt-start")
+            spawn(_start_stt(stt, inbound, _sid(session)), "vr-stt-start")
 
     def _build_stt(self) -> Any:
         session = self.session
-        if session.stt is None and session.stt_factory is not None:
+        if getattr(session, "stt", None) is None and session.stt_factory is not None:
             primary = session.stt_factory()
             secondary = getattr(session, "stt_secondary_factory", None)
             if secondary is not None:
@@ -665,8 +667,8 @@ class _DuckSessionCall:
 
     async def _stop_stt(self) -> None:
         session = self.session
-        stt = session.stt
-        if stt is None:
+        stt = getattr(session, "stt", None)
+        if not callable(getattr(stt, "stop", None)):
             return
         try:
             await asyncio.wait_for(maybe_await(stt.stop()), STT_STOP_TIMEOUT_S)
