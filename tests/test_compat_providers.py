@@ -284,6 +284,52 @@ def test_other_tts_providers_take_a_magicmock_session(fake_sdk: FakeSpeechSdk) -
         assert result["last_spoken"] == "Hello from a mock." and "error" not in result
 
 
+def test_azure_tts_with_the_0_1_sdk_patch() -> None:
+    from types import SimpleNamespace
+
+    from voice_runtime.providers.azure_tts import AzureTTS
+
+    with patch("voice_runtime.providers.azure_tts.speechsdk") as sdk:
+        synth = sdk.SpeechSynthesizer.return_value
+
+        def speak_text_async(text: str) -> MagicMock:
+            on_audio = synth.synthesizing.connect.call_args[0][0]
+            on_audio(SimpleNamespace(result=SimpleNamespace(audio_data=b"\xff" * 160)))
+            return MagicMock()
+
+        synth.speak_text_async.side_effect = speak_text_async
+        session = _mock_session()
+        result = AzureTTS(subscription_key="k", region="northeurope").speak("Moi.", session)
+    sdk.SpeechConfig.assert_called_once_with(subscription="k", region="northeurope")
+    sdk.SpeechSynthesizer.assert_called_once()
+    session.put_outbound_sync.assert_called_once_with(b"\xff" * 160)
+    session.send_mark_and_wait.assert_called_once_with("tts_complete", timeout=30.0)
+    assert result["last_spoken"] == "Moi." and "error" not in result
+
+
+async def test_azure_stt_with_the_0_1_sdk_patch() -> None:
+    from types import SimpleNamespace
+
+    from voice_runtime.providers.azure_stt import AzurePersistentStt
+
+    with patch("voice_runtime.providers.azure_stt.speechsdk") as sdk:
+        stt = AzurePersistentStt(subscription_key="k")
+        heard: list[str] = []
+        stt.on_committed = heard.append
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        await stt.start(q)
+        recognizer = sdk.SpeechRecognizer.return_value
+        assert await wait_for(lambda: recognizer.start_continuous_recognition_async.called)
+        q.put_nowait(b"\x01" * 160)
+        push = sdk.audio.PushAudioInputStream.return_value
+        assert await wait_for(lambda: push.write.called)
+        on_final = recognizer.recognized.connect.call_args[0][0]
+        on_final(SimpleNamespace(result=SimpleNamespace(text="hei")))
+        assert await wait_for(lambda: heard == ["hei"])
+        await stt.stop()
+    push.write.assert_called_with(b"\x01" * 160)
+
+
 # ---------------------------------------------------------------------------- item 6
 
 

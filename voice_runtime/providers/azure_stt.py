@@ -61,6 +61,18 @@ def import_speech_sdk() -> ModuleType:
         ) from exc
 
 
+def __getattr__(name: str) -> Any:
+    # ``speechsdk`` was this module's import of the SDK in 0.1.x, and tests patch it.
+    if name == "speechsdk":
+        return import_speech_sdk()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sdk_now() -> Any:
+    """The SDK to use now: a test's patch of this module's ``speechsdk`` wins."""
+    return globals().get("speechsdk") or import_speech_sdk()
+
+
 def _name(value: Any) -> str:
     """The member name of an SDK enum value (``CancellationReason.Error`` → ``Error``)."""
     return str(getattr(value, "name", value)).rsplit(".", 1)[-1]
@@ -129,7 +141,7 @@ class AzurePersistentStt(ReconnectingStt):
             buffer_ms=buffer_ms,
             echo_tail_s=echo_tail_s,
         )
-        self._sdk = import_speech_sdk()
+        _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
         self.region = region or cfg.azure_speech_region
         self.endpoint = endpoint
@@ -215,7 +227,7 @@ class AzurePersistentStt(ReconnectingStt):
 
     def _open(self, generation: int) -> _Recognition:
         """Build and start a recognizer (worker thread: the start call blocks)."""
-        sdk = self._sdk
+        sdk = _sdk_now()
         fmt = sdk.audio.AudioStreamFormat(
             samples_per_second=8000,
             bits_per_sample=8,

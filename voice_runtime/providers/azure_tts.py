@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._sync import forbid_on_loop
@@ -42,15 +43,30 @@ POLL_S = 0.05
 __all__ = ["AzureTTS"]
 
 
+def __getattr__(name: str) -> Any:
+    # ``speechsdk`` was this module's import of the SDK in 0.1.x, and tests patch it.
+    if name == "speechsdk":
+        return import_speech_sdk()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sdk_now() -> Any:
+    """The SDK to use now: a test's patch of this module's ``speechsdk`` wins."""
+    return globals().get("speechsdk") or import_speech_sdk()
+
+
 class _Synth:
     """A synthesizer and the queue its events currently feed."""
 
-    __slots__ = ("dirty", "synthesizer", "target")
+    __slots__ = ("blocking", "dirty", "synthesizer", "target")
 
-    def __init__(self, synthesizer: Any) -> None:
+    def __init__(self, synthesizer: Any, *, blocking: bool = False) -> None:
         self.synthesizer = synthesizer
         self.target: queue.Queue[tuple[Any, ...]] | None = None
         self.dirty = False
+        # A stand-in SDK (a test's MagicMock) may never fire synthesis_completed: wait on
+        # the future's get() instead, as 0.1.x did.
+        self.blocking = blocking
 
     def post(self, item: tuple[Any, ...]) -> None:
         target = self.target
@@ -77,7 +93,7 @@ class AzureTTS:
         key = subscription_key or cfg.azure_speech_key
         if not key:
             logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
-        self._sdk = import_speech_sdk()
+        _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
         self.region = region or cfg.azure_speech_region
         self.voice_name = voice_name or cfg.azure_tts_voice
@@ -103,7 +119,7 @@ class AzureTTS:
             self._idle.append(synth)
 
     def _new_synthesizer(self) -> _Synth:
-        sdk = self._sdk
+        sdk = _sdk_now()
         if self.endpoint:
             config = sdk.SpeechConfig(subscription=self._key, endpoint=self.endpoint)
         else:
@@ -113,7 +129,7 @@ class AzureTTS:
             sdk.SpeechSynthesisOutputFormat.Raw8Khz8BitMonoMULaw
         )
         synthesizer = sdk.SpeechSynthesizer(speech_config=config, audio_config=None)
-        synth = _Synth(synthesizer)
+        synth = _Synth(synthesizer, blocking=not isinstance(sdk, ModuleType))
 
         # These run on SDK threads: copy the data and hand it over, nothing more.
         def on_audio(evt: Any) -> None:
@@ -157,7 +173,10 @@ class AzureTTS:
         synth.target = events
         finished = False
         try:
-            synth.synthesizer.speak_text_async(text)  # a future; its events do the work
+            future = synth.synthesizer.speak_text_async(text)  # its events do the work
+            if synth.blocking:
+                future.get()
+                events.put(("done",))
             last = time.monotonic()
             while True:
                 try:
