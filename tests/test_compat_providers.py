@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from voice_runtime.errors import MissingCredentialError
+from voice_runtime.errors import MissingCredentialError, ProviderError
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.fake_azure import FakeSpeechSdk
 from voice_runtime.testing.fake_elevenlabs import FakeElevenLabsTts, FakeScribeServer
@@ -551,3 +551,22 @@ async def test_a_known_secret_is_in_no_error_and_no_log(
     assert caplog.records and SECRET not in logged and SECRET not in caplog.text
     assert all(SECRET not in t for t in texts)
     assert SECRET not in repr(stt.url)
+
+
+async def test_realtime_agents_keep_the_key_out_of_the_handshake_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from voice_runtime.realtime import AgentOptions, OpenAIRealtimeAgent
+    from voice_runtime.testing.fake_realtime import FakeOpenAIRealtime
+
+    caplog.set_level(logging.DEBUG)
+    async with FakeOpenAIRealtime() as fake:  # expects another key: the handshake is refused
+        agent = OpenAIRealtimeAgent(AgentOptions(base_url=fake.base_url), api_key=SECRET)
+        with pytest.raises(ProviderError) as refused:
+            await agent.start()
+        await agent.close()
+    client_lines = [
+        r.getMessage() for r in caplog.records if r.name.startswith("websockets.client")
+    ]
+    assert "> Authorization: [redacted]" in client_lines
+    assert SECRET not in "\n".join(client_lines) and SECRET not in str(refused.value)
