@@ -135,6 +135,28 @@ async def test_the_missing_key_is_raised_when_audio_would_first_flow(
     assert fake_sdk.recognizers == [] and fake_sdk.synthesizers == []
 
 
+async def test_a_keyless_stt_in_a_call_reports_auth_error(
+    no_env: None, voice_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from voice_runtime.stt import create_stt
+
+    errors: list[str] = []
+
+    def factory() -> Any:
+        stt = create_stt()
+        stt.on_error = errors.append
+        return stt
+
+    s = voice_server.session
+    s.stt_factory = factory
+    async with voice_server.simulator() as sim:
+        await s.wait_for_ws_connect_async(5)
+        assert await wait_for(lambda: errors == ["auth_error"])
+        await sim.send_silence(100)  # the call goes on
+    failed = [r for r in caplog.records if r.getMessage() == "STT failed to start"]
+    assert len(failed) == 1 and "ELEVENLABS_API_KEY" in caplog.text
+
+
 def test_credentials_are_read_at_construction(
     no_env: None, monkeypatch: pytest.MonkeyPatch, patched_elevenlabs: MagicMock
 ) -> None:

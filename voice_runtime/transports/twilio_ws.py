@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from voice_runtime._compat import is_voice_session, maybe_await
 from voice_runtime._sync import cancel_and_wait
+from voice_runtime.errors import MissingCredentialError
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 from voice_runtime.transports.fastws import EXTENSION, VoiceWebSocketProtocol
@@ -459,11 +460,22 @@ async def _receive_text(ws: Any) -> str | None:
 
 
 async def _start_stt(stt: Any, inbound: Any, call_sid: Any) -> None:
-    """Start the call's STT; a failure (a missing key, say) is logged, the call goes on."""
+    """Start the call's STT; a failure is logged and reported to its ``on_error``.
+
+    The call goes on. A missing key is reported as ``auth_error``, what the vendor answered
+    an empty key with in 0.1.x, so code that watches ``on_error`` still hears of it.
+    """
     try:
         await maybe_await(stt.start(inbound))
-    except Exception:
+    except Exception as exc:
         logger.exception("STT failed to start", extra={"call_sid": call_sid})
+        on_error = getattr(stt, "on_error", None)
+        if callable(on_error):
+            reason = "auth_error" if isinstance(exc, MissingCredentialError) else "start_failed"
+            try:
+                on_error(reason)
+            except Exception:
+                logger.exception("STT on_error callback failed", extra={"call_sid": call_sid})
 
 
 class _DuckSessionCall:
