@@ -229,12 +229,14 @@ async def test_stt_events_of_a_replaced_recognizer_are_ignored(fake_sdk: FakeSpe
     await stt.stop()
 
 
-def test_stt_needs_a_key(monkeypatch: pytest.MonkeyPatch, fake_sdk: FakeSpeechSdk) -> None:
+async def test_stt_needs_a_key(monkeypatch: pytest.MonkeyPatch, fake_sdk: FakeSpeechSdk) -> None:
     from voice_runtime.providers.azure_stt import AzurePersistentStt
 
     monkeypatch.delenv("AZURE_SPEECH_KEY", raising=False)
+    keyless = AzurePersistentStt()  # constructs, as in 0.1.x; the key is needed at start()
     with pytest.raises(MissingCredentialError, match="AZURE_SPEECH_KEY"):
-        AzurePersistentStt()
+        await keyless.start(asyncio.Queue())
+    assert fake_sdk.recognizers == []
     monkeypatch.setenv("AZURE_SPEECH_KEY", "from-env")
     monkeypatch.setenv("AZURE_SPEECH_REGION", "northeurope")
     stt = AzurePersistentStt()
@@ -356,7 +358,11 @@ def test_tts_needs_a_key_and_has_the_documented_defaults(
 
     for name in ("AZURE_SPEECH_KEY", "AZURE_SPEECH_REGION", "AZURE_TTS_VOICE"):
         monkeypatch.delenv(name, raising=False)
+    from voice_runtime.session import VoiceSession
+
+    keyless = AzureTTS()  # constructs, as in 0.1.x; the key is needed to speak
     with pytest.raises(MissingCredentialError, match="AZURE_SPEECH_KEY"):
-        AzureTTS()
+        keyless.speak("Hello.", VoiceSession())
+    assert fake_sdk.synthesizers == []
     tts = AzureTTS(subscription_key="k")
     assert (tts.region, tts.voice_name) == ("westeurope", "fi-FI-NooraNeural")

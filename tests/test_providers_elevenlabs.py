@@ -263,10 +263,12 @@ async def test_stt_words_reach_on_committed_through_a_real_call(voice_server: Vo
         assert await wait_for(lambda: _stt_tasks() == [])
 
 
-def test_stt_needs_a_key_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stt_needs_a_key_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ELEVENLABS_API_KEY", raising=False)
+    keyless = PersistentSttSession()  # constructs, as in 0.1.x; the key is needed at start()
     with pytest.raises(MissingCredentialError, match="ELEVENLABS_API_KEY"):
-        PersistentSttSession()
+        await keyless.start(asyncio.Queue())
+    assert not keyless.running
     monkeypatch.setenv("ELEVENLABS_API_KEY", "env-key")
     monkeypatch.setenv("STT_LANGUAGE_CODE", "de")
     monkeypatch.delenv("STT_MODEL_ID", raising=False)
@@ -333,7 +335,7 @@ async def test_tts_streams_ulaw_chunks_into_the_call(
             assert bytes(sim.heard) == server.audio_sent[0]
             assert result["audio_ms"] == pytest.approx(len(server.audio_sent[0]) / 8, abs=0.1)
             req = server.requests[0]
-            assert req.path == "/v1/text-to-speech/voice-1/stream"
+            assert req.path == "/v1/text-to-speech/voice-1"  # the SDK's text_to_speech.convert
             assert req.query["output_format"] == ["ulaw_8000"]
             assert req.headers["xi-api-key"] == KEY
             assert req.body["text"] == "Hello from the fake voice."
@@ -453,8 +455,11 @@ async def test_tts_stop_event_ends_the_http_stream(
 def test_tts_needs_a_key_and_has_the_documented_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("ELEVENLABS_API_KEY", "ELEVENLABS_VOICE_ID", "ELEVENLABS_MODEL"):
         monkeypatch.delenv(name, raising=False)
+    from voice_runtime.session import VoiceSession
+
+    keyless = ElevenLabsTTS()  # constructs, as in 0.1.x; the key is needed to speak
     with pytest.raises(MissingCredentialError, match="ELEVENLABS_API_KEY"):
-        ElevenLabsTTS()
+        keyless.speak("Hello.", VoiceSession())
     tts = ElevenLabsTTS(api_key="k")
     assert tts.voice_id == "21m00Tcm4TlvDq8ikWAM" and tts.model_id == "eleven_multilingual_v2"
     assert tts.base_url == "https://api.elevenlabs.io"

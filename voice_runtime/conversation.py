@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from voice_runtime._compat import is_voice_session
 from voice_runtime.errors import CallHangupError
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
@@ -136,4 +137,7 @@ class Conversation:
 
     def hangup(self) -> None:
         """End the call once everything said has been heard."""
-        self.session.request_disconnect(after_playback=True)
+        if is_voice_session(self.session):
+            self.session.request_disconnect(after_playback=True)
+        else:
+            self.session.request_disconnect()  # the 0.1.x call, for other session objects

@@ -8,11 +8,17 @@ attacker-supplied string before it goes into a message or an ``extra=`` field.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from typing import Any
 
-__all__ = ["MAX_LOGGED_CHARS", "LogLimiter", "clip", "log_limiter"]
+__all__ = ["MAX_LOGGED_CHARS", "LogLimiter", "clip", "log_limiter", "redacting_ws_logger"]
+
+#: Handshake headers whose values are credentials.
+SECRET_HEADERS = frozenset(
+    {"authorization", "xi-api-key", "x-api-key", "api-key", "x-goog-api-key"}
+)
 
 MAX_LOGGED_CHARS = 64
 
@@ -59,3 +65,21 @@ _process_limiter = LogLimiter()
 def log_limiter() -> LogLimiter:
     """The process-wide limiter (per-connection code may keep its own)."""
     return _process_limiter
+
+
+class _RedactingAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Hides credential header values in the handshake lines websockets logs at DEBUG."""
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) == 2 and isinstance(args[0], str) and args[0].lower() in SECRET_HEADERS:
+            args = (args[0], "[redacted]")
+        super().log(level, msg, *args, **kwargs)
+
+
+def redacting_ws_logger(name: str) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+    """A logger for ``websockets`` connections that never writes a credential header's value.
+
+    websockets logs every handshake header at DEBUG (``> xi-api-key: …``); pass this as the
+    ``logger=`` of ``connect()``/``serve()`` wherever a header carries a secret.
+    """
+    return _RedactingAdapter(logging.getLogger(name), {})

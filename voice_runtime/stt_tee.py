@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from voice_runtime._compat import maybe_await
+
 logger = logging.getLogger(__name__)
 
 SECONDARY_MAXSIZE = 500  # 10 s of 20 ms frames
@@ -17,6 +19,9 @@ __all__ = ["SttTee"]
 
 class SttTee:
     """Fans caller audio out to two STT providers; only the primary's callbacks are exposed.
+
+    Any objects with the provider API will do, test doubles included: a ``start``/``stop``
+    that returns no awaitable (a ``MagicMock``'s) is simply called.
 
     The primary's failures propagate. The secondary's are logged and never disturb the
     primary; its queue is bounded, and frames it cannot take in time are dropped and counted.
@@ -72,9 +77,9 @@ class SttTee:
         """Start both providers and the fan-out task; the primary's errors propagate."""
         self._primary_queue = asyncio.Queue()
         self._secondary_queue = asyncio.Queue(self._secondary_maxsize)
-        await self.primary.start(self._primary_queue)
+        await maybe_await(self.primary.start(self._primary_queue))
         try:
-            await self.secondary.start(self._secondary_queue)
+            await maybe_await(self.secondary.start(self._secondary_queue))
         except Exception:
             logger.warning("secondary STT failed to start", exc_info=True)
         self._fanout_task = asyncio.create_task(self._fanout(inbound_queue), name="stt-tee-fanout")
@@ -119,10 +124,10 @@ class SttTee:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            await self.primary.stop()
+            await maybe_await(self.primary.stop())
         finally:
             try:
-                await self.secondary.stop()
+                await maybe_await(self.secondary.stop())
             except Exception:
                 logger.warning("secondary STT failed to stop", exc_info=True)
         if self.secondary_dropped:

@@ -18,7 +18,9 @@ Authentication, quota (``Forbidden``) and bad-request errors call ``on_error`` a
 exhausted attempts call ``on_error`` too.
 
 The SDK is imported when the provider is constructed; without it the ImportError names the
-extra to install (``pip install "voice-runtime[azure]"``).
+extra to install (``pip install "voice-runtime[azure]"``). The key is read at construction
+(argument, else AZURE_SPEECH_KEY); without one the provider constructs with a warning and
+``start()`` raises :class:`~voice_runtime.errors.MissingCredentialError`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def import_speech_sdk() -> ModuleType:
             f"{INSTALL_HINT}",
             name=SDK_MODULE,
         ) from exc
+
+
+def __getattr__(name: str) -> Any:
+    # ``speechsdk`` was this module's import of the SDK in 0.1.x, and tests patch it.
+    if name == "speechsdk":
+        return import_speech_sdk()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sdk_now() -> Any:
+    """The SDK to use now: a test's patch of this module's ``speechsdk`` wins."""
+    return globals().get("speechsdk") or import_speech_sdk()
 
 
 def _name(value: Any) -> str:
@@ -119,7 +133,7 @@ class AzurePersistentStt(ReconnectingStt):
         cfg = settings()
         key = subscription_key or cfg.azure_speech_key
         if not key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -127,7 +141,7 @@ class AzurePersistentStt(ReconnectingStt):
             buffer_ms=buffer_ms,
             echo_tail_s=echo_tail_s,
         )
-        self._sdk = import_speech_sdk()
+        _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
         self.region = region or cfg.azure_speech_region
         self.endpoint = endpoint
@@ -137,6 +151,10 @@ class AzurePersistentStt(ReconnectingStt):
         self._current: _Recognition | None = None
         self._generation = 0
         self._ended: asyncio.Future[tuple[EndKind, str]] | None = None
+
+    def _check_credentials(self) -> None:
+        if not self._key:
+            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
 
     # ------------------------------------------------------------------ audio in
 
@@ -209,7 +227,7 @@ class AzurePersistentStt(ReconnectingStt):
 
     def _open(self, generation: int) -> _Recognition:
         """Build and start a recognizer (worker thread: the start call blocks)."""
-        sdk = self._sdk
+        sdk = _sdk_now()
         fmt = sdk.audio.AudioStreamFormat(
             samples_per_second=8000,
             bits_per_sample=8,

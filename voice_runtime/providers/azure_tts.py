@@ -7,6 +7,10 @@ consumer's thread) drains into the session, so nothing blocks an SDK thread or t
 loop. One synthesizer is reused across ``speak()`` calls; one that was stopped mid-way is
 replaced, so its late events cannot leak into the next utterance.
 
+The key is read at construction (argument, else AZURE_SPEECH_KEY); a provider built without
+one logs a warning and raises :class:`~voice_runtime.errors.MissingCredentialError` from the
+first ``speak()``.
+
 ``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`);
 ``stop_event`` is checked every 50 ms and stops the synthesis; a synthesis that is canceled
 or falls silent for ``idle_timeout`` seconds becomes ``error`` plus ``on_error``.
@@ -19,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._sync import forbid_on_loop
@@ -26,7 +31,7 @@ from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError, ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -38,15 +43,30 @@ POLL_S = 0.05
 __all__ = ["AzureTTS"]
 
 
+def __getattr__(name: str) -> Any:
+    # ``speechsdk`` was this module's import of the SDK in 0.1.x, and tests patch it.
+    if name == "speechsdk":
+        return import_speech_sdk()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _sdk_now() -> Any:
+    """The SDK to use now: a test's patch of this module's ``speechsdk`` wins."""
+    return globals().get("speechsdk") or import_speech_sdk()
+
+
 class _Synth:
     """A synthesizer and the queue its events currently feed."""
 
-    __slots__ = ("dirty", "synthesizer", "target")
+    __slots__ = ("blocking", "dirty", "synthesizer", "target")
 
-    def __init__(self, synthesizer: Any) -> None:
+    def __init__(self, synthesizer: Any, *, blocking: bool = False) -> None:
         self.synthesizer = synthesizer
         self.target: queue.Queue[tuple[Any, ...]] | None = None
         self.dirty = False
+        # A stand-in SDK (a test's MagicMock) may never fire synthesis_completed: wait on
+        # the future's get() instead, as 0.1.x did.
+        self.blocking = blocking
 
     def post(self, item: tuple[Any, ...]) -> None:
         target = self.target
@@ -72,8 +92,8 @@ class AzureTTS:
         cfg = settings()
         key = subscription_key or cfg.azure_speech_key
         if not key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
-        self._sdk = import_speech_sdk()
+            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
+        _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
         self.region = region or cfg.azure_speech_region
         self.voice_name = voice_name or cfg.azure_tts_voice
@@ -99,7 +119,7 @@ class AzureTTS:
             self._idle.append(synth)
 
     def _new_synthesizer(self) -> _Synth:
-        sdk = self._sdk
+        sdk = _sdk_now()
         if self.endpoint:
             config = sdk.SpeechConfig(subscription=self._key, endpoint=self.endpoint)
         else:
@@ -109,7 +129,7 @@ class AzureTTS:
             sdk.SpeechSynthesisOutputFormat.Raw8Khz8BitMonoMULaw
         )
         synthesizer = sdk.SpeechSynthesizer(speech_config=config, audio_config=None)
-        synth = _Synth(synthesizer)
+        synth = _Synth(synthesizer, blocking=not isinstance(sdk, ModuleType))
 
         # These run on SDK threads: copy the data and hand it over, nothing more.
         def on_audio(evt: Any) -> None:
@@ -153,7 +173,10 @@ class AzureTTS:
         synth.target = events
         finished = False
         try:
-            synth.synthesizer.speak_text_async(text)  # a future; its events do the work
+            future = synth.synthesizer.speak_text_async(text)  # its events do the work
+            if synth.blocking:
+                future.get()
+                events.put(("done",))
             last = time.monotonic()
             while True:
                 try:
@@ -199,9 +222,11 @@ class AzureTTS:
         stop_event: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
-        forbid_on_loop(session.loop, "AzureTTS.speak")
+        forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak")
         if not text.strip():
-            return play_chunks(text, session, (), stop_event, provider="azure")
+            return nothing_to_say(text, session)
+        if not self._key:
+            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
         synth: _Synth | None = None
         try:
             synth = self._acquire()

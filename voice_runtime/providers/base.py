@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from voice_runtime._compat import is_voice_session, number
 from voice_runtime._sync import forbid_on_loop
 
 if TYPE_CHECKING:
@@ -29,12 +30,17 @@ HEALTHY_AFTER_S = 5.0  # an STT connection that lived this long counts as a work
 #: no reconnect can help (``terminal``), or a new connection may work (``fatal``).
 EndKind = Literal["stopped", "end_of_input", "terminal", "fatal"]
 
+#: How ``on_error`` names a failed synthesis, as the 0.1.x providers did
+#: (``elevenlabs_tts_failed: …``); other providers follow the same pattern.
+_ERROR_LABELS = {"azure": "azure_synthesis_failed"}
+
 __all__ = [
     "CallerAudioBuffer",
     "EchoGate",
     "ReconnectingStt",
     "SpeakResult",
     "backoff_delay",
+    "nothing_to_say",
     "play_chunks",
     "play_chunks_async",
     "words_heard",
@@ -56,7 +62,8 @@ class SpeakResult:
     def __init__(self, text: str, session: VoiceSession) -> None:
         self.text = text
         self.session = session
-        self.start_ms = session.queued_ms
+        # None: the session cannot say what was played (a mock or another duck type).
+        self.start_ms = number(getattr(session, "queued_ms", None))
         self.audio_ms = 0.0
 
     def add_audio(self, nbytes: int) -> None:
@@ -64,9 +71,14 @@ class SpeakResult:
         self.audio_ms += nbytes / 8.0
 
     def heard_ms(self) -> float:
-        """How much of this utterance the caller has heard, from mark echoes."""
-        heard = self.session.played_ms - self.start_ms
-        return max(0.0, min(self.audio_ms, heard))
+        """How much of this utterance the caller has heard, from mark echoes.
+
+        A session that reports no playback position counts what was sent, as 0.1.x did.
+        """
+        played = number(getattr(self.session, "played_ms", None))
+        if played is None or self.start_ms is None:
+            return self.audio_ms
+        return max(0.0, min(self.audio_ms, played - self.start_ms))
 
     def build(
         self,
@@ -92,6 +104,11 @@ class SpeakResult:
         if error is not None:
             result["error"] = error
         return result
+
+
+def nothing_to_say(text: str, session: VoiceSession) -> dict[str, Any]:
+    """The result of ``speak()`` for empty text: returned at once, no audio and no mark."""
+    return SpeakResult(text, session).build()
 
 
 def _finish(
@@ -161,6 +178,16 @@ def play_chunks(
     Blocking (runs in the consumer's thread). Honours ``stop_event`` between chunks: when it
     is set, the queued audio is cleared and the result says ``interrupted``.
     """
+    if not is_voice_session(session):
+        return _play_duck_typed(
+            text,
+            session,
+            chunks,
+            stop_event,
+            on_error=on_error,
+            provider=provider,
+            mark_timeout=mark_timeout,
+        )
     result = SpeakResult(text, session)
     if session.is_disconnected:
         return result.build(call_disconnected=True)
@@ -176,18 +203,63 @@ def play_chunks(
                 result.add_audio(len(chunk))
                 session.put_outbound_sync(chunk)
     except Exception as exc:
-        message = f"{provider} synthesis failed: {exc}"
-        logger.warning("synthesis failed", extra={"provider": provider}, exc_info=True)
-        if on_error is not None:
-            try:
-                on_error(message)
-            except Exception:
-                logger.exception("on_error callback failed")
-        return result.build(error=str(exc) or type(exc).__name__)
+        return _report_error(result, exc, on_error, provider)
     logger.debug(
         "synthesis queued", extra={"provider": provider, "seconds": round(time.monotonic() - t0, 3)}
     )
     return _finish(result, session, stop_event, mark_timeout)
+
+
+def _report_error(
+    result: SpeakResult,
+    exc: Exception,
+    on_error: Callable[[str], None] | None,
+    provider: str,
+) -> dict[str, Any]:
+    """The error result of a failed synthesis; ``on_error`` hears about it too."""
+    logger.warning("synthesis failed", extra={"provider": provider}, exc_info=exc)
+    if on_error is not None:
+        try:
+            on_error(f"{_ERROR_LABELS.get(provider, provider + '_tts_failed')}: {exc}")
+        except Exception:
+            logger.exception("on_error callback failed")
+    return result.build(error=str(exc) or type(exc).__name__)
+
+
+def _play_duck_typed(
+    text: str,
+    session: Any,
+    chunks: Iterable[bytes],
+    stop_event: threading.Event | None,
+    *,
+    on_error: Callable[[str], None] | None,
+    provider: str,
+    mark_timeout: float,
+) -> dict[str, Any]:
+    """:func:`play_chunks` for a session that is not a VoiceSession: the 0.1.x calls only.
+
+    ``put_outbound_sync`` and ``tap_agent`` per chunk, then one
+    ``send_mark_and_wait("tts_complete", timeout=...)``; nothing that reads session internals.
+    """
+    result = SpeakResult(text, session)
+    if session.is_disconnected:
+        return result.build(call_disconnected=True)
+    try:
+        for chunk in chunks:
+            if stop_event is not None and stop_event.is_set():
+                return result.build(interrupted=True)
+            if not chunk:
+                continue
+            result.add_audio(len(chunk))
+            session.put_outbound_sync(chunk)
+            session.tap_agent(chunk)
+    except Exception as exc:
+        return _report_error(result, exc, on_error, provider)
+    try:
+        session.send_mark_and_wait("tts_complete", timeout=mark_timeout)
+    except TimeoutError:
+        logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
+    return result.build()
 
 
 async def play_chunks_async(
@@ -215,13 +287,7 @@ async def play_chunks_async(
                 result.add_audio(len(chunk))
                 await session.put_outbound(chunk)
     except Exception as exc:
-        logger.warning("synthesis failed", extra={"provider": provider}, exc_info=True)
-        if on_error is not None:
-            try:
-                on_error(f"{provider} synthesis failed: {exc}")
-            except Exception:
-                logger.exception("on_error callback failed")
-        return result.build(error=str(exc) or type(exc).__name__)
+        return _report_error(result, exc, on_error, provider)
     if stop_event is not None and stop_event.is_set():
         session.request_clear_buffer()
         return result.build(interrupted=True)
@@ -420,6 +486,7 @@ class ReconnectingStt(abc.ABC):
         """Start reading caller audio and connecting; returns at once."""
         if self._run_task is not None:
             raise RuntimeError(f"{type(self).__name__}.start() called twice")
+        self._check_credentials()
         self._loop = asyncio.get_running_loop()
         self._pump_task = asyncio.create_task(
             self._pump(inbound_queue), name=f"{self._task_name}-pump"
@@ -439,6 +506,10 @@ class ReconnectingStt(abc.ABC):
         self._buffer.clear()
 
     # ------------------------------------------------------------------ vendor hooks
+
+    def _check_credentials(self) -> None:
+        """Raise MissingCredentialError when the vendor credential is missing (at start())."""
+        return None  # a vendor without credentials needs no check
 
     @abc.abstractmethod
     async def _session_once(self) -> tuple[EndKind, str]:

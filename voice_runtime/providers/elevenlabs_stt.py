@@ -19,6 +19,11 @@ progress, so the words the old socket never committed are transcribed by the new
 terminal error (``auth_error``, ``quota_exceeded``, ``rate_limited``, ``input_error``, …)
 calls ``on_error`` at once; exhausted attempts call ``on_error`` too. The provider never
 goes deaf silently.
+
+The API key is read at construction (argument, else ELEVENLABS_API_KEY). Without one the
+provider still constructs (with a warning), and ``start()`` raises
+:class:`~voice_runtime.errors.MissingCredentialError`. The key travels in the ``xi-api-key``
+header, never in the URL, and is redacted from websockets' handshake log.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from typing import Any
 
 from voice_runtime.config import settings
 from voice_runtime.errors import MissingCredentialError
+from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
 logger = logging.getLogger(__name__)
+# websockets logs handshake headers at DEBUG: the key must not be one of them.
+_WS_LOGGER = redacting_ws_logger("websockets.client")
 
 DEFAULT_BASE_URL = "wss://api.elevenlabs.io"
 REALTIME_PATH = "/v1/speech-to-text/realtime"
@@ -114,7 +122,7 @@ class PersistentSttSession(ReconnectingStt):
         cfg = settings()
         key = api_key or cfg.elevenlabs_api_key
         if not key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+            logger.warning("no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY")
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -155,6 +163,10 @@ class PersistentSttSession(ReconnectingStt):
     def dropped_audio_ms(self) -> float:
         """Caller audio dropped because the reconnect buffer was full."""
         return self._buffer.dropped_bytes / 8.0
+
+    def _check_credentials(self) -> None:
+        if not self._api_key:
+            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
 
     # ------------------------------------------------------------------ audio in
 
@@ -235,6 +247,7 @@ class PersistentSttSession(ReconnectingStt):
             ws = await connect(
                 self.url,
                 additional_headers={"xi-api-key": self._api_key},
+                logger=_WS_LOGGER,
                 open_timeout=self.connect_timeout,
                 max_size=2**22,
             )

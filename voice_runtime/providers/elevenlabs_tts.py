@@ -1,19 +1,28 @@
-"""ElevenLabs text-to-speech streamed over HTTP as native μ-law 8 kHz.
+"""ElevenLabs text-to-speech through the official ``elevenlabs`` SDK, as native μ-law 8 kHz.
 
-:class:`ElevenLabsTTS` posts to ``/v1/text-to-speech/{voice_id}/stream`` with
-``output_format=ulaw_8000`` and hands every chunk to the call as it arrives: no ffmpeg, no
-transcoding. One HTTP client (connection pool, keep-alive) serves every ``speak()`` of the
-provider. The request is made with ``httpx`` (a core dependency) against the documented
-endpoint, so the ``elevenlabs`` SDK is not needed; ``base_url`` points it anywhere (a proxy,
-or :class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
+:class:`ElevenLabsTTS` calls ``client.text_to_speech.convert(voice_id=..., model_id=...,
+text=..., output_format="ulaw_8000")`` and hands every chunk to the call as it arrives: no
+ffmpeg, no transcoding. ``elevenlabs.ElevenLabs`` is looked up when the first ``speak()``
+needs a client (so ``patch("elevenlabs.ElevenLabs")`` in a test takes effect), and that one
+client (one connection pool, keep-alive) serves every later ``speak()`` of the provider.
+``base_url`` points the SDK anywhere (a proxy, or
+:class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
+
+The SDK is an extra: without it, ``speak()`` raises an ImportError that names
+``pip install "voice-runtime[elevenlabs]"``; ``import voice_runtime`` never needs it.
+
+The API key is read at construction (argument, else ELEVENLABS_API_KEY); a provider built
+without one logs a warning and raises :class:`~voice_runtime.errors.MissingCredentialError`
+when it would first send text to the vendor.
 
 ``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`). HTTP errors
-and broken streams become ``error`` in the result and a call of ``on_error``; finite connect
-and read timeouts mean a stalled server cannot hang the call.
+and broken streams become ``error`` in the result and a call of ``on_error``; a finite
+timeout (``read_timeout``) means a stalled server cannot hang the call.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import struct
@@ -32,7 +41,7 @@ from voice_runtime.errors import (
     is_retryable_status,
 )
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -41,9 +50,22 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 OUTPUT_FORMAT = "ulaw_8000"
+SDK_MODULE = "elevenlabs"
+INSTALL_HINT = 'pip install "voice-runtime[elevenlabs]"'
 _MAX_HEADER_BYTES = 4096
 
-__all__ = ["ElevenLabsTTS", "strip_riff_header"]
+__all__ = ["ElevenLabsTTS", "import_elevenlabs_sdk", "strip_riff_header"]
+
+
+def import_elevenlabs_sdk() -> Any:
+    """Import the ``elevenlabs`` SDK or raise an ImportError naming the ``elevenlabs`` extra."""
+    try:
+        return importlib.import_module(SDK_MODULE)
+    except ImportError as exc:
+        raise ImportError(
+            f"the elevenlabs SDK is needed for ElevenLabs TTS; install it with: {INSTALL_HINT}",
+            name=SDK_MODULE,
+        ) from exc
 
 
 class _RiffStripper:
@@ -100,12 +122,14 @@ def strip_riff_header(audio: bytes) -> bytes:
     return stripper.feed(audio) + stripper.flush()
 
 
-def _error_detail(body: bytes) -> str:
+def _error_detail(body: Any) -> str:
     """A short reason from an ElevenLabs error body (``{"detail": {"status", "message"}}``)."""
-    try:
-        detail = json.loads(body).get("detail")
-    except (ValueError, AttributeError):
-        return ""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, dict):
         return str(detail.get("status") or detail.get("message") or "")[:200]
     if isinstance(detail, str):
@@ -114,7 +138,7 @@ def _error_detail(body: bytes) -> str:
 
 
 class ElevenLabsTTS:
-    """Streams ElevenLabs speech (``ulaw_8000``) into a call, one reused HTTP client."""
+    """Streams ElevenLabs speech (``ulaw_8000``) into a call through one reused SDK client."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
 
@@ -128,49 +152,74 @@ class ElevenLabsTTS:
         language_code: str | None = None,
         voice_settings: dict[str, Any] | None = None,
         optimize_streaming_latency: int | None = None,
-        connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
         mark_timeout: float = 30.0,
-        http_client: httpx.Client | None = None,
     ) -> None:
         cfg = settings()
-        key = api_key or cfg.elevenlabs_api_key
-        if not key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
-        self._api_key = key
+        self._api_key = api_key or cfg.elevenlabs_api_key
+        if not self._api_key:
+            logger.warning(
+                "no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY before speaking"
+            )
         self.voice_id = voice_id or cfg.elevenlabs_voice_id
         self.model_id = model_id or cfg.elevenlabs_model
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._custom_base_url = base_url is not None
         self.language_code = language_code
         self.voice_settings = voice_settings
         self.optimize_streaming_latency = optimize_streaming_latency
+        self.read_timeout = read_timeout
         self.mark_timeout = mark_timeout
         self.on_error: Callable[[str], None] | None = None
-        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._owns_client = http_client is None
-        self._client = http_client
+        self._client: Any = None
+        self._client_factory: Any = None  # the ElevenLabs class the client was made with
+        self._http: httpx.Client | None = None
         self._client_lock = threading.Lock()
 
     # ------------------------------------------------------------------ client
 
+    def _require_key(self) -> str:
+        if not self._api_key:
+            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+        return self._api_key
+
     @property
-    def client(self) -> httpx.Client:
-        """The HTTP client every ``speak()`` shares (created on first use)."""
+    def client(self) -> Any:
+        """The SDK client every ``speak()`` shares (made on first use).
+
+        ``elevenlabs.ElevenLabs`` is looked up on each use: when a test patches it, the
+        patched class makes a new client.
+        """
+        factory = import_elevenlabs_sdk().ElevenLabs
         with self._client_lock:
-            if self._client is None:
-                self._client = httpx.Client(
-                    timeout=self._timeout,
-                    headers={"xi-api-key": self._api_key},
-                    limits=httpx.Limits(max_keepalive_connections=4),
-                )
+            if self._client is None or self._client_factory is not factory:
+                self._client = self._new_client(factory)
+                self._client_factory = factory
             return self._client
 
+    def _new_client(self, factory: Any) -> Any:
+        kwargs: dict[str, Any] = {"api_key": self._api_key}
+        if isinstance(factory, type):
+            # The real SDK: key required, our own connection pool (closed by close()) and a
+            # finite timeout instead of the SDK's 240 s. A mocked class gets the 0.1.x call.
+            kwargs["api_key"] = self._require_key()
+            if self._http is None:
+                self._http = httpx.Client(
+                    timeout=self.read_timeout, limits=httpx.Limits(max_keepalive_connections=4)
+                )
+            kwargs["httpx_client"] = self._http
+            kwargs["timeout"] = self.read_timeout
+        if self._custom_base_url:
+            kwargs["base_url"] = self.base_url
+        return factory(**kwargs)
+
     def close(self) -> None:
-        """Close the HTTP client (if this provider created it)."""
+        """Close the connection pool."""
         with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            client.close()
+            http, self._http = self._http, None
+            self._client = self._client_factory = None
+        if http is not None:
+            http.close()
 
     def __enter__(self) -> ElevenLabsTTS:
         return self
@@ -180,43 +229,45 @@ class ElevenLabsTTS:
 
     # ------------------------------------------------------------------ synthesis
 
-    def _request(self, text: str) -> tuple[str, dict[str, str], dict[str, Any]]:
-        url = f"{self.base_url}/v1/text-to-speech/{self.voice_id}/stream"
-        params = {"output_format": OUTPUT_FORMAT}
-        if self.optimize_streaming_latency is not None:
-            params["optimize_streaming_latency"] = str(self.optimize_streaming_latency)
-        body: dict[str, Any] = {"text": text, "model_id": self.model_id}
+    def _convert_kwargs(self, text: str, *, real_sdk: bool) -> dict[str, Any]:
+        """The SDK call's arguments: those of 0.1.x, plus the options that were set."""
+        kwargs: dict[str, Any] = {
+            "voice_id": self.voice_id,
+            "model_id": self.model_id,
+            "text": text,
+            "output_format": OUTPUT_FORMAT,
+        }
         if self.language_code:
-            body["language_code"] = self.language_code
+            kwargs["language_code"] = self.language_code
         if self.voice_settings:
-            body["voice_settings"] = self.voice_settings
-        return url, params, body
+            kwargs["voice_settings"] = self.voice_settings
+        if self.optimize_streaming_latency is not None:
+            kwargs["optimize_streaming_latency"] = self.optimize_streaming_latency
+        if real_sdk:
+            # The SDK regroups the audio into 1 KiB pieces by default (128 ms of μ-law held
+            # back, and a broken stream's last piece lost): take the bytes as they arrive.
+            kwargs["request_options"] = {"chunk_size": None}
+        return kwargs
 
     def stream(self, text: str) -> Iterator[bytes]:
         """Yield μ-law 8 kHz chunks of ``text`` as the server sends them.
 
-        Raises :class:`~voice_runtime.errors.ProviderError` on an HTTP error (``retryable``
-        for 408/429/5xx) and :class:`~voice_runtime.errors.ProviderConnectionError` when the
+        Raises :class:`~voice_runtime.errors.MissingCredentialError` without an API key,
+        :class:`~voice_runtime.errors.ProviderError` on an HTTP error (``retryable`` for
+        408/429/5xx) and :class:`~voice_runtime.errors.ProviderConnectionError` when the
         connection fails or the stream breaks off.
         """
-        url, params, body = self._request(text)
+        client = self.client
+        return self._chunks(client, text, real_sdk=isinstance(self._client_factory, type))
+
+    def _chunks(self, client: Any, text: str, *, real_sdk: bool) -> Iterator[bytes]:
         stripper = _RiffStripper()
+        audio = client.text_to_speech.convert(**self._convert_kwargs(text, real_sdk=real_sdk))
         try:
-            with self.client.stream("POST", url, params=params, json=body) as response:
-                if response.status_code >= 400:
-                    detail = _error_detail(response.read())
-                    status = response.status_code
-                    raise ProviderError(
-                        f"HTTP {status}" + (f" ({detail})" if detail else ""),
-                        provider="elevenlabs",
-                        retryable=is_retryable_status(status),
-                        status=status,
-                        code=detail or None,
-                    )
-                for raw in response.iter_bytes():
-                    chunk = stripper.feed(raw)
-                    if chunk:
-                        yield chunk
+            for raw in audio:
+                chunk = stripper.feed(raw)
+                if chunk:
+                    yield chunk
             tail = stripper.flush()
             if tail:
                 yield tail
@@ -228,6 +279,23 @@ class ElevenLabsTTS:
             raise ProviderConnectionError(
                 f"stream failed ({type(exc).__name__})", provider="elevenlabs"
             ) from exc
+        except Exception as exc:
+            # The SDK's ApiError (and its subclasses) carry the HTTP status.
+            status = getattr(exc, "status_code", None)
+            if not isinstance(status, int) or isinstance(status, bool):
+                raise
+            detail = _error_detail(getattr(exc, "body", None))
+            raise ProviderError(
+                f"HTTP {status}" + (f" ({detail})" if detail else ""),
+                provider="elevenlabs",
+                retryable=is_retryable_status(status),
+                status=status,
+                code=detail or None,
+            ) from exc
+        finally:
+            close = getattr(audio, "close", None)
+            if close is not None:
+                close()  # ends the HTTP response at once when speak() stopped early
 
     def speak(
         self,
@@ -238,10 +306,12 @@ class ElevenLabsTTS:
         """Stream ``text`` into the call and wait until the caller heard it (blocking).
 
         Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
-        chunk. Returns the shared result dict.
+        chunk. Returns the shared result dict; empty text returns at once.
         """
-        forbid_on_loop(session.loop, "ElevenLabsTTS.speak")
-        chunks = self.stream(text) if text.strip() else iter(())
+        forbid_on_loop(getattr(session, "loop", None), "ElevenLabsTTS.speak")
+        if not text.strip():
+            return nothing_to_say(text, session)
+        chunks = self.stream(text)
         try:
             return play_chunks(
                 text,
@@ -253,7 +323,4 @@ class ElevenLabsTTS:
                 mark_timeout=self.mark_timeout,
             )
         finally:
-            # Ends the HTTP response at once when speak() stopped early.
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            chunks.close()

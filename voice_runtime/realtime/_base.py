@@ -35,11 +35,12 @@ from voice_runtime.errors import (
     ProviderError,
     is_retryable_status,
 )
-from voice_runtime.logutil import LogLimiter
+from voice_runtime.logutil import LogLimiter, redacting_ws_logger
 from voice_runtime.realtime.agent import AgentOptions
 from voice_runtime.realtime.events import AgentError, AgentEvent, SessionClosed, SessionOpened
 
 logger = logging.getLogger(__name__)
+_WS_LOGGER = redacting_ws_logger("websockets.client")
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
@@ -357,6 +358,7 @@ class WebSocketAgent:
             return await connect(
                 url,
                 additional_headers=self._headers() or None,
+                logger=_WS_LOGGER,  # websockets logs handshake headers: never the key
                 open_timeout=self.connect_timeout,
                 max_size=MAX_MESSAGE_BYTES,
                 compression=None,

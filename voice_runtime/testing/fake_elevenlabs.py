@@ -5,9 +5,11 @@
   ``input_audio_chunk`` audio of each connection and follows a script: commit a transcript
   once a segment holds N bytes (or a given piece of audio), send partials, drop the socket,
   send any vendor error, refuse handshakes.
-* :class:`FakeElevenLabsTts`: ``POST /v1/text-to-speech/{voice_id}/stream`` over HTTP/1.1
-  with chunked μ-law audio (keep-alive, so a reused client is exercised). It can answer
-  with an error status, cut the stream mid-way or stall.
+* :class:`FakeElevenLabsTts`: ``POST /v1/text-to-speech/{voice_id}`` (what the SDK's
+  ``text_to_speech.convert`` sends) and ``…/{voice_id}/stream`` (``.stream``) over HTTP/1.1:
+  ``xi-api-key`` header, ``output_format`` query, JSON body with ``text``; it answers with
+  chunked μ-law audio (keep-alive, so a reused client is exercised). Only ``ulaw_8000`` is
+  served. It can answer with an error status, cut the stream mid-way or stall.
 
 Both run in the caller's event loop (``async with``) or in a thread of their own
 (``with``), and record what they received for assertions.
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
+from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.testing._wait import wait_on_change
 
 logger = logging.getLogger(__name__)
@@ -232,6 +235,7 @@ class FakeScribeServer(_Service):
             0,
             process_request=self._process_request,
             max_size=2**22,
+            logger=redacting_ws_logger("websockets.server"),
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -557,16 +561,26 @@ class FakeElevenLabsTts(_Service):
     async def _respond(self, request: TtsRequest, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection must end."""
         parts = request.path.strip("/").split("/")
-        if request.method != "POST" or len(parts) < 3 or parts[:2] != ["v1", "text-to-speech"]:
+        routed = parts[:2] == ["v1", "text-to-speech"] and (
+            len(parts) == 3 or (len(parts) == 4 and parts[3] == "stream")
+        )
+        if request.method != "POST" or not routed or not parts[2]:
             await self._error(writer, 404, "not_found", "no such route")
             return True
         if self.api_key is not None and request.headers.get("xi-api-key") != self.api_key:
             await self._error(writer, 401, "invalid_api_key", "invalid api key")
             return True
+        if request.query.get("output_format", ["mp3_44100_128"]) != ["ulaw_8000"]:
+            # The real default is MP3; this fake only makes μ-law.
+            await self._error(writer, 400, "invalid_output_format", "only ulaw_8000 is served")
+            return True
+        text = request.body.get("text")
+        if not isinstance(text, str) or not text:
+            await self._error(writer, 422, "invalid_request", "body needs 'text'")
+            return True
         if self.fail_status is not None:
             await self._error(writer, self.fail_status, "scripted_failure", "scripted failure")
             return True
-        text = str(request.body.get("text", ""))
         audio = self.audio_for(text)
         self.audio_sent.append(audio)
         payload = audio
