@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
+from voice_runtime.logutil import log_limited
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -391,7 +392,9 @@ class VoiceServer:
         if token is not None:
             route = self.registry.claim(token)
             if route is None:
-                logger.warning("media stream refused: unknown or expired route token")
+                log_limited(
+                    logger, "bad_route", "media stream refused: unknown or expired route token"
+                )
                 await websocket.close(code=1008)
                 return
         elif not self.allow_unrouted_streams:
@@ -402,7 +405,7 @@ class VoiceServer:
             return
         if self.registry.live_count >= self.max_calls:
             self.refused_busy += 1
-            logger.warning("media stream refused: server is at max_calls")
+            log_limited(logger, "busy", "media stream refused: server is at max_calls")
             await _close_try_again_later(websocket)
             return
         session = (
@@ -478,7 +481,9 @@ class VoiceServer:
         # python-multipart (Starlette's request.form()) and bounds the body size.
         body = await request.body()
         if len(body) > MAX_WEBHOOK_BYTES:
-            logger.warning("webhook refused: body too large", extra={"bytes": len(body)})
+            log_limited(
+                logger, "big_webhook", "webhook refused: body too large", extra={"bytes": len(body)}
+            )
             return None
         data = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
         if not check_request_signature(request, data, self._policy()):

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from starlette.requests import HTTPConnection
 
 from voice_runtime.config import Settings, settings
+from voice_runtime.logutil import log_limited
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ def check_websocket_signature(conn: HTTPConnection, policy: SignaturePolicy | No
     signature = conn.headers.get("x-twilio-signature", "")
     ok = bool(signature) and RequestValidator(policy.auth_token).validate(url, {}, signature)
     if not ok:
-        logger.warning("media stream refused: bad or missing X-Twilio-Signature")
+        log_limited(
+            logger, "stream_signature", "media stream refused: bad or missing X-Twilio-Signature"
+        )
     return ok
 
 
@@ -147,5 +150,7 @@ def check_request_signature(
         url, dict(form), signature
     )
     if not ok:
-        logger.warning("webhook refused: bad or missing X-Twilio-Signature")
+        log_limited(
+            logger, "webhook_signature", "webhook refused: bad or missing X-Twilio-Signature"
+        )
     return ok
