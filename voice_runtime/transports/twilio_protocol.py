@@ -274,6 +274,8 @@ class MediaStreamParser:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except ValueError:  # binascii.Error is a ValueError; so is non-ASCII text
             raise MediaStreamError("bad_base64", "media.payload is not valid base64") from None
+        if len(audio) > self.max_media_bytes:  # base64's last quantum: up to 2 bytes over
+            raise MediaStreamError("oversized_media", "media.payload is over max_media_bytes")
         return media, audio
 
     def _media(self, data: dict[str, Any]) -> Media:
