@@ -327,7 +327,8 @@ class VoiceSession:
             try:
                 tap(data)
             except Exception:
-                logger.exception("inbound tap failed")
+                if self._log_limit.allow("tap_failed"):  # once per caller frame otherwise
+                    logger.exception("inbound tap failed")
         if type(q) is _AudioQueue:
             size = len(data)
             if not q.fits(size):
@@ -987,7 +988,8 @@ class VoiceSession:
             try:
                 self.on_dtmf(digit)
             except Exception:
-                logger.exception("on_dtmf callback failed")
+                if self._log_limit.allow("on_dtmf_failed"):
+                    logger.exception("on_dtmf callback failed")
 
     async def dtmf(self) -> AsyncIterator[str]:
         """Yield the caller's DTMF digits until the call ends (loop only)."""
