@@ -142,10 +142,8 @@ class SessionStats:
 
     inbound_frames: int = 0
     inbound_dropped: int = 0
-    inbound_dropped_bytes: int = 0
     outbound_chunks: int = 0
     outbound_dropped: int = 0
-    outbound_dropped_bytes: int = 0
     outbound_cleared: int = 0
     audio_sent_bytes: int = 0
     marks_sent: int = 0
@@ -155,6 +153,8 @@ class SessionStats:
     dtmf_digits: int = 0
     dtmf_dropped: int = 0
     bad_frames: dict[str, int] = field(default_factory=dict)
+    inbound_dropped_bytes: int = 0
+    outbound_dropped_bytes: int = 0
 
     def count_bad(self, reason: str) -> int:
         """Count one malformed or unusable inbound message; return the new count."""
@@ -309,15 +309,17 @@ class VoiceSession:
                 logger.warning("caller audio dropped: session has no event loop yet")
             if data is not None:
                 self.stats.inbound_dropped += 1
+                self.stats.inbound_dropped_bytes += len(data)
             return
         if not self._on_loop(self._put_inbound_now, data) and data is not None:
             self.stats.inbound_dropped += 1
+            self.stats.inbound_dropped_bytes += len(data)
 
     def _put_inbound_now(self, data: bytes | None) -> None:
         q = self.inbound
         if data is None:
-            while q.full():
-                self._drop_oldest_inbound(q)
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
             q.put_nowait(None)
             return
         if self._disconnected.is_set():
@@ -336,19 +338,20 @@ class VoiceSession:
                     # Could never fit: dropping older audio for it would not help.
                     self._count_inbound_drop(size)
                     return
-                while not q.fits(size):
-                    self._drop_oldest_inbound(q)
+                while not q.fits(size) and self._drop_oldest_inbound(q):
+                    pass
         else:  # a plain queue a consumer assigned
-            while q.full():
-                self._drop_oldest_inbound(q)
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
         q.put_nowait(data)
 
-    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> None:
+    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> bool:
         try:
             item = q.get_nowait()
         except asyncio.QueueEmpty:
-            return
+            return False
         self._count_inbound_drop(len(item) if item is not None else 0)
+        return True
 
     def _count_inbound_drop(self, size: int) -> None:
         stats = self.stats

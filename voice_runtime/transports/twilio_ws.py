@@ -63,10 +63,10 @@ class StreamOptions:
     frame_bytes: int = 2 * FRAME_BYTES
     lead_ms: float = 120.0
     max_message_bytes: int = 64 * 1024
-    max_media_bytes: int = proto.MAX_MEDIA_BYTES
     position_mark_every_ms: float = POSITION_MARK_EVERY_MS
     # Twilio sends ``start`` right after connecting; a stream without one is closed (1008).
     start_timeout_s: float = 10.0
+    max_media_bytes: int = proto.MAX_MEDIA_BYTES
 
 
 class _Pacer:
