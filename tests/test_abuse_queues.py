@@ -359,3 +359,12 @@ def test_uvicorn_log_filter_clips_paths_and_limits_refused_request_lines() -> No
     passed = sum(filt.filter(access(499)) for _ in range(3_000))
     assert 5 <= passed <= 5 + 3
     assert all(filt.filter(access(200)) for _ in range(100))
+
+    def error(level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, "", 0, msg, (), None)
+
+    invalid = sum(
+        filt.filter(error(logging.WARNING, "Invalid HTTP request received.")) for _ in range(3_000)
+    )
+    assert 5 <= invalid <= 5 + 3
+    assert all(filt.filter(error(logging.INFO, "Application startup complete.")) for _ in range(20))
