@@ -333,7 +333,11 @@ class VoiceSession:
                     logger.exception("inbound tap failed")
         if type(q) is _AudioQueue:
             size = len(data)
-            if not q.fits(size):
+            # fits() inlined for the common case (this runs for every caller frame); a bound
+            # of 0 (none) lands in the exact check below.
+            if (
+                q.nbytes + size > q.max_bytes or len(q._queue) >= q._maxsize  # type: ignore[attr-defined]
+            ) and not q.fits(size):
                 if size > q.max_bytes > 0:
                     # Could never fit: dropping older audio for it would not help.
                     self._count_inbound_drop(size)

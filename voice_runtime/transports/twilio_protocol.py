@@ -117,7 +117,7 @@ _DIGITS = frozenset("0123456789*#ABCDabcdw")
 
 #: Most μ-law bytes one inbound ``media`` frame may carry by default. Twilio sends 160
 #: (20 ms); this tolerates other senders' larger frames (half a second) while a peer's
-#: 47 kB frames are dropped and counted before their base64 is even decoded.
+#: 47 kB frames are dropped and counted before their audio reaches any queue.
 MAX_MEDIA_BYTES = 4096
 #: Twilio SIDs are 34 characters; longer ones (or ones with control characters) are refused
 #: so no peer-chosen SID reaches a log record or a registry key at any length.
@@ -173,10 +173,6 @@ class MediaStreamParser:
     stopped: bool = False
     counters: dict[str, int] = field(default_factory=dict)
     max_media_bytes: int = MAX_MEDIA_BYTES
-
-    def __post_init__(self) -> None:
-        # The bound as base64 characters, checked before decoding (padding included).
-        self._max_payload_chars = 4 * -(-self.max_media_bytes // 3)
 
     def parse(self, text: str | bytes) -> StreamEvent:
         """Parse one frame; raise MediaStreamError when it cannot be used."""
@@ -267,14 +263,12 @@ class MediaStreamParser:
         payload = media.get("payload")
         if not isinstance(payload, str):
             raise MediaStreamError("missing_field", "media.payload must be a string")
-        if len(payload) > self._max_payload_chars:
-            raise MediaStreamError("oversized_media", "media.payload is over max_media_bytes")
         try:
             # What base64.b64decode(validate=True) does, without its wrapper.
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except ValueError:  # binascii.Error is a ValueError; so is non-ASCII text
             raise MediaStreamError("bad_base64", "media.payload is not valid base64") from None
-        if len(audio) > self.max_media_bytes:  # base64's last quantum: up to 2 bytes over
+        if len(audio) > self.max_media_bytes:
             raise MediaStreamError("oversized_media", "media.payload is over max_media_bytes")
         return media, audio
 
