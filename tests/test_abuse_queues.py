@@ -32,6 +32,7 @@ from voice_runtime.session import (
     OUTBOUND_MAX_BYTES,
     VoiceSession,
 )
+from voice_runtime.stt_tee import PRIMARY_MAXSIZE, SttTee
 from voice_runtime.testing.server import serve_in_loop
 from voice_runtime.transports import twilio_protocol as proto
 
@@ -370,3 +371,43 @@ def test_uvicorn_log_filter_clips_paths_and_limits_refused_request_lines() -> No
     )
     assert 5 <= invalid <= 5 + 3
     assert all(filt.filter(error(logging.INFO, "Application startup complete.")) for _ in range(20))
+
+
+class _StalledStt:
+    """An STT that takes its queue and never reads it."""
+
+    on_committed = on_recognizing = on_error = None
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] | None = None
+
+    def set_speaking(self, speaking: bool) -> None:
+        pass
+
+    async def start(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self.queue = queue
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_stalled_primary_stt_behind_a_tee_cannot_hold_unbounded_audio() -> None:
+    session = VoiceSession()
+    session.set_loop(asyncio.get_running_loop())
+    primary, secondary = _StalledStt(), _StalledStt()
+    tee = SttTee(primary, secondary)
+    await tee.start(session.inbound)
+    frames = 3_000
+    for i in range(frames):
+        session.put_inbound(b"\x01" * 160)
+        if i % 10 == 0:
+            await asyncio.sleep(0)  # let the fan-out run
+    await asyncio.sleep(0.01)
+    assert primary.queue is not None
+    held = primary.queue.qsize()
+    assert held <= PRIMARY_MAXSIZE and session.inbound.qsize() <= INBOUND_MAXSIZE
+    # Every frame is queued, dropped and counted, or the one the fan-out waits to hand over.
+    accounted = held + session.inbound.qsize() + session.stats.inbound_dropped
+    assert frames - 1 <= accounted <= frames
+    assert session.stats.inbound_dropped > 0
+    await tee.stop()
