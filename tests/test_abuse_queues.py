@@ -411,3 +411,36 @@ async def test_a_stalled_primary_stt_behind_a_tee_cannot_hold_unbounded_audio() 
     assert frames - 1 <= accounted <= frames
     assert session.stats.inbound_dropped > 0
     await tee.stop()
+
+
+class _ReadingStt(_StalledStt):
+    """An STT that reads every frame until the end sentinel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got = bytearray()
+        self.ended = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self._task = asyncio.ensure_future(self._read(queue))
+
+    async def _read(self, queue: asyncio.Queue[bytes | None]) -> None:
+        while (frame := await queue.get()) is not None:
+            self.got += frame
+        self.ended.set()
+
+
+async def test_a_tee_still_gives_both_providers_every_frame() -> None:
+    session = VoiceSession()
+    session.set_loop(asyncio.get_running_loop())
+    primary, secondary = _ReadingStt(), _ReadingStt()
+    tee = SttTee(primary, secondary)
+    await tee.start(session.inbound)
+    audio = os.urandom(160 * 400)
+    for i in range(0, len(audio), 160):
+        session.put_inbound(audio[i : i + 160])  # faster than the hand-off holds
+    session.signal_disconnected()
+    await asyncio.wait_for(asyncio.gather(primary.ended.wait(), secondary.ended.wait()), 5)
+    assert bytes(primary.got) == audio and bytes(secondary.got) == audio
+    await tee.stop()
