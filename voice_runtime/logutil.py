@@ -97,8 +97,8 @@ def log_limited(
 class PeerTextFilter(logging.Filter):
     """A filter for loggers of code we do not own that log what peers send (uvicorn's).
 
-    Clips every string argument to :data:`MAX_LOGGED_CHARS` (a request path can be
-    kilobytes), and sends records below ERROR that a peer can repeat at will (an invalid
+    Clips every string argument to :data:`MAX_LOGGED_CHARS`, control characters escaped (a
+    request path can be kilobytes), and sends records below ERROR that a peer can repeat at will (an invalid
     request, an access line of a refused request) through the process-wide limiter, keyed by
     logger, message and, for access lines, the status code. Access lines of successful
     requests, lifecycle lines and errors pass unlimited.
@@ -108,9 +108,7 @@ class PeerTextFilter(logging.Filter):
         """Clip the record's arguments; False when the limiter drops it."""
         args = record.args
         if isinstance(args, tuple) and args:
-            record.args = tuple(
-                clip(a) if isinstance(a, str) and len(a) > MAX_LOGGED_CHARS else a for a in args
-            )
+            record.args = tuple(clip(a) if isinstance(a, str) else a for a in args)
         if record.levelno >= logging.ERROR:
             return True
         if record.name == "uvicorn.access":
