@@ -98,10 +98,10 @@ class PeerTextFilter(logging.Filter):
     """A filter for loggers of code we do not own that log what peers send (uvicorn's).
 
     Clips every string argument to :data:`MAX_LOGGED_CHARS`, control characters escaped (a
-    request path can be kilobytes), and sends records below ERROR that a peer can repeat at will (an invalid
-    request, an access line of a refused request) through the process-wide limiter, keyed by
-    logger, message and, for access lines, the status code. Access lines of successful
-    requests, lifecycle lines and errors pass unlimited.
+    request path can be kilobytes), and sends records below ERROR that a peer can repeat at
+    will (an invalid request, an access line of a refused request) through the process-wide
+    limiter, keyed by logger, message and, for access lines, the status code. Access lines of
+    successful requests, lifecycle lines and errors pass unlimited.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
