@@ -99,6 +99,8 @@ async def _outbound(frames: int, frame_bytes: int | None = None) -> float:
     done = asyncio.Event()
     ws = _FakeWebSocket([{"type": "websocket.receive", "text": _start_text()}], done)
     chunk = bytes(4000)  # 500 ms: the whole run fits the bounded outbound queue
+    # The full run queues minutes of audio at once: lift the byte bound, not the work.
+    session.outbound.max_bytes = len(chunk) * (frames // 25)  # type: ignore[attr-defined]
     for _ in range(frames // 25):
         session.put_outbound_sync(chunk)
     if session.stats.outbound_dropped:

@@ -1,15 +1,18 @@
 """The app that abuse tests serve in a second process (see abuse_kit.ServedApp).
 
-Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``,
-so a test can check that a legitimate call lost no frame while an attack ran; call slots and
-refusals by reason are at ``GET /test/admission``. Knobs come from the environment:
-ABUSE_MAX_CALLS (default 20), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks until
-``POST /test/sms/release``; ``GET /test/sms`` counts them), and the usual TWILIO_* / VOICE_*
+Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``
+(with the session's stats and the caller audio it holds queued), so a test can check that a
+legitimate call lost no frame while an attack ran; call slots and refusals by reason are at
+``GET /test/admission``. A call whose SID starts with ``CAstall`` never reads its caller audio
+(a stalled consumer) until it ends. Knobs come from the environment: ABUSE_MAX_CALLS (default
+20), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks until ``POST /test/sms/release``;
+``GET /test/sms`` counts them), and the usual TWILIO_* / VOICE_*
 variables (signatures, public URL).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -25,6 +28,7 @@ class _Counter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.calls: dict[str, dict[str, Any]] = {}
+        self.sessions: dict[str, VoiceSession] = {}
 
     async def handle(self, session: VoiceSession) -> None:
         sid = session.call_sid or ""
@@ -32,6 +36,11 @@ class _Counter:
         record = {"bytes": 0, "sha256": digest.hexdigest(), "ended": False}
         with self._lock:
             self.calls[sid] = record
+            self.sessions[sid] = session
+        if sid.startswith("CAstall"):
+            await session.wait_until_disconnected_async()
+            record["ended"] = True
+            return
         try:
             while (frame := await session.inbound.get()) is not None:
                 digest.update(frame)
@@ -49,7 +58,12 @@ app = FastAPI()
 @app.get("/test/calls/{call_sid}")
 async def call_record(call_sid: str) -> dict[str, Any]:
     """What this server received on one call."""
-    return counter.calls.get(call_sid, {"bytes": 0, "sha256": "", "ended": False})
+    record = dict(counter.calls.get(call_sid, {"bytes": 0, "sha256": "", "ended": False}))
+    session = counter.sessions.get(call_sid)
+    if session is not None:
+        record["stats"] = dataclasses.asdict(session.stats)
+        record["queued_bytes"] = sum(len(f) for f in session.inbound._queue if f)  # type: ignore[attr-defined]
+    return record
 
 
 @app.get("/test/admission")

@@ -13,7 +13,16 @@ import threading
 from collections import Counter
 from typing import Any
 
-__all__ = ["MAX_LOGGED_CHARS", "LogLimiter", "clip", "log_limiter", "redacting_ws_logger"]
+__all__ = [
+    "MAX_LOGGED_CHARS",
+    "LogLimiter",
+    "PeerTextFilter",
+    "clip",
+    "guard_server_logs",
+    "log_limited",
+    "log_limiter",
+    "redacting_ws_logger",
+]
 
 #: Handshake headers whose values are credentials.
 SECRET_HEADERS = frozenset(
@@ -83,3 +92,64 @@ def redacting_ws_logger(name: str) -> logging.LoggerAdapter:  # type: ignore[typ
     ``logger=`` of ``connect()``/``serve()`` wherever a header carries a secret.
     """
     return _RedactingAdapter(logging.getLogger(name), {})
+
+
+def log_limited(
+    logger: logging.Logger,
+    kind: str,
+    msg: str,
+    *args: Any,
+    level: int = logging.WARNING,
+    extra: dict[str, Any] | None = None,
+    limiter: LogLimiter | None = None,
+) -> bool:
+    """Log ``msg`` at ``level`` through ``limiter`` (default: the process-wide one) as ``kind``.
+
+    Counts every call; logs the first few and then one in N, each record carrying
+    ``log_kind`` and ``seen`` (the count so far). Returns whether it logged.
+    """
+    lim = _process_limiter if limiter is None else limiter
+    if not lim.allow(kind):
+        return False
+    fields = {"log_kind": kind, "seen": lim.count(kind)}
+    if extra:
+        fields.update(extra)
+    logger.log(level, msg, *args, extra=fields, stacklevel=2)
+    return True
+
+
+class PeerTextFilter(logging.Filter):
+    """A filter for loggers of code we do not own that log what peers send (uvicorn's).
+
+    Clips every string argument to :data:`MAX_LOGGED_CHARS`, control characters escaped (a
+    request path can be kilobytes), and sends records below ERROR that a peer can repeat at
+    will (an invalid request, an access line of a refused request) through the process-wide
+    limiter, keyed by logger, message and, for access lines, the status code. Access lines of
+    successful requests, lifecycle lines and errors pass unlimited.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Clip the record's arguments; False when the limiter drops it."""
+        args = record.args
+        if isinstance(args, tuple) and args:
+            record.args = tuple(clip(a) if isinstance(a, str) else a for a in args)
+        if record.levelno >= logging.ERROR:
+            return True
+        if record.name == "uvicorn.access":
+            status = args[-1] if isinstance(args, tuple) and args else None
+            if not isinstance(status, int) or status < 400:
+                return True
+            kind = f"uvicorn.access:{status}"
+        elif record.levelno == logging.WARNING:  # its INFO lines are the server's lifecycle
+            kind = f"{record.name}:{record.msg}"
+        else:
+            return True
+        return _process_limiter.allow(kind)
+
+
+def guard_server_logs() -> None:
+    """Put a :class:`PeerTextFilter` on uvicorn's loggers (idempotent)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, PeerTextFilter) for f in target.filters):
+            target.addFilter(PeerTextFilter())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from voice_runtime.config import settings
+from voice_runtime.logutil import guard_server_logs
 
 if TYPE_CHECKING:
     from voice_runtime.server import VoiceServer
@@ -81,6 +82,7 @@ def uvicorn_config(app: Any, *, ws: Any = None, **kwargs: Any) -> uvicorn.Config
     # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
     # was the largest single cost per call in benchmarks/bench_calls.py.
     kwargs.setdefault("ws_per_message_deflate", False)
+    guard_server_logs()  # uvicorn logs request paths and peer-triggered warnings
     return uvicorn.Config(app, ws=VoiceWebSocketProtocol if ws is None else ws, **kwargs)
 
 

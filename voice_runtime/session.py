@@ -40,6 +40,7 @@ from voice_runtime.errors import (
     MissingStreamUrlError,
     NoEventLoopError,
 )
+from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.types import CallInfo, SessionEvent
 
 if TYPE_CHECKING:
@@ -49,11 +50,15 @@ logger = logging.getLogger(__name__)
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
 INBOUND_MAXSIZE = 1500  # 30 s of 20 ms caller frames
+# Bytes bound the queues too: chunks can be larger than 20 ms, and a peer choosing their
+# size must not make one call hold more than about a megabyte of audio. Twilio's 160-byte
+# frames reach the item bound first (240 kB).
+INBOUND_MAX_BYTES = 1 << 20  # about 2 minutes of μ-law
 OUTBOUND_MAXSIZE = 3000
+OUTBOUND_MAX_BYTES = 2 << 20  # about 4.4 minutes of agent audio queued ahead of playback
 DTMF_MAXSIZE = 256
 _POSITION_PREFIX = "vr~pos~"
 _END_PREFIX = "vr~end~"
-_DROP_LOG_EVERY = 500
 
 MarkStatus = Literal["played", "cleared", "disconnected", "timeout"]
 
@@ -69,23 +74,64 @@ __all__ = [
 ]
 
 
-class _CountingQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """An asyncio.Queue that counts items put and taken and wakes a listener on put."""
+class _AudioQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """An asyncio.Queue of audio chunks bounded in bytes as well as in items.
 
-    def __init__(self, maxsize: int = 0) -> None:
+    ``nbytes`` is the audio it holds; ``None`` (the end sentinel) weighs nothing. ``full()``
+    is also true at ``max_bytes`` (0: no byte bound), so ``await put()`` waits for room and
+    ``put_nowait()`` raises QueueFull; either may overshoot by one chunk. The session's own
+    producers check :meth:`fits` first, so through them the bound is exact.
+    """
+
+    def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
         super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+
+    # _put/_get/full replace asyncio.Queue's (not extend them): they run for every frame.
+    def _put(self, item: Any) -> None:
+        self._queue.append(item)  # type: ignore[attr-defined]
+        if item is not None:
+            self.nbytes += len(item)
+
+    def _get(self) -> Any:
+        item = self._queue.popleft()  # type: ignore[attr-defined]
+        if item is not None:
+            self.nbytes -= len(item)
+        return item
+
+    def full(self) -> bool:
+        """True when no item may be added: the item or the byte bound is reached."""
+        if 0 < self.max_bytes <= self.nbytes:
+            return True
+        return 0 < self._maxsize <= len(self._queue)  # type: ignore[attr-defined]
+
+    def fits(self, size: int) -> bool:
+        """True when one more chunk of ``size`` bytes stays within both bounds."""
+        if self.max_bytes and self.nbytes + size > self.max_bytes:
+            return False
+        return not 0 < self._maxsize <= len(self._queue)  # type: ignore[attr-defined]
+
+
+class _CountingQueue(_AudioQueue):
+    """An :class:`_AudioQueue` that counts items put and taken and wakes a listener on put."""
+
+    def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
+        super().__init__(maxsize, max_bytes)
         self.put_count = 0
         self.taken_count = 0
         self.on_put: Callable[[Any], None] | None = None
 
     def _put(self, item: Any) -> None:
-        super()._put(item)  # type: ignore[misc]
+        self._queue.append(item)  # type: ignore[attr-defined]
+        self.nbytes += len(item)
         self.put_count += 1
         if self.on_put is not None:
             self.on_put(item)
 
     def _get(self) -> Any:
-        item = super()._get()  # type: ignore[misc]
+        item = self._queue.popleft()  # type: ignore[attr-defined]
+        self.nbytes -= len(item)
         self.taken_count += 1
         return item
 
@@ -107,6 +153,8 @@ class SessionStats:
     dtmf_digits: int = 0
     dtmf_dropped: int = 0
     bad_frames: dict[str, int] = field(default_factory=dict)
+    inbound_dropped_bytes: int = 0
+    outbound_dropped_bytes: int = 0
 
     def count_bad(self, reason: str) -> int:
         """Count one malformed or unusable inbound message; return the new count."""
@@ -147,11 +195,11 @@ def _resolve_future(fut: asyncio.Future[bool], value: bool) -> None:
 
 
 def _new_inbound() -> asyncio.Queue[bytes | None]:
-    return asyncio.Queue(INBOUND_MAXSIZE)
+    return _AudioQueue(INBOUND_MAXSIZE, INBOUND_MAX_BYTES)
 
 
 def _new_outbound() -> asyncio.Queue[bytes]:
-    return _CountingQueue(OUTBOUND_MAXSIZE)
+    return _CountingQueue(OUTBOUND_MAXSIZE, OUTBOUND_MAX_BYTES)
 
 
 @dataclass
@@ -200,6 +248,9 @@ class VoiceSession:
         # A pacing sleep that nudge() may end early: (its loop, loop time it may end from, future).
         self._nudgeable: tuple[asyncio.AbstractEventLoop, float, asyncio.Future[bool]] | None = None
         self._loop_none_warned = False
+        # Peers control how often some things happen (unknown marks, drops): first few, then
+        # one in N, per call; SessionStats counts them all.
+        self._log_limit = LogLimiter()
         # Set when the stream connects or the call ends first (e.g. no answer), so
         # wait_for_ws_connect() returns at once in either case.
         self._settled = Flag()
@@ -258,31 +309,63 @@ class VoiceSession:
                 logger.warning("caller audio dropped: session has no event loop yet")
             if data is not None:
                 self.stats.inbound_dropped += 1
+                self.stats.inbound_dropped_bytes += len(data)
             return
         if not self._on_loop(self._put_inbound_now, data) and data is not None:
             self.stats.inbound_dropped += 1
+            self.stats.inbound_dropped_bytes += len(data)
 
     def _put_inbound_now(self, data: bytes | None) -> None:
         q = self.inbound
-        if data is not None:
-            if self._disconnected.is_set():
-                return
-            self.stats.inbound_frames += 1
-            for tap in self.inbound_taps:
-                try:
-                    tap(data)
-                except Exception:
+        if data is None:
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
+            q.put_nowait(None)
+            return
+        if self._disconnected.is_set():
+            return
+        self.stats.inbound_frames += 1
+        for tap in self.inbound_taps:
+            try:
+                tap(data)
+            except Exception:
+                if self._log_limit.allow("tap_failed"):  # once per caller frame otherwise
                     logger.exception("inbound tap failed")
-        while q.full():
-            with contextlib.suppress(asyncio.QueueEmpty):
-                q.get_nowait()
-            self.stats.inbound_dropped += 1
-            if self.stats.inbound_dropped % _DROP_LOG_EVERY == 1:
-                logger.warning(
-                    "caller audio dropped: STT is not keeping up",
-                    extra={"call_sid": self.call_sid, "dropped": self.stats.inbound_dropped},
-                )
+        if type(q) is _AudioQueue:
+            size = len(data)
+            # fits() inlined for the common case (this runs for every caller frame); a bound
+            # of 0 (none) lands in the exact check below.
+            if (
+                q.nbytes + size > q.max_bytes or len(q._queue) >= q._maxsize  # type: ignore[attr-defined]
+            ) and not q.fits(size):
+                if size > q.max_bytes > 0:
+                    # Could never fit: dropping older audio for it would not help.
+                    self._count_inbound_drop(size)
+                    return
+                while not q.fits(size) and self._drop_oldest_inbound(q):
+                    pass
+        else:  # a plain queue a consumer assigned
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
         q.put_nowait(data)
+
+    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> bool:
+        try:
+            item = q.get_nowait()
+        except asyncio.QueueEmpty:
+            return False
+        self._count_inbound_drop(len(item) if item is not None else 0)
+        return True
+
+    def _count_inbound_drop(self, size: int) -> None:
+        stats = self.stats
+        stats.inbound_dropped += 1
+        stats.inbound_dropped_bytes += size
+        if self._log_limit.allow("inbound_dropped"):
+            logger.warning(
+                "caller audio dropped: STT is not keeping up",
+                extra={"call_sid": self.call_sid, "dropped": stats.inbound_dropped},
+            )
 
     def clear_inbound(self) -> None:
         """Drop caller audio queued for the STT (any thread; waits up to 1 s off the loop)."""
@@ -320,8 +403,11 @@ class VoiceSession:
     def put_outbound_sync(self, data: bytes) -> None:
         """Queue agent audio for the caller (any thread).
 
-        Before a transport binds a loop the audio is buffered in the queue and sent once the
-        stream starts. When the bounded queue is full the chunk is dropped, counted and logged.
+        Before a transport binds a loop the audio is buffered in the queue (never dropped
+        silently) and sent once the stream starts. The queue is bounded in chunks and in bytes
+        (``OUTBOUND_MAXSIZE``, ``OUTBOUND_MAX_BYTES``): a chunk that does not fit is dropped,
+        counted in ``stats.outbound_dropped``/``outbound_dropped_bytes`` and logged; the
+        audio queued before it is kept, so what plays is never reordered.
         """
         if not data:
             return
@@ -329,28 +415,37 @@ class VoiceSession:
             self._put_outbound_now(data)
             return
         if not self._on_loop(self._put_outbound_now, data):
-            self._count_outbound_drop("event loop closed")
+            self._count_outbound_drop("event loop closed", len(data))
 
     async def put_outbound(self, data: bytes) -> None:
-        """Queue agent audio from a coroutine on the loop, waiting while the queue is full."""
+        """Queue agent audio from a coroutine on the loop, waiting while the queue is full.
+
+        Full includes the byte bound, so a fast producer is held back instead of dropped.
+        """
         if data and not self._disconnected.is_set():
             await self.outbound.put(data)
 
     def _put_outbound_now(self, data: bytes) -> None:
         if self._disconnected.is_set():
             return
+        q = self.outbound
+        if isinstance(q, _AudioQueue) and not q.fits(len(data)):
+            self._count_outbound_drop("outbound queue full", len(data))
+            return
         try:
-            self.outbound.put_nowait(data)
+            q.put_nowait(data)
         except asyncio.QueueFull:
-            self._count_outbound_drop("outbound queue full")
+            self._count_outbound_drop("outbound queue full", len(data))
 
-    def _count_outbound_drop(self, why: str) -> None:
-        self.stats.outbound_dropped += 1
-        if self.stats.outbound_dropped % _DROP_LOG_EVERY == 1:
+    def _count_outbound_drop(self, why: str, size: int) -> None:
+        stats = self.stats
+        stats.outbound_dropped += 1
+        stats.outbound_dropped_bytes += size
+        if self._log_limit.allow("outbound_dropped"):
             logger.warning(
                 "agent audio dropped: %s",
                 why,
-                extra={"call_sid": self.call_sid, "dropped": self.stats.outbound_dropped},
+                extra={"call_sid": self.call_sid, "dropped": stats.outbound_dropped},
             )
 
     async def get_outbound(self) -> bytes:
@@ -446,7 +541,15 @@ class VoiceSession:
             waiter = self._pending_marks.get(name)
         if waiter is None:
             self.stats.unknown_marks += 1
-            logger.warning("unknown mark echoed", extra={"call_sid": self.call_sid, "mark": name})
+            if self._log_limit.allow("unknown_mark"):
+                logger.warning(
+                    "unknown mark echoed",
+                    extra={
+                        "call_sid": self.call_sid,
+                        "mark": clip(name),
+                        "unknown_marks": self.stats.unknown_marks,
+                    },
+                )
             return
         mark = waiter.mark
         if mark is not None and mark.generation == self._clear_generation:
@@ -462,7 +565,8 @@ class VoiceSession:
         except ValueError:
             self.stats.unknown_marks += 1
             return
-        if generation == self._clear_generation:
+        # A forged echo must not move playback past what was sent ("inf", "nan", 1e300).
+        if generation == self._clear_generation and sent_ms <= self._sent_ms + 0.001:
             self._played_ms = max(self._played_ms, sent_ms)
 
     @staticmethod
@@ -714,6 +818,7 @@ class VoiceSession:
         self._queued_ms = 0.0
         self._clear_generation = 0
         self.stats = SessionStats()
+        self._log_limit = LogLimiter()
         self._out_wakeup = asyncio.Event()
         self._bind_outbound()
         while True:
@@ -881,12 +986,17 @@ class VoiceSession:
             self._dtmf_queue.put_nowait(digit)
         except asyncio.QueueFull:
             self.stats.dtmf_dropped += 1
-            logger.warning("DTMF digit dropped: nobody reads the DTMF iterator")
+            if self._log_limit.allow("dtmf_dropped"):
+                logger.warning(
+                    "DTMF digit dropped: nobody reads the DTMF iterator",
+                    extra={"call_sid": self.call_sid, "dropped": self.stats.dtmf_dropped},
+                )
         if self.on_dtmf is not None:
             try:
                 self.on_dtmf(digit)
             except Exception:
-                logger.exception("on_dtmf callback failed")
+                if self._log_limit.allow("on_dtmf_failed"):
+                    logger.exception("on_dtmf callback failed")
 
     async def dtmf(self) -> AsyncIterator[str]:
         """Yield the caller's DTMF digits until the call ends (loop only)."""

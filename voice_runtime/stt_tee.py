@@ -9,10 +9,16 @@ from collections.abc import Callable
 from typing import Any
 
 from voice_runtime._compat import maybe_await
+from voice_runtime.session import _AudioQueue
 
 logger = logging.getLogger(__name__)
 
 SECONDARY_MAXSIZE = 500  # 10 s of 20 ms frames
+# The primary's queue is a hand-off: when the primary lags, the fan-out waits and the audio
+# backs up in the session's inbound queue, whose bounds and drop policy apply (an unbounded
+# hand-off would let one stalled STT hold a call's audio without limit).
+PRIMARY_MAXSIZE = 50  # 1 s of 20 ms frames
+PRIMARY_MAX_BYTES = 64 * 1024
 
 __all__ = ["SttTee"]
 
@@ -75,7 +81,7 @@ class SttTee:
 
     async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:
         """Start both providers and the fan-out task; the primary's errors propagate."""
-        self._primary_queue = asyncio.Queue()
+        self._primary_queue = _AudioQueue(PRIMARY_MAXSIZE, PRIMARY_MAX_BYTES)
         self._secondary_queue = asyncio.Queue(self._secondary_maxsize)
         await maybe_await(self.primary.start(self._primary_queue))
         try:
@@ -92,7 +98,7 @@ class SttTee:
         try:
             while frame is not None:
                 frame = await source.get()
-                primary.put_nowait(frame)
+                await primary.put(frame)
                 if frame is None:
                     while secondary.full():
                         secondary.get_nowait()

@@ -37,6 +37,8 @@ from uvicorn.protocols.utils import (
     is_ssl,
 )
 
+from voice_runtime.logutil import log_limited
+
 try:
     from websockets.speedups import apply_mask as _apply_mask
 except ImportError:  # pragma: no cover - websockets ships the C extension on all our platforms
@@ -342,7 +344,14 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         }
 
     def _reject_now(self, status: int, reason: str) -> None:
-        logger.info('WebSocket upgrade refused: %d "%s"', status, reason)
+        log_limited(
+            logger,
+            "ws_refused",
+            'WebSocket upgrade refused: %d "%s"',
+            status,
+            reason,
+            level=logging.INFO,
+        )
         headers = [(b"sec-websocket-version", b"13")] if status == 426 else []
         self.close_sent = True
         self._write_response(status, reason.encode(), headers)
@@ -494,7 +503,14 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
-        logger.info("WebSocket protocol error from %s: %s", self.scope.get("client"), reason)
+        log_limited(
+            logger,
+            "ws_error",
+            "WebSocket protocol error from %s: %s",
+            self.scope.get("client"),
+            reason,
+            level=logging.INFO,
+        )
         if self.accepted and not self.close_sent:
             self._send_close(code, reason)
         self._disconnected(code, reason)
@@ -753,7 +769,13 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
     def _pong_missing(self) -> None:
         self._pong_timer = None
         if not self.close_sent and not self.disconnected:
-            logger.info("WebSocket keepalive timeout from %s", self.scope.get("client"))
+            log_limited(
+                logger,
+                "ws_timeout",
+                "WebSocket keepalive timeout from %s",
+                self.scope.get("client"),
+                level=logging.INFO,
+            )
             self._fail(1011, "keepalive ping timeout")
 
     def _stop_keepalive(self) -> None:

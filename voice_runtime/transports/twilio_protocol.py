@@ -18,6 +18,7 @@ from voice_runtime.errors import ProtocolError
 from voice_runtime.types import CallInfo, MediaFormat
 
 __all__ = [
+    "MAX_MEDIA_BYTES",
     "Connected",
     "Dtmf",
     "Mark",
@@ -114,6 +115,14 @@ StreamEvent = Connected | Start | Media | Dtmf | Mark | Stop
 
 _DIGITS = frozenset("0123456789*#ABCDabcdw")
 
+#: Most μ-law bytes one inbound ``media`` frame may carry by default. Twilio sends 160
+#: (20 ms); this tolerates other senders' larger frames (half a second) while a peer's
+#: 47 kB frames are dropped and counted before their audio reaches any queue.
+MAX_MEDIA_BYTES = 4096
+#: Twilio SIDs are 34 characters; longer ones (or ones with control characters) are refused
+#: so no peer-chosen SID reaches a log record or a registry key at any length.
+MAX_SID_CHARS = 64
+
 
 def _seq(data: dict[str, Any]) -> int | None:
     raw = data.get("sequenceNumber")
@@ -142,10 +151,11 @@ def _obj(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _str(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
+def _sid(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise MediaStreamError("missing_field", f"{key!r} must be a non-empty string")
+    if len(value) > MAX_SID_CHARS or not value.isprintable():
+        raise MediaStreamError("bad_sid", f"{key!r} is not a plausible SID")
     return value
 
 
@@ -154,13 +164,15 @@ class MediaStreamParser:
     """Stateful parser of one stream's inbound frames.
 
     Checks what a single frame cannot show alone: media before ``start``, a second
-    ``start``, and frames whose ``streamSid`` is not this stream's.
+    ``start``, and frames whose ``streamSid`` is not this stream's. A ``media`` frame with
+    more than ``max_media_bytes`` of audio is refused (reason ``oversized_media``).
     """
 
     stream_sid: str | None = None
     started: bool = False
     stopped: bool = False
     counters: dict[str, int] = field(default_factory=dict)
+    max_media_bytes: int = MAX_MEDIA_BYTES
 
     def parse(self, text: str | bytes) -> StreamEvent:
         """Parse one frame; raise MediaStreamError when it cannot be used."""
@@ -256,6 +268,8 @@ class MediaStreamParser:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except ValueError:  # binascii.Error is a ValueError; so is non-ASCII text
             raise MediaStreamError("bad_base64", "media.payload is not valid base64") from None
+        if len(audio) > self.max_media_bytes:
+            raise MediaStreamError("oversized_media", "media.payload is over max_media_bytes")
         return media, audio
 
     def _media(self, data: dict[str, Any]) -> Media:
@@ -276,10 +290,8 @@ class MediaStreamParser:
         if self.started:
             raise MediaStreamError("duplicate_start", "stream already started")
         body = _obj(data, "start")
-        stream_sid = data.get("streamSid") or body.get("streamSid")
-        if not isinstance(stream_sid, str) or not stream_sid:
-            raise MediaStreamError("missing_field", "start needs a streamSid")
-        call_sid = _str(body, "callSid")
+        stream_sid = _sid(data.get("streamSid") or body.get("streamSid"), "streamSid")
+        call_sid = _sid(body.get("callSid"), "callSid")
         tracks_raw = body.get("tracks", ["inbound"])
         tracks = (
             tuple(t for t in tracks_raw if isinstance(t, str))
@@ -297,12 +309,14 @@ class MediaStreamParser:
             channels=_opt_int(fmt_raw.get("channels")) or 1,
         )
         account = body.get("accountSid")
+        if not isinstance(account, str) or len(account) > MAX_SID_CHARS:
+            account = None
         self.stream_sid = stream_sid
         self.started = True
         return Start(
             stream_sid=stream_sid,
             call_sid=call_sid,
-            account_sid=account if isinstance(account, str) else None,
+            account_sid=account,
             tracks=tracks or ("inbound",),
             custom_parameters=params,
             media_format=fmt,

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from voice_runtime._compat import is_voice_session, maybe_await
 from voice_runtime._sync import cancel_and_wait
 from voice_runtime.errors import MissingCredentialError
+from voice_runtime.logutil import LogLimiter, log_limiter
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 from voice_runtime.transports.fastws import EXTENSION, VoiceWebSocketProtocol
@@ -55,7 +56,9 @@ class StreamOptions:
 
     ``frame_bytes`` is the most audio one outbound media message carries (160 = 20 ms);
     ``lead_ms`` is how far ahead of real time agent audio may be sent, so a ``clear`` has
-    little to discard; ``max_message_bytes`` bounds one inbound frame.
+    little to discard; ``max_message_bytes`` bounds one inbound frame and ``max_media_bytes``
+    the caller audio one ``media`` frame may carry (Twilio sends 160 bytes); larger frames
+    are dropped and counted in ``session.stats.bad_frames``.
 
     The default of 40 ms a message halves the messages of 20 ms frames: Twilio plays any
     payload size, and each message costs the server about as much as a 20 ms one.
@@ -67,6 +70,7 @@ class StreamOptions:
     position_mark_every_ms: float = POSITION_MARK_EVERY_MS
     # Twilio sends ``start`` right after connecting; a stream without one is closed (1008).
     start_timeout_s: float = 10.0
+    max_media_bytes: int = proto.MAX_MEDIA_BYTES
 
 
 class _Pacer:
@@ -142,7 +146,9 @@ class MediaStreamCall:
         # Why ``check_start`` refused the stream, if it did.
         self.refused: str | None = None
         self._end_code = 1000
-        self._parser = proto.MediaStreamParser()
+        self._parser = proto.MediaStreamParser(max_media_bytes=self.options.max_media_bytes)
+        # The peer decides how many bad frames arrive: log the first few, then one in N.
+        self._log_limit = LogLimiter()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stt_from_factory = False
         self._closed = False
@@ -174,10 +180,11 @@ class MediaStreamCall:
             return
         # A socket that never starts a stream would hold its slot forever.
         self.session.stats.count_bad("no_start")
-        logger.warning(
-            "media stream sent no start in time; closing it",
-            extra={"timeout_s": self.options.start_timeout_s},
-        )
+        if log_limiter().allow("no_start"):  # any client can open sockets that never start
+            logger.warning(
+                "media stream sent no start in time; closing it",
+                extra={"timeout_s": self.options.start_timeout_s},
+            )
         self._spawn(self._close(1008), "vr-close")
 
     async def _receive_loop(self) -> None:
@@ -253,7 +260,7 @@ class MediaStreamCall:
 
     def _bad(self, reason: str) -> None:
         n = self.session.stats.count_bad(reason)
-        if n == 1 or n % 100 == 0:
+        if self._log_limit.allow("bad_frame"):
             logger.warning(
                 "unusable media stream frame dropped",
                 extra={"call_sid": self.session.call_sid, "reason": reason, "count": n},
@@ -782,7 +789,8 @@ def register_voice_websocket(
             await websocket.close(code=1008)
             return
         if busy.locked():
-            logger.warning("second media stream refused: the single session is in a call")
+            if log_limiter().allow("stream_refused_busy"):
+                logger.warning("second media stream refused: the single session is in a call")
             await websocket.close(code=1013)
             return
         async with busy:
