@@ -4,7 +4,9 @@
 main thread and drains it on SIGTERM/SIGINT *before* uvicorn closes the sockets (uvicorn's own
 shutdown ends live websockets with 1012 before the app's lifespan shutdown runs).
 :class:`BackgroundVoiceServer` runs one in a background thread, for sync scripts that place
-calls.
+calls. Both serve with :class:`~voice_runtime.transports.guard.ConnectionLimits`: header and
+body read timeouts, a connection limit above ``max_calls``, a bounded close and a frame
+budget per websocket.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from voice_runtime.config import settings
+from voice_runtime.transports.guard import ConnectionLimits, connection_cap, guarded_http_protocol
 
 if TYPE_CHECKING:
     from voice_runtime.server import VoiceServer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackgroundVoiceServer", "serve_forever", "uvicorn_config"]
+__all__ = ["BackgroundVoiceServer", "ConnectionLimits", "serve_forever", "uvicorn_config"]
 
 
 class _DrainingUvicorn(uvicorn.Server):
@@ -68,27 +71,76 @@ class _DrainingUvicorn(uvicorn.Server):
             self.should_exit = True
 
 
-def uvicorn_config(app: Any, *, ws: Any = None, **kwargs: Any) -> uvicorn.Config:
+def _http_class(http: Any) -> Any:
+    """uvicorn's HTTP protocol class for an ``http`` setting, or None when it is not one."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    guardable: tuple[type, ...] = (H11Protocol,)
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        guardable += (HttpToolsProtocol,)
+    if isinstance(http, str):
+        if http not in ("auto", "h11", "httptools"):
+            return None
+        http = import_from_string(HTTP_PROTOCOLS[http])
+    if isinstance(http, type) and issubclass(http, guardable):
+        return http
+    return None
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    ws: Any = None,
+    limits: ConnectionLimits | None = None,
+    max_calls: int | None = None,
+    **kwargs: Any,
+) -> uvicorn.Config:
     """A ``uvicorn.Config`` for ``app`` with the websocket settings media streams want.
 
     ``ws`` defaults to :class:`~voice_runtime.transports.fastws.VoiceWebSocketProtocol`;
-    pass ``"auto"`` (or any uvicorn ``ws`` value) for uvicorn's own protocols.
+    pass ``"auto"`` (or any uvicorn ``ws`` value) for uvicorn's own protocols. ``limits``
+    (default :class:`ConnectionLimits()`) applies to uvicorn's h11/httptools protocols and to
+    the lean websocket protocol; the default connection limit follows ``max_calls``.
     """
     from voice_runtime.transports.fastws import VoiceWebSocketProtocol
 
+    limits = limits or ConnectionLimits()
     kwargs.setdefault("lifespan", "on")
     kwargs.setdefault("ws_max_size", 1 << 20)
     # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
     # was the largest single cost per call in benchmarks/bench_calls.py.
     kwargs.setdefault("ws_per_message_deflate", False)
-    return uvicorn.Config(app, ws=VoiceWebSocketProtocol if ws is None else ws, **kwargs)
+    kwargs.setdefault("ws_ping_interval", limits.ws_ping_interval_s)
+    kwargs.setdefault("ws_ping_timeout", limits.ws_ping_timeout_s)
+    http = kwargs.pop("http", "auto")
+    base = _http_class(http)
+    if base is not None:
+        http = guarded_http_protocol(base, limits, connection_cap(limits, max_calls))
+    if ws is None:
+        ws = VoiceWebSocketProtocol.with_limits(limits)
+    return uvicorn.Config(app, ws=ws, http=http, **kwargs)
 
 
 def _uvicorn_config(
-    voice: VoiceServer, host: str, port: int, log_level: str, proxy_headers: bool
+    voice: VoiceServer,
+    host: str,
+    port: int,
+    log_level: str,
+    proxy_headers: bool,
+    limits: ConnectionLimits | None,
 ) -> uvicorn.Config:
     return uvicorn_config(
-        voice.app, host=host, port=port, log_level=log_level, proxy_headers=proxy_headers
+        voice.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        proxy_headers=proxy_headers,
+        limits=limits,
+        max_calls=voice.max_calls,
     )
 
 
@@ -98,14 +150,16 @@ def serve_forever(
     host: str = "127.0.0.1",
     port: int | None = None,
     log_level: str = "info",
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
 
     ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. uvicorn applies
-    ``X-Forwarded-Proto`` only when ``voice.trust_forwarded_headers`` is set.
+    ``X-Forwarded-Proto`` only when ``voice.trust_forwarded_headers`` is set. ``limits``:
+    connection timeouts and limits (default :class:`ConnectionLimits()`).
     """
     port = settings().voice_server_port if port is None else port
-    config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+    config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers, limits)
     _DrainingUvicorn(config, voice).run()
 
 
@@ -122,10 +176,13 @@ class BackgroundVoiceServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.voice = voice
         self.host = host
-        config = _uvicorn_config(voice, host, port, log_level, voice.trust_forwarded_headers)
+        config = _uvicorn_config(
+            voice, host, port, log_level, voice.trust_forwarded_headers, limits
+        )
         self._server = _DrainingUvicorn(config, voice)
         self._thread: threading.Thread | None = None
         self.port = port
