@@ -321,3 +321,48 @@ def test_sigterm_exits_within_the_drain_timeout_despite_a_peer_that_stops_readin
             started = time.monotonic()
             assert app.stop(timeout=20) == 0
             assert time.monotonic() - started < 2 + 2.5
+
+
+def test_oversized_headers_are_refused_with_431(app: ServedApp, legit: PacedCaller) -> None:
+    too_large = stat(app, "header_too_large")
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as s:
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+        # Just over the 64 KiB limit: the read that crosses it takes the last byte, so the
+        # server closes with nothing unread (which would make the kernel send a reset).
+        s.sendall(head + b"a" * (64 * 1024 + 100 - len(head)))
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:40]
+    assert stat(app, "header_too_large") == too_large + 1
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_the_served_configuration_has_timeouts_and_a_cap_above_max_calls() -> None:
+    from fastapi import FastAPI
+
+    from voice_runtime.serving import uvicorn_config
+
+    config = uvicorn_config(FastAPI(), max_calls=200)
+    config.load()
+    limits = config.http_protocol_class.limits  # type: ignore[attr-defined]
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.close_timeout_s) == (5, 10, 5)
+    assert config.http_protocol_class.max_connections == 2 * 200 + 64  # type: ignore[attr-defined]
+    assert config.ws_protocol_class.limits is limits  # type: ignore[union-attr]
+    assert (config.ws_ping_interval, config.ws_ping_timeout) == (20.0, 20.0)
+
+
+def test_serve_options_become_connection_limits() -> None:
+    from voice_runtime.cli import build_parser
+    from voice_runtime.control_cli import _limits
+    from voice_runtime.serving import ConnectionLimits
+
+    args = build_parser().parse_args(
+        ["serve", "m:f", "--header-timeout", "2", "--max-connections", "300"]
+        + ["--ws-ping-interval", "0", "--ws-max-frames-per-s", "200"]
+    )
+    assert _limits(args) == ConnectionLimits(
+        header_timeout_s=2, max_connections=300, ws_ping_interval_s=None, ws_frames_per_s=200
+    )
+    with pytest.raises(ValueError, match="header_timeout_s"):
+        ConnectionLimits(header_timeout_s=0)
