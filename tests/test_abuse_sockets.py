@@ -55,6 +55,19 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
+def quiet_fd_count(app: ServedApp) -> int:
+    """The server's fd count once it is steady (our HTTP probes' sockets have closed)."""
+    last = app.fd_count()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = app.fd_count()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def stat(app: ServedApp, kind: str) -> int:
     return int(app.get_json("/test/connection-stats").get(kind, 0))
 
@@ -94,8 +107,8 @@ def _fill_with_pongs(peer: RawWebSocket) -> None:
 def test_app_hangup_frees_fd_and_slot_of_a_peer_that_stops_reading(
     app: ServedApp, legit: PacedCaller
 ) -> None:
-    base = app.fd_count()
     aborted = stat(app, "close_timeout")
+    base = quiet_fd_count(app)
     call_sid, stream_sid = sids()
     with RawWebSocket(app.port, rcvbuf=2048) as peer:
         peer.handshake()
@@ -111,12 +124,12 @@ def test_app_hangup_frees_fd_and_slot_of_a_peer_that_stops_reading(
 def test_start_timeout_frees_fd_of_a_peer_that_stops_reading(
     app: ServedApp, legit: PacedCaller
 ) -> None:
-    base = app.fd_count()
     aborted = stat(app, "close_timeout")
+    base = quiet_fd_count(app)
     with RawWebSocket(app.port, rcvbuf=2048) as peer:
         peer.handshake()
         _fill_with_pongs(peer)  # no start frame, and no reading
-        assert app.fd_count() > base
+        assert wait_until(lambda: app.fd_count() > base, SLACK_S)  # held, until ...
         assert wait_until(lambda: app.fd_count() <= base, 1.0 + CLOSE_S + SLACK_S)
     assert stat(app, "close_timeout") > aborted
 
@@ -209,8 +222,8 @@ def _trickle_until_closed(
 def test_trickling_headers_are_closed_by_the_header_timeout(
     app: ServedApp, legit: PacedCaller
 ) -> None:
-    base = app.fd_count()
     timeouts = stat(app, "header_timeout")
+    base = quiet_fd_count(app)
     socks = _connect_many(app.port, 1000)
     peak = 0
 
@@ -228,9 +241,21 @@ def test_trickling_headers_are_closed_by_the_header_timeout(
     assert app.get_json("/health")["status"] == "ok"
 
 
+def test_a_kept_alive_connection_trickling_its_next_request_is_closed(
+    app: ServedApp, legit: PacedCaller
+) -> None:
+    with socket.create_connection(("127.0.0.1", app.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        s.setblocking(False)
+        left, answers = _trickle_until_closed([s], b"GET /health HTTP/1.1\r\nX: ", HEADER_S + 5)
+    assert left == 0
+    assert answers[-1].startswith(b"HTTP/1.1 408 ")  # (after the rest of the first answer)
+
+
 def test_trickling_body_is_closed_by_the_body_timeout(app: ServedApp, legit: PacedCaller) -> None:
-    base = app.fd_count()
     timeouts = stat(app, "body_timeout")
+    base = quiet_fd_count(app)
     socks = _connect_many(app.port, 50)
     head = (
         b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\n"
@@ -262,8 +287,8 @@ def test_keepalive_failure_frees_fd_of_a_peer_that_stops_reading(tight_app: Serv
     caller = PacedCaller(app.ws_url + "/voice")  # answers pings: the keepalive keeps it
     caller.start()
     assert caller.started.wait(10)
-    base = app.fd_count()
     failures = stat(app, "keepalive_timeout")
+    base = quiet_fd_count(app)
     with RawWebSocket(app.port, rcvbuf=2048) as peer:
         peer.handshake()
         peer.send_text(start_frame(*sids()))
@@ -280,8 +305,8 @@ def test_connections_above_the_limit_are_refused_at_once(tight_app: ServedApp) -
     caller = PacedCaller(app.ws_url + "/voice")
     caller.start()
     assert caller.started.wait(10)
-    base = app.fd_count()
     refused = stat(app, "connection_limit")
+    base = quiet_fd_count(app)
     socks = _connect_many(app.port, 1000)
     peak = 0
 
@@ -320,7 +345,7 @@ def test_sigterm_exits_within_the_drain_timeout_despite_a_peer_that_stops_readin
             assert wait_until(lambda: app.get_json("/health")["live_calls"] == 1, 5)
             started = time.monotonic()
             assert app.stop(timeout=20) == 0
-            assert time.monotonic() - started < 2 + 2.5
+            assert time.monotonic() - started < 2 + 1.5  # (interpreter teardown, a loaded box)
 
 
 def test_oversized_headers_are_refused_with_431(app: ServedApp, legit: PacedCaller) -> None:

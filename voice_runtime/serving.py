@@ -65,8 +65,13 @@ class _DrainingUvicorn(uvicorn.Server):
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        from voice_runtime.transports.fastws import SHUTDOWN_GRACE_S
+
+        # uvicorn's shutdown then gives each connection up to SHUTDOWN_GRACE_S to close before
+        # aborting it: keep that inside drain_timeout, so the process exits within it.
+        total = self.voice.drain_timeout
         try:
-            await self.voice.drain()
+            await self.voice.drain(max(total - SHUTDOWN_GRACE_S, total / 2))
         finally:
             self.should_exit = True
 
