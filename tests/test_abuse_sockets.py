@@ -391,3 +391,20 @@ def test_serve_options_become_connection_limits() -> None:
     )
     with pytest.raises(ValueError, match="header_timeout_s"):
         ConnectionLimits(header_timeout_s=0)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_both_uvicorn_http_protocols_get_the_header_timeout(http: str) -> None:
+    from fastapi import FastAPI
+
+    from voice_runtime.serving import ConnectionLimits
+    from voice_runtime.testing.server import ServerThread
+
+    limits = ConnectionLimits(header_timeout_s=0.3)
+    with (
+        ServerThread(FastAPI(), http=http, limits=limits) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as s,
+    ):
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert s.recv(4096).startswith(b"HTTP/1.1 408 ")
+        assert s.recv(4096) == b""
