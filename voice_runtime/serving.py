@@ -171,7 +171,8 @@ def serve_forever(
 class BackgroundVoiceServer:
     """A VoiceServer served by uvicorn on its own thread; ``stop()`` drains it first.
 
-    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`).
+    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`). ``limits``:
+    connection timeouts and limits (default :class:`ConnectionLimits()`).
     """
 
     def __init__(
