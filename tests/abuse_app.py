@@ -21,7 +21,7 @@ import socket
 import threading
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
@@ -93,6 +93,12 @@ if os.environ.get("ABUSE_WS_SNDBUF"):
 async def call_record(call_sid: str) -> dict[str, Any]:
     """What this server received on one call."""
     return counter.calls.get(call_sid, {"bytes": 0, "sha256": "", "ended": False})
+
+
+@app.get("/test/big")
+async def big(kb: int = 1024) -> Response:
+    """A response of ``kb`` KiB (for peers that do not read)."""
+    return Response(b"x" * (kb * 1024), media_type="application/octet-stream")
 
 
 @app.get("/test/connection-stats")

@@ -79,7 +79,7 @@ def app() -> Iterator[ServedApp]:
     env = {"ABUSE_WS_SNDBUF": "4096", "ABUSE_LEAD_MS": "60000", "ABUSE_START_TIMEOUT": "1"}
     args = [
         "--header-timeout", str(HEADER_S), "--body-timeout", str(BODY_S),
-        "--close-timeout", str(CLOSE_S), "--max-connections", "1500",
+        "--close-timeout", str(CLOSE_S), "--max-connections", "1500", "--send-timeout", "1",
     ]  # fmt: skip
     with ServedApp(env, args=args) as served:
         yield served
@@ -265,6 +265,21 @@ def test_trickling_body_is_closed_by_the_body_timeout(app: ServedApp, legit: Pac
     assert left == 0
     assert wait_until(lambda: app.fd_count() <= base, SLACK_S)
     assert stat(app, "body_timeout") - timeouts == 50
+
+
+def test_a_peer_that_stops_reading_a_response_is_aborted_after_the_send_timeout(
+    app: ServedApp, legit: PacedCaller
+) -> None:
+    stalled = stat(app, "send_timeout")
+    base = quiet_fd_count(app)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    with peer:
+        peer.connect(("127.0.0.1", app.port))
+        # 8 MiB: more than the kernel buffers take, so the server's own buffer stays full.
+        peer.sendall(b"GET /test/big?kb=8192 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert wait_until(lambda: stat(app, "send_timeout") > stalled, 1.0 + SLACK_S)
+        assert wait_until(lambda: app.fd_count() <= base, SLACK_S)
 
 
 # --------------------------------------------------------------------------- keepalive, limit

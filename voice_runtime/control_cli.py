@@ -138,6 +138,7 @@ _LIMIT_OPTIONS = {
     "header_timeout": "header_timeout_s",
     "body_timeout": "body_timeout_s",
     "max_connections": "max_connections",
+    "send_timeout": "send_timeout_s",
     "close_timeout": "close_timeout_s",
     "ws_ping_interval": "ws_ping_interval_s",
     "ws_ping_timeout": "ws_ping_timeout_s",
@@ -281,6 +282,13 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         type=int,
         metavar="N",
         help="open connections before new ones get 503 (default 2 x max-calls + 64)",
+    )
+    limits.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="S",
+        help="seconds an HTTP response may make no progress before the connection is aborted "
+        "(default 30)",
     )
     limits.add_argument(
         "--close-timeout",

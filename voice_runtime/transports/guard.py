@@ -8,7 +8,9 @@ bounds that, and :func:`guarded_http_protocol` applies it to uvicorn's HTTP prot
 - the request line and headers must arrive within ``header_timeout_s`` (408, then close) and
   stay under ``max_header_bytes`` (431);
 - a request body must be complete within ``body_timeout_s`` after its headers;
-- a connection opened while ``max_connections`` are open gets 503 and is closed at once.
+- a connection opened while ``max_connections`` are open gets 503 and is closed at once;
+- a response the peer stops reading (the write buffer stays over its high-water mark for
+  ``send_timeout_s``) aborts the connection.
 
 The websocket side (:class:`~voice_runtime.transports.fastws.VoiceWebSocketProtocol`) reads
 the close timeout and the per-connection frame budget from the same object. Every refusal,
@@ -70,6 +72,8 @@ class ConnectionLimits:
     ``max_header_bytes``: the most a request line and headers may take.
     ``max_connections``: open connections (HTTP and websocket) beyond which a new one gets 503
     and is closed; None: ``2 * max_calls + 64`` (capped at half the fd soft limit).
+    ``send_timeout_s``: an HTTP response whose bytes stop leaving (the peer does not read) for
+    this long aborts the connection.
     ``close_timeout_s``: a close that has not completed within this (the peer does not answer
     a websocket close, or does not read, so our buffered bytes never leave) ends with an abort:
     the fd and the call's slot are freed.
@@ -84,6 +88,7 @@ class ConnectionLimits:
     body_timeout_s: float = 10.0
     max_header_bytes: int = 64 * 1024
     max_connections: int | None = None
+    send_timeout_s: float = 30.0
     close_timeout_s: float = 5.0
     ws_ping_interval_s: float | None = 20.0
     ws_ping_timeout_s: float | None = 20.0
@@ -91,7 +96,7 @@ class ConnectionLimits:
     ws_frame_burst: int = 2000
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout_s", "body_timeout_s", "close_timeout_s"):
+        for name in ("header_timeout_s", "body_timeout_s", "send_timeout_s", "close_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -188,6 +193,7 @@ class _HttpGuard:
     _guard_cycle: Any = None  # the request whose headers were last seen
     _guard_bytes = 0  # bytes received while waiting for headers
     _guard_abort: asyncio.TimerHandle | None = None
+    _guard_stall: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Refuse the connection when the cap is reached, else start the header deadline."""
@@ -207,10 +213,30 @@ class _HttpGuard:
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop the deadlines, then let uvicorn clean up."""
         self._guard_disarm()
-        if self._guard_abort is not None:
-            self._guard_abort.cancel()
-            self._guard_abort = None
+        for timer in (self._guard_abort, self._guard_stall):
+            if timer is not None:
+                timer.cancel()
+        self._guard_abort = self._guard_stall = None
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        """The peer is not taking our bytes: it has ``send_timeout_s`` to start again."""
+        super().pause_writing()  # type: ignore[misc]
+        if self._guard_stall is None:
+            self._guard_stall = self.loop.call_later(self.limits.send_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        """Our bytes leave again."""
+        if self._guard_stall is not None:
+            self._guard_stall.cancel()
+            self._guard_stall = None
+        super().resume_writing()  # type: ignore[misc]
+
+    def _stalled(self) -> None:
+        self._guard_stall = None
+        # uvicorn's response task waits for the buffer to drain, forever if nobody reads it.
+        note("send_timeout", "connection aborted: the peer stopped reading the response")
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         """Feed uvicorn's parser; track header size and when headers and body are done."""
