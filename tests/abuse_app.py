@@ -3,25 +3,36 @@
 Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``
 (with the session's stats and the caller audio it holds queued), so a test can check that a
 legitimate call lost no frame while an attack ran; call slots and refusals by reason are at
-``GET /test/admission``. A call whose SID starts with ``CAstall`` never reads its caller audio
-(a stalled consumer) until it ends. Knobs come from the environment: ABUSE_MAX_CALLS (default
-20), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks until ``POST /test/sms/release``;
-``GET /test/sms`` counts them), and the usual TWILIO_* / VOICE_*
-variables (signatures, public URL).
+``GET /test/admission``, the server's connection-level event counts at
+``GET /test/connection-stats``. A call whose SID starts with ``CAstall`` never reads its caller
+audio (a stalled consumer) until it ends. Knobs come from the environment: ABUSE_MAX_CALLS
+(default 20), ABUSE_DRAIN_TIMEOUT (5), ABUSE_START_TIMEOUT (stream start timeout, 10),
+ABUSE_LEAD_MS (how far ahead agent audio is sent, 120), ABUSE_WS_SNDBUF (the kernel send buffer
+of each websocket, bytes; unset: the system's), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks
+until ``POST /test/sms/release``; ``GET /test/sms`` counts them), and the usual TWILIO_* /
+VOICE_* variables (signatures, public URL). A call whose ``start`` carries the parameter
+``abuse_play_ms`` gets that much agent audio at once, and one with ``abuse_hangup_after_s`` is
+hung up by the app after that many seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
+import socket
 import threading
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
+from voice_runtime.transports.fastws import EXTENSION
+from voice_runtime.transports.guard import connection_stats
+from voice_runtime.transports.twilio_ws import StreamOptions
 
 
 class _Counter:
@@ -41,18 +52,52 @@ class _Counter:
             await session.wait_until_disconnected_async()
             record["ended"] = True
             return
+        side = asyncio.create_task(_act(session))
         try:
             while (frame := await session.inbound.get()) is not None:
                 digest.update(frame)
                 record["bytes"] += len(frame)
             record["sha256"] = digest.hexdigest()
         finally:
+            side.cancel()
             record["sha256"] = digest.hexdigest()
             record["ended"] = True
 
 
+async def _act(session: VoiceSession) -> None:
+    """What the call's parameters ask the app to do: play audio, hang up."""
+    params = session.call_info.custom_parameters if session.call_info else {}
+    play_ms = int(params.get("abuse_play_ms", "0"))
+    if play_ms:
+        chunk = b"\x7f" * 8000  # a second of mu-law
+        for _ in range(play_ms // 1000):
+            await session.put_outbound(chunk)
+    hangup = params.get("abuse_hangup_after_s")
+    if hangup is not None:
+        await asyncio.sleep(float(hangup))
+        session.request_disconnect()
+
+
+class _SendBuffer:
+    """ASGI middleware: sets SO_SNDBUF on websocket sockets (ABUSE_WS_SNDBUF)."""
+
+    def __init__(self, app: Any, size: int) -> None:
+        self.app = app
+        self.size = size
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        stream = (scope.get("extensions") or {}).get(EXTENSION, {}).get("stream")
+        if scope["type"] == "websocket" and stream is not None:
+            sock = stream.transport.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.size)
+        await self.app(scope, receive, send)
+
+
 counter = _Counter()
 app = FastAPI()
+if os.environ.get("ABUSE_WS_SNDBUF"):
+    app.add_middleware(_SendBuffer, size=int(os.environ["ABUSE_WS_SNDBUF"]))
 
 
 @app.get("/test/calls/{call_sid}")
@@ -119,10 +164,26 @@ async def sms_release() -> dict[str, bool]:
     return {"released": True}
 
 
+@app.get("/test/big")
+async def big(kb: int = 1024) -> Response:
+    """A response of ``kb`` KiB (for peers that do not read)."""
+    return Response(b"x" * (kb * 1024), media_type="application/octet-stream")
+
+
+@app.get("/test/connection-stats")
+async def stats() -> dict[str, int]:
+    """Connection-level events (refusals, timeouts, aborts, budget closes) so far."""
+    return connection_stats()
+
+
 voice = VoiceServer(
     app=app,
     on_call=counter.handle,
     on_sms=sms_gate.on_sms if os.environ.get("ABUSE_SMS_GATE") == "1" else None,
     max_calls=int(os.environ.get("ABUSE_MAX_CALLS", "20")),
     drain_timeout=float(os.environ.get("ABUSE_DRAIN_TIMEOUT", "5")),
+    stream_options=StreamOptions(
+        start_timeout_s=float(os.environ.get("ABUSE_START_TIMEOUT", "10")),
+        lead_ms=float(os.environ.get("ABUSE_LEAD_MS", "120")),
+    ),
 )

@@ -131,6 +131,81 @@ class PacedCaller(threading.Thread):
         self.join(10)
 
 
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client websocket frame (RFC 6455 section 5.2)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes((0x80 * fin | opcode,))
+    if n < 126:
+        head += bytes((0x80 | n,))
+    elif n < 65536:
+        head += bytes((0x80 | 126,)) + n.to_bytes(2, "big")
+    else:
+        head += bytes((0x80 | 127,)) + n.to_bytes(8, "big")
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+class RawWebSocket:
+    """A websocket client on a plain socket: it reads only when told to.
+
+    ``rcvbuf`` sets SO_RCVBUF before connecting, so a client that stops reading closes its
+    TCP window early. After :meth:`handshake` nothing is read until :meth:`wait_closed`.
+    """
+
+    def __init__(self, port: int, *, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+
+    def handshake(self, path: str = "/voice") -> None:
+        """Send the upgrade request and read the 101 answer (and nothing more)."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            byte = self.sock.recv(1)  # byte by byte: not one byte past the 101 is read
+            if not byte:
+                raise ConnectionError("closed during the handshake")
+            head += byte
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ConnectionError(head.decode("latin-1").split("\r\n", 1)[0])
+
+    def send_text(self, text: str) -> None:
+        """Send one text message."""
+        self.sock.sendall(ws_frame(0x1, text.encode()))
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Read and discard until the server ends the TCP connection; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except TimeoutError:
+                return False
+            except OSError:
+                return True  # reset: the server aborted the connection
+        return False
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+    def __enter__(self) -> RawWebSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as s:
@@ -170,7 +245,27 @@ class ServedApp:
             *(args or []),
         ]  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
-        self.output = ""
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def output(self) -> str:
+        """What the server printed so far (stdout and stderr)."""
+        return "".join(self._lines)
+
+    def _read_output(self) -> None:
+        # Read continuously: a server whose log fills the pipe would block on its next write.
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    def _wait(self, timeout: float | None = None) -> None:
+        assert self.proc is not None
+        self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(5)
+            if not self._reader.is_alive() and self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def start(self, timeout: float = 20.0) -> ServedApp:
         """Start the process and wait until ``/health`` answers."""
@@ -178,10 +273,14 @@ class ServedApp:
             self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        self._reader = threading.Thread(
+            target=self._read_output, name="served-app-log", daemon=True
+        )
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                self.output = self.proc.communicate()[0]
+                self._wait()
                 raise RuntimeError(f"served app exited during startup:\n{self.output}")
             try:
                 self.get_json("/health")
@@ -233,10 +332,10 @@ class ServedApp:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            self.output = self.proc.communicate(timeout=timeout)[0]
+            self._wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.output = self.proc.communicate()[0]
+            self._wait()
             raise
         return self.proc.returncode
 
@@ -246,7 +345,7 @@ class ServedApp:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.output = self.proc.communicate()[0]
+            self._wait()
 
 
 def assert_no_frame_lost(app: ServedApp, caller: PacedCaller) -> None:

@@ -35,6 +35,7 @@ from voice_runtime.session import (
 from voice_runtime.stt_tee import PRIMARY_MAXSIZE, SttTee
 from voice_runtime.testing.server import serve_in_loop
 from voice_runtime.transports import twilio_protocol as proto
+from voice_runtime.transports.guard import ConnectionLimits
 
 BIG_AUDIO = 35_000  # base64 and JSON make it a 47 kB media frame
 MID_AUDIO = 4_000  # under the protocol's bound: only the queue's byte bound holds these
@@ -197,7 +198,10 @@ async def test_no_attacker_string_over_64_characters_reaches_any_log_record(
     voice = VoiceServer(on_call=recorder.handle)
     headers = {"User-Agent": LONG, "X-Twilio-Signature": LONG, "X-Forwarded-For": LONG}
     # log_level debug: uvicorn's access log is on, as under `voice-runtime serve`.
-    async with serve_in_loop(voice.app, log_level="debug") as srv:
+    # No frame budget here: this attack sends thousands of frames to fill the logs, and the
+    # budget (tested in test_abuse_sockets) would close it before the log limits are reached.
+    no_budget = ConnectionLimits(ws_frames_per_s=0)
+    async with serve_in_loop(voice.app, log_level="debug", limits=no_budget) as srv:
         # uvicorn's loggers do not propagate to the root, where caplog listens.
         uvicorn_loggers = [logging.getLogger(n) for n in ("uvicorn", "uvicorn.access")]
         for lg in uvicorn_loggers:

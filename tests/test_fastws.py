@@ -36,6 +36,7 @@ from websockets.sync.client import ClientConnection, connect
 from voice_runtime.serving import uvicorn_config
 from voice_runtime.testing.server import ServerThread
 from voice_runtime.transports.fastws import EXTENSION, MAX_FRAGMENTS, VoiceWebSocketProtocol
+from voice_runtime.transports.guard import ConnectionLimits
 
 TIMEOUT = 5.0
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -1256,6 +1257,8 @@ class _Transport(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.aborted = False
+        self.buffered = 0  # bytes the kernel would not take (a peer that stopped reading)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += data
@@ -1265,6 +1268,12 @@ class _Transport(asyncio.Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
@@ -1276,13 +1285,16 @@ class _Transport(asyncio.Transport):
         return None
 
 
-async def _upgraded(config: Any, transport: _Transport, path: str) -> tuple[Any, Any]:
+async def _upgraded(
+    config: Any, transport: _Transport, path: str, limits: ConnectionLimits | None = None
+) -> tuple[Any, Any]:
     """A protocol for ``config`` on ``transport`` that accepted a websocket at ``path``."""
     from uvicorn.server import ServerState
 
     config.load()
     state = ServerState()
-    protocol = VoiceWebSocketProtocol(config=config, server_state=state, app_state={})
+    cls = VoiceWebSocketProtocol.with_limits(limits) if limits else VoiceWebSocketProtocol
+    protocol = cls(config=config, server_state=state, app_state={})
     protocol.connection_made(transport)
     protocol.data_received(upgrade_request(path))
     for _ in range(200):
@@ -1295,7 +1307,9 @@ async def _upgraded(config: Any, transport: _Transport, path: str) -> tuple[Any,
 
 
 @contextlib.asynccontextmanager
-async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> Any:
+async def _accepted(
+    received: asyncio.Queue[dict[str, Any]] | None = None, limits: ConnectionLimits | None = None
+) -> Any:
     """A protocol that accepted a websocket; its app puts what it receives in ``received``."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -1310,7 +1324,7 @@ async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> An
         app, ws=VoiceWebSocketProtocol, log_level="error", ws_ping_interval=None
     )
     transport = _Transport()
-    protocol, state = await _upgraded(config, transport, "/echo")
+    protocol, state = await _upgraded(config, transport, "/echo", limits)
     try:
         yield protocol, transport
     finally:
@@ -1319,6 +1333,32 @@ async def _accepted(received: asyncio.Queue[dict[str, Any]] | None = None) -> An
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_frame_budget_allows_a_burst_and_the_average_rate_then_closes_with_1008() -> None:
+    pong = frame(OP_PONG, b"")  # unsolicited pongs: ignored, nothing written back
+    limits = ConnectionLimits(ws_frames_per_s=200, ws_frame_burst=20)
+    async with _accepted(limits=limits) as (protocol, transport):
+        protocol.data_received(pong * 20)  # the whole burst at once
+        await asyncio.sleep(0.1)  # earns 20 more at 200 a second
+        protocol.data_received(pong * 15)
+        assert transport.written == b"" and not transport.closed
+        protocol.data_received(pong * 30)  # well over what is left
+        assert transport.closed
+        assert bytes(transport.written[:4]) == bytes((0x80 | OP_CLOSE, 2 + 15)) + struct.pack(
+            "!H", 1008
+        )
+
+
+async def test_a_close_the_peer_never_lets_out_is_aborted_after_the_close_timeout() -> None:
+    async with _accepted(limits=ConnectionLimits(close_timeout_s=0.05)) as (protocol, transport):
+        transport.buffered = 100_000  # the peer stopped reading: our close frame cannot leave
+        protocol.close(1000)  # the app hangs up
+        for _ in range(200):
+            if transport.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert transport.aborted
 
 
 async def test_pings_go_unanswered_while_the_peer_does_not_read_our_writes() -> None:

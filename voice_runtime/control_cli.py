@@ -18,7 +18,7 @@ from typing import Any
 from voice_runtime.config import settings
 from voice_runtime.errors import CallNotAnsweredError, ConfigurationError, VoiceRuntimeError
 from voice_runtime.server import VoiceServer
-from voice_runtime.serving import BackgroundVoiceServer, serve_forever
+from voice_runtime.serving import BackgroundVoiceServer, ConnectionLimits, serve_forever
 from voice_runtime.session import VoiceSession
 
 logger = logging.getLogger(__name__)
@@ -126,12 +126,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_unrouted:
         voice.allow_unrouted_streams = True
     try:
+        limits = _limits(args)
         if args.trust_proxy is not None:
             voice.trust_forwarded_headers = args.trust_proxy
-        serve_forever(voice, host=args.host, port=args.port, log_level=args.log_level)
-    except ConfigurationError as exc:
+        serve_forever(
+            voice, host=args.host, port=args.port, log_level=args.log_level, limits=limits
+        )
+    except (ConfigurationError, ValueError) as exc:
         return _fail(str(exc))
     return 0
+
+
+# ``serve`` option -> ConnectionLimits field (the option's value None keeps the default).
+_LIMIT_OPTIONS = {
+    "header_timeout": "header_timeout_s",
+    "body_timeout": "body_timeout_s",
+    "max_connections": "max_connections",
+    "send_timeout": "send_timeout_s",
+    "close_timeout": "close_timeout_s",
+    "ws_ping_interval": "ws_ping_interval_s",
+    "ws_ping_timeout": "ws_ping_timeout_s",
+    "ws_max_frames_per_s": "ws_frames_per_s",
+}
+
+
+def _limits(args: argparse.Namespace) -> ConnectionLimits:
+    """The connection limits the ``serve`` options ask for (a ping option of 0 turns it off)."""
+    chosen: dict[str, Any] = {}
+    for option, field in _LIMIT_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if field.startswith("ws_ping") and value == 0:
+            value = None
+        chosen[field] = value
+    return ConnectionLimits(**chosen)
 
 
 def _end_when_answered(session: VoiceSession) -> None:
@@ -249,6 +278,57 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "for TwiML from call --twiml-only; a captured signature of it can be replayed)",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    limits = serve.add_argument_group("connection limits (see the README security notes)")
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a request's headers may take to arrive (default 5)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a request body may take after its headers (default 10)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections before new ones get 503 (default 2 x max-calls + 64)",
+    )
+    limits.add_argument(
+        "--send-timeout",
+        type=float,
+        metavar="S",
+        help="seconds an HTTP response may make no progress before the connection is aborted "
+        "(default 30)",
+    )
+    limits.add_argument(
+        "--close-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a close may take before the connection is aborted (default 5)",
+    )
+    limits.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        metavar="S",
+        help="websocket keepalive ping interval, 0 for none (default 20)",
+    )
+    limits.add_argument(
+        "--ws-ping-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a ping may wait for its pong, 0 for no limit (default 20)",
+    )
+    limits.add_argument(
+        "--ws-max-frames-per-s",
+        type=float,
+        metavar="N",
+        help="websocket frames a second one connection may send on average, bursts of 2000 "
+        "allowed, 0 for no limit (default 500)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     call = subparsers.add_parser(

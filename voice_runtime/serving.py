@@ -4,7 +4,9 @@
 main thread and drains it on SIGTERM/SIGINT *before* uvicorn closes the sockets (uvicorn's own
 shutdown ends live websockets with 1012 before the app's lifespan shutdown runs).
 :class:`BackgroundVoiceServer` runs one in a background thread, for sync scripts that place
-calls.
+calls. Both serve with :class:`~voice_runtime.transports.guard.ConnectionLimits`: header and
+body read timeouts, a connection limit above ``max_calls``, a bounded close and a frame
+budget per websocket.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import uvicorn
 
 from voice_runtime.config import settings
 from voice_runtime.logutil import guard_server_logs
+from voice_runtime.transports.guard import ConnectionLimits, connection_cap, guarded_http_protocol
 
 if TYPE_CHECKING:
     from voice_runtime.server import VoiceServer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackgroundVoiceServer", "serve_forever", "uvicorn_config"]
+__all__ = ["BackgroundVoiceServer", "ConnectionLimits", "serve_forever", "uvicorn_config"]
 
 
 class _DrainingUvicorn(uvicorn.Server):
@@ -63,33 +66,86 @@ class _DrainingUvicorn(uvicorn.Server):
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        from voice_runtime.transports.fastws import SHUTDOWN_GRACE_S
+
+        # uvicorn's shutdown then gives each connection up to SHUTDOWN_GRACE_S to close before
+        # aborting it: keep that inside drain_timeout, so the process exits within it.
+        total = self.voice.drain_timeout
         try:
-            await self.voice.drain()
+            await self.voice.drain(max(total - SHUTDOWN_GRACE_S, total / 2))
         finally:
             self.should_exit = True
 
 
-def uvicorn_config(app: Any, *, ws: Any = None, **kwargs: Any) -> uvicorn.Config:
+def _http_class(http: Any) -> Any:
+    """uvicorn's HTTP protocol class for an ``http`` setting, or None when it is not one."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    guardable: tuple[type, ...] = (H11Protocol,)
+    with contextlib.suppress(ImportError):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        guardable += (HttpToolsProtocol,)
+    if isinstance(http, str):
+        if http not in ("auto", "h11", "httptools"):
+            return None
+        http = import_from_string(HTTP_PROTOCOLS[http])
+    if isinstance(http, type) and issubclass(http, guardable):
+        return http
+    return None
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    ws: Any = None,
+    limits: ConnectionLimits | None = None,
+    max_calls: int | None = None,
+    **kwargs: Any,
+) -> uvicorn.Config:
     """A ``uvicorn.Config`` for ``app`` with the websocket settings media streams want.
 
     ``ws`` defaults to :class:`~voice_runtime.transports.fastws.VoiceWebSocketProtocol`;
-    pass ``"auto"`` (or any uvicorn ``ws`` value) for uvicorn's own protocols.
+    pass ``"auto"`` (or any uvicorn ``ws`` value) for uvicorn's own protocols. ``limits``
+    (default :class:`ConnectionLimits()`) applies to uvicorn's h11/httptools protocols and to
+    the lean websocket protocol; the default connection limit follows ``max_calls``.
     """
     from voice_runtime.transports.fastws import VoiceWebSocketProtocol
 
+    limits = limits or ConnectionLimits()
     kwargs.setdefault("lifespan", "on")
     kwargs.setdefault("ws_max_size", 1 << 20)
     # No permessage-deflate: base64 audio barely compresses, and zlib on every 20 ms frame
     # was the largest single cost per call in benchmarks/bench_calls.py.
     kwargs.setdefault("ws_per_message_deflate", False)
+    kwargs.setdefault("ws_ping_interval", limits.ws_ping_interval_s)
+    kwargs.setdefault("ws_ping_timeout", limits.ws_ping_timeout_s)
+    http = kwargs.pop("http", "auto")
+    base = _http_class(http)
+    if base is not None:
+        http = guarded_http_protocol(base, limits, connection_cap(limits, max_calls))
+    if ws is None:
+        ws = VoiceWebSocketProtocol.with_limits(limits)
     guard_server_logs()  # uvicorn logs request paths and peer-triggered warnings
-    return uvicorn.Config(app, ws=VoiceWebSocketProtocol if ws is None else ws, **kwargs)
+    return uvicorn.Config(app, ws=ws, http=http, **kwargs)
 
 
-def _uvicorn_config(voice: VoiceServer, host: str, port: int, log_level: str) -> uvicorn.Config:
+def _uvicorn_config(
+    voice: VoiceServer, host: str, port: int, log_level: str, limits: ConnectionLimits | None
+) -> uvicorn.Config:
     # uvicorn's own X-Forwarded-* handling is off: VoiceServer honours those headers itself,
     # only from its trusted proxy networks (it needs the real peer address to tell).
-    return uvicorn_config(voice.app, host=host, port=port, log_level=log_level, proxy_headers=False)
+    return uvicorn_config(
+        voice.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        proxy_headers=False,
+        limits=limits,
+        max_calls=voice.max_calls,
+    )
 
 
 def serve_forever(
@@ -98,22 +154,25 @@ def serve_forever(
     host: str = "127.0.0.1",
     port: int | None = None,
     log_level: str = "info",
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
 
     ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. Raises
     ConfigurationError before binding when signatures are enforced and no public URL is set.
+    ``limits``: connection timeouts and limits (default :class:`ConnectionLimits()`).
     """
     voice.check_config()
     port = settings().voice_server_port if port is None else port
-    config = _uvicorn_config(voice, host, port, log_level)
+    config = _uvicorn_config(voice, host, port, log_level, limits)
     _DrainingUvicorn(config, voice).run()
 
 
 class BackgroundVoiceServer:
     """A VoiceServer served by uvicorn on its own thread; ``stop()`` drains it first.
 
-    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`).
+    ``port=0`` picks a free port (read it from :attr:`port` after :meth:`start`). ``limits``:
+    connection timeouts and limits (default :class:`ConnectionLimits()`).
     """
 
     def __init__(
@@ -123,10 +182,11 @@ class BackgroundVoiceServer:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.voice = voice
         self.host = host
-        config = _uvicorn_config(voice, host, port, log_level)
+        config = _uvicorn_config(voice, host, port, log_level, limits)
         self._server = _DrainingUvicorn(config, voice)
         self._thread: threading.Thread | None = None
         self.port = port

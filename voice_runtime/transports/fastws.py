@@ -23,6 +23,7 @@ import base64
 import collections
 import hashlib
 import logging
+import math
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from uvicorn.protocols.utils import (
     is_ssl,
 )
 
-from voice_runtime.logutil import log_limited
+from voice_runtime.transports.guard import ConnectionLimits, abort, note
 
 try:
     from websockets.speedups import apply_mask as _apply_mask
@@ -62,15 +63,22 @@ MAX_FRAGMENTS = 1024
 # Pull mode only: stop reading the socket while this many messages wait for the app.
 _PAUSE_AT = 64
 _RESUME_AT = 16
+# On server shutdown a connection whose bytes have not left by then is aborted: the drain
+# already gave the calls their time.
+SHUTDOWN_GRACE_S = 1.0
 
 
 class ProtocolError(Exception):
-    """The peer broke RFC 6455; ``code`` is the close code to answer with."""
+    """The peer broke RFC 6455 (or its frame budget); ``code`` is the close code to answer with.
 
-    def __init__(self, code: int, reason: str) -> None:
+    ``kind`` names the event in :func:`~voice_runtime.transports.guard.connection_stats`.
+    """
+
+    def __init__(self, code: int, reason: str, kind: str = "protocol_error") -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.kind = kind
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -172,7 +180,18 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
     object) offers :meth:`attach`, :meth:`send_text`, :attr:`writable`, :meth:`wait_writable`
     and :meth:`close`. Before :meth:`attach`, messages wait in a bounded buffer for the ASGI
     ``receive``; after it, each one goes to the callback as it is parsed.
+
+    :attr:`limits` bounds the connection: a close that does not complete within
+    ``close_timeout_s`` aborts the transport, and a peer over its frame budget is closed
+    with 1008. :meth:`with_limits` makes a subclass with other limits.
     """
+
+    limits: ConnectionLimits = ConnectionLimits()
+
+    @classmethod
+    def with_limits(cls, limits: ConnectionLimits) -> type[VoiceWebSocketProtocol]:
+        """A subclass of this protocol that applies ``limits``."""
+        return type(cls.__name__, (cls,), {"limits": limits, "__module__": cls.__module__})
 
     def __init__(
         self,
@@ -193,7 +212,12 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.max_size: int = config.ws_max_size
         self.ping_interval: float | None = config.ws_ping_interval
         self.ping_timeout: float | None = config.ws_ping_timeout
-        self.close_timeout = 10.0
+        self.close_timeout = self.limits.close_timeout_s
+        rate = self.limits.ws_frames_per_s
+        self._frame_rate = rate
+        # Token bucket of inbound frames, refilled lazily when it runs dry.
+        self._tokens: float = float(self.limits.ws_frame_burst) if rate > 0 else math.inf
+        self._refilled_at = self.loop.time()
 
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.scope: dict[str, Any] = {}
@@ -224,6 +248,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._on_close: Callable[[int], None] | None = None
 
         self._close_timer: asyncio.TimerHandle | None = None
+        self._lost = False
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
@@ -237,6 +262,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket is gone: end the app's side (1006 unless a close was exchanged)."""
+        self._lost = True
         self._stop_keepalive()
         if self._close_timer is not None:
             self._close_timer.cancel()
@@ -258,7 +284,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._set_writable(True)
 
     def shutdown(self) -> None:
-        """uvicorn is stopping: tell the app (1012) and close the connection."""
+        """uvicorn is stopping: tell the app (1012) and close the connection (bounded)."""
         self._stop_keepalive()
         if self.accepted and not self.close_sent:
             self._send_close(1012)
@@ -266,7 +292,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         elif self.handshake_done and not self.close_sent and self._denial is None:
             self.close_sent = True
             self._write_response(500, b"Internal Server Error")
-        self.transport.close()
+        self._close_transport(min(self.close_timeout, SHUTDOWN_GRACE_S))
 
     def data_received(self, data: bytes) -> None:
         """Parse what arrived: the upgrade request first, then frames."""
@@ -287,7 +313,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         try:
             self._parse_frames(data)
         except ProtocolError as exc:
-            self._fail(exc.code, exc.reason)
+            self._fail(exc.code, exc.reason, exc.kind)
 
     # ------------------------------------------------------------------ handshake
 
@@ -344,18 +370,11 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         }
 
     def _reject_now(self, status: int, reason: str) -> None:
-        log_limited(
-            logger,
-            "ws_refused",
-            'WebSocket upgrade refused: %d "%s"',
-            status,
-            reason,
-            level=logging.INFO,
-        )
+        note("refused_upgrade", "WebSocket upgrade refused", status=status, reason=reason)
         headers = [(b"sec-websocket-version", b"13")] if status == 426 else []
         self.close_sent = True
         self._write_response(status, reason.encode(), headers)
-        self.transport.close()
+        self._close_transport()
 
     def _write_response(
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
@@ -375,72 +394,92 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         i = 0
         end = len(data)
         max_size = self.max_size
-        while end - i >= 2:
-            b0 = data[i]
-            b1 = data[i + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if end - i < 4:
-                    self._need = 4
+        tokens = self._tokens
+        try:
+            while end - i >= 2:
+                b0 = data[i]
+                b1 = data[i + 1]
+                length = b1 & 0x7F
+                head = 2
+                if length == 126:
+                    if end - i < 4:
+                        self._need = 4
+                        break
+                    length = (data[i + 2] << 8) | data[i + 3]
+                    head = 4
+                elif length == 127:
+                    if end - i < 10:
+                        self._need = 10
+                        break
+                    length = int.from_bytes(data[i + 2 : i + 10], "big")
+                    head = 10
+                if not b1 & 0x80:
+                    raise ProtocolError(1002, "client frames must be masked")
+                if b0 & 0x70:
+                    raise ProtocolError(1002, "reserved bits set without an extension")
+                opcode = b0 & 0x0F
+                if length > max_size or (
+                    opcode == OP_CONT and self._fragment_size + length > max_size
+                ):
+                    raise ProtocolError(1009, f"message over {max_size} bytes")
+                start = i + head + 4
+                stop = start + length
+                if stop > end:
+                    self._need = stop - i
                     break
-                length = (data[i + 2] << 8) | data[i + 3]
-                head = 4
-            elif length == 127:
-                if end - i < 10:
-                    self._need = 10
-                    break
-                length = int.from_bytes(data[i + 2 : i + 10], "big")
-                head = 10
-            if not b1 & 0x80:
-                raise ProtocolError(1002, "client frames must be masked")
-            if b0 & 0x70:
-                raise ProtocolError(1002, "reserved bits set without an extension")
-            opcode = b0 & 0x0F
-            if length > max_size or (opcode == OP_CONT and self._fragment_size + length > max_size):
-                raise ProtocolError(1009, f"message over {max_size} bytes")
-            start = i + head + 4
-            stop = start + length
-            if stop > end:
-                self._need = stop - i
-                break
-            payload = unmask(data[start:stop], data[start - 4 : start]) if length else b""
-            i = stop
-            fin = b0 & 0x80
-            if opcode in (OP_TEXT, OP_BINARY):
-                if self._fragment_op:
-                    raise ProtocolError(1002, "new message inside a fragmented one")
-                if fin:
-                    self._deliver(opcode, payload)
+                tokens -= 1
+                if tokens < 0:
+                    tokens = self._refill(tokens)
+                payload = unmask(data[start:stop], data[start - 4 : start]) if length else b""
+                i = stop
+                fin = b0 & 0x80
+                if opcode in (OP_TEXT, OP_BINARY):
+                    if self._fragment_op:
+                        raise ProtocolError(1002, "new message inside a fragmented one")
+                    if fin:
+                        self._deliver(opcode, payload)
+                    else:
+                        self._fragment_op = opcode
+                        self._fragments = [payload]
+                        self._fragment_size = length
+                elif opcode == OP_CONT:
+                    if not self._fragment_op:
+                        raise ProtocolError(1002, "continuation frame without a message")
+                    if len(self._fragments) >= MAX_FRAGMENTS:
+                        raise ProtocolError(1009, f"message in over {MAX_FRAGMENTS} fragments")
+                    self._fragments.append(payload)
+                    self._fragment_size += length
+                    if fin:
+                        op, parts = self._fragment_op, self._fragments
+                        self._fragment_op, self._fragments, self._fragment_size = 0, [], 0
+                        self._deliver(op, b"".join(parts))
+                elif opcode in _CONTROL_OPS:
+                    if not fin or length > 125:
+                        raise ProtocolError(1002, "fragmented or oversized control frame")
+                    self._control(opcode, payload)
+                    if self.close_received:
+                        return
                 else:
-                    self._fragment_op = opcode
-                    self._fragments = [payload]
-                    self._fragment_size = length
-            elif opcode == OP_CONT:
-                if not self._fragment_op:
-                    raise ProtocolError(1002, "continuation frame without a message")
-                if len(self._fragments) >= MAX_FRAGMENTS:
-                    raise ProtocolError(1009, f"message in over {MAX_FRAGMENTS} fragments")
-                self._fragments.append(payload)
-                self._fragment_size += length
-                if fin:
-                    op, parts = self._fragment_op, self._fragments
-                    self._fragment_op, self._fragments, self._fragment_size = 0, [], 0
-                    self._deliver(op, b"".join(parts))
-            elif opcode in _CONTROL_OPS:
-                if not fin or length > 125:
-                    raise ProtocolError(1002, "fragmented or oversized control frame")
-                self._control(opcode, payload)
-                if self.close_received:
+                    raise ProtocolError(1002, f"unknown opcode {opcode:#x}")
+                if self.transport.is_closing():
                     return
-            else:
-                raise ProtocolError(1002, f"unknown opcode {opcode:#x}")
-            if self.transport.is_closing():
-                return
-        if i < end:
-            if end - i < 2:
-                self._need = 2
-            self._buf = bytearray(data[i:])
+            if i < end:
+                if end - i < 2:
+                    self._need = 2
+                self._buf = bytearray(data[i:])
+        finally:
+            self._tokens = tokens
+
+    def _refill(self, tokens: float) -> float:
+        """Add the tokens earned since the last refill; ProtocolError when still in debt."""
+        now = self.loop.time()
+        tokens = min(
+            float(self.limits.ws_frame_burst), tokens + (now - self._refilled_at) * self._frame_rate
+        )
+        self._refilled_at = now
+        if tokens < 0:
+            raise ProtocolError(1008, "too many frames", "frame_budget")
+        return tokens
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
         if self.close_sent:
@@ -500,21 +539,14 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             echo = payload[:2]
             self.transport.write(frame_header(OP_CLOSE, len(echo)) + echo)
         self._disconnected(code, reason)
-        self.transport.close()
+        self._close_transport()
 
-    def _fail(self, code: int, reason: str) -> None:
-        log_limited(
-            logger,
-            "ws_error",
-            "WebSocket protocol error from %s: %s",
-            self.scope.get("client"),
-            reason,
-            level=logging.INFO,
-        )
+    def _fail(self, code: int, reason: str, kind: str = "protocol_error") -> None:
+        note(kind, "WebSocket connection failed", client=self.scope.get("client"), reason=reason)
         if self.accepted and not self.close_sent:
             self._send_close(code, reason)
         self._disconnected(code, reason)
-        self.transport.close()
+        self._close_transport()
 
     # ------------------------------------------------------------------ delivery to the app
 
@@ -645,13 +677,41 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.transport.write(frame_header(OP_CLOSE, len(payload)) + payload)
         self._resume_reading()  # the peer's reply must get through
         if self._close_timer is None and not self.transport.is_closing():
-            self._close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+            self._close_timer = self.loop.call_later(self.close_timeout, self._close_expired)
+
+    def _close_transport(self, bound: float | None = None) -> None:
+        """Close the TCP connection; abort it if the close has not completed within ``bound``.
+
+        ``transport.close()`` alone waits for the write buffer to drain: forever when the peer
+        stopped reading, holding the fd (and, through the app, the call's slot).
+        """
+        self.transport.close()
+        if self._lost:
+            return
+        when = self.loop.time() + (self.close_timeout if bound is None else bound)
+        timer = self._close_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._close_timer = self.loop.call_at(when, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._close_timer = None
+        if self._lost:
+            return
+        if self.transport.is_closing() or self.transport.get_write_buffer_size():
+            # Our bytes (the close frame among them) never left: the peer is not reading.
+            abort(self.transport)
+        else:
+            # The peer never answered our close frame; nothing is pending, so close now.
+            self.transport.close()
 
     def _deny_with_403(self) -> None:
         self.close_sent = True
         self._write_response(403, b"")
         self._disconnected(1006)
-        self.transport.close()
+        self._close_transport()
 
     def _accept(self, message: dict[str, Any]) -> None:
         digest = hashlib.sha1(self._key + _GUID).digest()
@@ -686,7 +746,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
                 self.close_sent = True
                 self._write_response(status, b"".join(parts), headers)
                 self._disconnected(1006)
-                self.transport.close()
+                self._close_transport()
             return
         if not self.accepted:
             if self.disconnected or self.close_sent:
@@ -747,7 +807,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             self._send_close(close_code)
             code = close_code  # what a direct-channel on_close hears, as the peer does
         if self._close_timer is None:
-            self.transport.close()
+            self._close_transport()
         self._disconnected(code)
 
     def _schedule_ping(self) -> None:
@@ -769,14 +829,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
     def _pong_missing(self) -> None:
         self._pong_timer = None
         if not self.close_sent and not self.disconnected:
-            log_limited(
-                logger,
-                "ws_timeout",
-                "WebSocket keepalive timeout from %s",
-                self.scope.get("client"),
-                level=logging.INFO,
-            )
-            self._fail(1011, "keepalive ping timeout")
+            self._fail(1011, "keepalive ping timeout", "keepalive_timeout")
 
     def _stop_keepalive(self) -> None:
         for timer in (self._ping_timer, self._pong_timer):

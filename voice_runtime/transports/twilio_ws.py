@@ -441,6 +441,7 @@ class MediaStreamCall:
         await self._close(1000)
 
     async def _close(self, code: int) -> None:
+        """Start closing the stream; on the lean protocol the close is bounded by its limits."""
         if self._closed:
             return
         self._closed = True
@@ -454,6 +455,10 @@ class MediaStreamCall:
     async def _cleanup(self) -> None:
         session = self.session
         session.signal_disconnected()
+        if self._fast is not None:
+            # Start the close now, not after the STT stop below: the protocol bounds it
+            # (close_timeout, then abort), so the fd is freed even if the peer stopped reading.
+            await self._close(self._end_code)
         stt = session.stt
         if stt is not None:
             try:
