@@ -143,8 +143,11 @@ class ServedApp:
 
     ``env`` adds to (or, with a None value, removes from) the environment; the ABUSE_* knobs
     are read by abuse_app.py. Use as a context manager; ``stop()`` sends SIGTERM and returns
-    the exit code.
+    the exit code. The server's output is read as it comes (a full pipe would stall its
+    loop): ``output`` keeps its first MB, ``log_lines`` counts every line.
     """
+
+    OUTPUT_KEPT = 1_000_000
 
     def __init__(
         self,
@@ -170,7 +173,10 @@ class ServedApp:
             *(args or []),
         ]  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
-        self.output = ""
+        self.log_lines = 0
+        self._kept: list[str] = []
+        self._kept_chars = 0
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 20.0) -> ServedApp:
         """Start the process and wait until ``/health`` answers."""
@@ -178,10 +184,13 @@ class ServedApp:
             self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        self._reader = threading.Thread(target=self._read_output, name="served-app-output")
+        self._reader.daemon = True
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                self.output = self.proc.communicate()[0]
+                self._reap()
                 raise RuntimeError(f"served app exited during startup:\n{self.output}")
             try:
                 self.get_json("/health")
@@ -191,6 +200,26 @@ class ServedApp:
             if time.monotonic() > deadline:
                 raise TimeoutError("served app did not start")
             time.sleep(0.05)
+
+    def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log_lines += 1
+            if self._kept_chars < self.OUTPUT_KEPT:
+                self._kept.append(line)
+                self._kept_chars += len(line)
+
+    def _reap(self) -> None:
+        """Wait for the exited process and the end of its output."""
+        assert self.proc is not None
+        self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+
+    @property
+    def output(self) -> str:
+        """What the server wrote so far (its first MB)."""
+        return "".join(self._kept)
 
     @property
     def pid(self) -> int:
@@ -233,11 +262,12 @@ class ServedApp:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            self.output = self.proc.communicate(timeout=timeout)[0]
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.output = self.proc.communicate()[0]
+            self._reap()
             raise
+        self._reap()
         return self.proc.returncode
 
     def __enter__(self) -> ServedApp:
@@ -246,7 +276,7 @@ class ServedApp:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.output = self.proc.communicate()[0]
+            self._reap()
 
 
 def assert_no_frame_lost(app: ServedApp, caller: PacedCaller) -> None:
