@@ -77,6 +77,7 @@ class PacedCaller(threading.Thread):
 
     ``sent`` holds every caller byte sent; ``digest()`` its SHA-256 (compare with the served
     app's record of what it received). ``headers`` go on the upgrade request (signatures).
+    ``max_send_gap_ms`` is the longest time between two of its sends (a starved caller shows).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class PacedCaller(threading.Thread):
         self.parameters = parameters
         self.sent = bytearray()
         self.error: BaseException | None = None
+        self.max_send_gap_ms = 0.0
         self.started = threading.Event()
         self._halt = threading.Event()
 
@@ -108,9 +110,13 @@ class PacedCaller(threading.Thread):
                 self.started.set()
                 next_t = time.monotonic()
                 seq = 2
+                last = time.monotonic()
                 while not self._halt.is_set():
                     frame = os.urandom(FRAME)
                     ws.send(media_frame(self.stream_sid, frame, seq))
+                    now = time.monotonic()
+                    self.max_send_gap_ms = max(self.max_send_gap_ms, (now - last) * 1000)
+                    last = now
                     self.sent += frame
                     seq += 1
                     next_t += 0.02
