@@ -165,6 +165,11 @@ def raw_post(port: int, path: str, total: int, chunked: bool, limit_s: float) ->
                 n_sent = sock.send(pending)
             except (BrokenPipeError, ConnectionResetError):
                 outcome = "reset while sending"
+                # The server may have answered before it closed: the answer wins.
+                with contextlib.suppress(OSError):
+                    answer += sock.recv(65536)
+                if answer.startswith(b"HTTP/") and b" " in answer:
+                    outcome = answer.split(b" ", 2)[1].decode("ascii", "replace") + ", reset"
                 break
             pending = pending[n_sent:]
             sent_body = total - body_left - len(pending)
@@ -417,7 +422,11 @@ def attack_slowloris(app: ServedApp, quick: bool) -> dict[str, Any]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1000), hard))
     conns: list[socket.socket] = []
     refused = 0
+    connect_until = time.monotonic() + 15.0  # a server that stops accepting: bounded
     for _ in range(count):
+        if time.monotonic() > connect_until:
+            refused += 1
+            continue
         try:
             sock = socket.create_connection(("127.0.0.1", app.port), timeout=2)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -427,6 +436,7 @@ def attack_slowloris(app: ServedApp, quick: bool) -> dict[str, Any]:
             refused += 1
     started = time.monotonic()
     closed_at: dict[int, float] = {}
+    how: Counter[str] = Counter()
     sel = selectors.DefaultSelector()
     for i, sock in enumerate(conns):
         sel.register(sock, selectors.EVENT_READ, i)
@@ -440,6 +450,7 @@ def attack_slowloris(app: ServedApp, quick: bool) -> dict[str, Any]:
                 data = b""
             if not data or data.startswith(b"HTTP/"):
                 closed_at[i] = time.monotonic() - started
+                how["closed" if not data else "HTTP " + data[9:12].decode("ascii", "replace")] += 1
                 sel.unregister(key.fileobj)
         if time.monotonic() >= next_tick:
             next_tick += 1.0
@@ -455,8 +466,8 @@ def attack_slowloris(app: ServedApp, quick: bool) -> dict[str, Any]:
     when = f", first at {times[0]:.1f} s, last at {times[-1]:.1f} s" if times else ""
     return {
         "load": f"{count} slowloris connections, {hold:.0f} s",
-        "outcome": f"server closed {len(times)}{when}; open at end {still_open}"
-        + (f"; connect refused {refused}" if refused else ""),
+        "outcome": f"server ended {len(times)} ({summary(how)}){when}; open at end {still_open}"
+        + (f"; refused or closed at connect {refused}" if refused else ""),
     }
 
 
@@ -496,7 +507,7 @@ def attack_big_frames(app: ServedApp, quick: bool) -> dict[str, Any]:
     ws.close()
     got = app.call_record(call_sid)["bytes"]
     return {
-        "load": f"{len(frame) // 1000} KB media frames at 50/s, {seconds:.0f} s",
+        "load": f"{round(len(frame) / 1000)} KB media frames at 50/s, {seconds:.0f} s",
         "outcome": f"{end} after {took:.1f} s; {sent} frames sent "
         f"({sent * len(frame) / 1e6:.0f} MB), app got {got / 1e6:.1f} MB of audio",
     }

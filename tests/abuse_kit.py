@@ -221,6 +221,8 @@ class ServedApp:
         self.proc.wait()
         if self._reader is not None:
             self._reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     @property
     def output(self) -> str:
