@@ -25,8 +25,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# Order: cheap and steady first; the live-call benchmark (minutes) last.
-MODULES = ["codec", "transport", "offline", "providers", "realtime", "calls"]
+# Order: cheap and steady first; the live-call benchmark (minutes), then the attacks, last.
+MODULES = ["codec", "transport", "offline", "providers", "realtime", "calls", "abuse"]
 
 
 def machine() -> dict[str, Any]:

@@ -1,18 +1,20 @@
 """The app that abuse tests serve in a second process (see abuse_kit.ServedApp).
 
 Every call's caller audio is counted and hashed, readable at ``GET /test/calls/{call_sid}``
-(with the session's stats and the caller audio it holds queued), so a test can check that a
-legitimate call lost no frame while an attack ran; call slots and refusals by reason are at
-``GET /test/admission``, the server's connection-level event counts at
-``GET /test/connection-stats``. A call whose SID starts with ``CAstall`` never reads its caller
-audio (a stalled consumer) until it ends. Knobs come from the environment: ABUSE_MAX_CALLS
-(default 20), ABUSE_DRAIN_TIMEOUT (5), ABUSE_START_TIMEOUT (stream start timeout, 10),
-ABUSE_LEAD_MS (how far ahead agent audio is sent, 120), ABUSE_WS_SNDBUF (the kernel send buffer
-of each websocket, bytes; unset: the system's), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks
-until ``POST /test/sms/release``; ``GET /test/sms`` counts them), and the usual TWILIO_* /
-VOICE_* variables (signatures, public URL). A call whose ``start`` carries the parameter
-``abuse_play_ms`` gets that much agent audio at once, and one with ``abuse_hangup_after_s`` is
-hung up by the app after that many seconds.
+(with the session's stats, the caller audio it holds queued and the longest gap between two
+caller frames), so a test can check that a legitimate call lost no frame while an attack ran;
+call slots and refusals by reason are at ``GET /test/admission``, the server's
+connection-level event counts at ``GET /test/connection-stats``. A call whose SID starts with
+``CAstall`` never reads its caller audio (a stalled consumer) until it ends.
+
+Knobs from the environment: ABUSE_MAX_CALLS (default 20), ABUSE_DRAIN_TIMEOUT (5),
+ABUSE_START_TIMEOUT (stream start timeout, 10), ABUSE_LEAD_MS (how far ahead agent audio is
+sent, 120), ABUSE_PLAY_MS (agent audio every call plays, 0), ABUSE_SMS_BLOCK_MS (an ``on_sms``
+that blocks this long), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks until
+``POST /test/sms/release``; ``GET /test/sms`` counts them), ABUSE_WS_SNDBUF (the kernel send
+buffer of each websocket, bytes), and the usual TWILIO_* / VOICE_* variables (signatures,
+public URL). A call whose ``start`` carries the parameter ``abuse_play_ms`` gets that much
+agent audio, and one with ``abuse_hangup_after_s`` is hung up by the app after that long.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, Response
@@ -33,6 +36,9 @@ from voice_runtime.session import VoiceSession
 from voice_runtime.transports.fastws import EXTENSION
 from voice_runtime.transports.guard import connection_stats
 from voice_runtime.transports.twilio_ws import StreamOptions
+
+PLAY_MS = int(os.environ.get("ABUSE_PLAY_MS", "0"))
+SMS_BLOCK_MS = os.environ.get("ABUSE_SMS_BLOCK_MS")
 
 
 class _Counter:
@@ -44,7 +50,8 @@ class _Counter:
     async def handle(self, session: VoiceSession) -> None:
         sid = session.call_sid or ""
         digest = hashlib.sha256()
-        record = {"bytes": 0, "sha256": digest.hexdigest(), "ended": False}
+        # max_gap_ms: the longest wait between two caller frames here (a stalled loop shows).
+        record = {"bytes": 0, "sha256": digest.hexdigest(), "ended": False, "max_gap_ms": 0.0}
         with self._lock:
             self.calls[sid] = record
             self.sessions[sid] = session
@@ -53,13 +60,20 @@ class _Counter:
             record["ended"] = True
             return
         side = asyncio.create_task(_act(session))
+        last = None
         try:
             while (frame := await session.inbound.get()) is not None:
+                now = time.monotonic()
+                if last is not None:
+                    record["max_gap_ms"] = max(record["max_gap_ms"], (now - last) * 1000)
+                last = now
                 digest.update(frame)
                 record["bytes"] += len(frame)
             record["sha256"] = digest.hexdigest()
         finally:
             side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
             record["sha256"] = digest.hexdigest()
             record["ended"] = True
 
@@ -67,11 +81,9 @@ class _Counter:
 async def _act(session: VoiceSession) -> None:
     """What the call's parameters ask the app to do: play audio, hang up."""
     params = session.call_info.custom_parameters if session.call_info else {}
-    play_ms = int(params.get("abuse_play_ms", "0"))
-    if play_ms:
-        chunk = b"\x7f" * 8000  # a second of mu-law
-        for _ in range(play_ms // 1000):
-            await session.put_outbound(chunk)
+    play_ms = int(params.get("abuse_play_ms", PLAY_MS))
+    for _ in range(play_ms // 100):
+        await session.put_outbound(b"\xff" * 800)  # 100 ms of mu-law silence
     hangup = params.get("abuse_hangup_after_s")
     if hangup is not None:
         await asyncio.sleep(float(hangup))
@@ -92,6 +104,11 @@ class _SendBuffer:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.size)
         await self.app(scope, receive, send)
+
+
+def blocking_sms(sms: Any) -> None:
+    """An ``on_sms`` handler that blocks its thread for ABUSE_SMS_BLOCK_MS (a slow CRM)."""
+    time.sleep(float(SMS_BLOCK_MS or 0) / 1000)
 
 
 counter = _Counter()
@@ -179,7 +196,13 @@ async def stats() -> dict[str, int]:
 voice = VoiceServer(
     app=app,
     on_call=counter.handle,
-    on_sms=sms_gate.on_sms if os.environ.get("ABUSE_SMS_GATE") == "1" else None,
+    on_sms=(
+        sms_gate.on_sms
+        if os.environ.get("ABUSE_SMS_GATE") == "1"
+        else blocking_sms
+        if SMS_BLOCK_MS
+        else None
+    ),
     max_calls=int(os.environ.get("ABUSE_MAX_CALLS", "20")),
     drain_timeout=float(os.environ.get("ABUSE_DRAIN_TIMEOUT", "5")),
     stream_options=StreamOptions(

@@ -77,6 +77,7 @@ class PacedCaller(threading.Thread):
 
     ``sent`` holds every caller byte sent; ``digest()`` its SHA-256 (compare with the served
     app's record of what it received). ``headers`` go on the upgrade request (signatures).
+    ``max_send_gap_ms`` is the longest time between two of its sends (a starved caller shows).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class PacedCaller(threading.Thread):
         self.parameters = parameters
         self.sent = bytearray()
         self.error: BaseException | None = None
+        self.max_send_gap_ms = 0.0
         self.started = threading.Event()
         self._halt = threading.Event()
 
@@ -108,9 +110,13 @@ class PacedCaller(threading.Thread):
                 self.started.set()
                 next_t = time.monotonic()
                 seq = 2
+                last = time.monotonic()
                 while not self._halt.is_set():
                     frame = os.urandom(FRAME)
                     ws.send(media_frame(self.stream_sid, frame, seq))
+                    now = time.monotonic()
+                    self.max_send_gap_ms = max(self.max_send_gap_ms, (now - last) * 1000)
+                    last = now
                     self.sent += frame
                     seq += 1
                     next_t += 0.02
@@ -218,8 +224,11 @@ class ServedApp:
 
     ``env`` adds to (or, with a None value, removes from) the environment; the ABUSE_* knobs
     are read by abuse_app.py. Use as a context manager; ``stop()`` sends SIGTERM and returns
-    the exit code.
+    the exit code. The server's output is read as it comes (a full pipe would stall its
+    loop): ``output`` keeps its first MB, ``log_lines`` counts every line.
     """
+
+    OUTPUT_KEPT = 1_000_000
 
     def __init__(
         self,
@@ -245,27 +254,10 @@ class ServedApp:
             *(args or []),
         ]  # fmt: skip
         self.proc: subprocess.Popen[str] | None = None
-        self._lines: list[str] = []
+        self.log_lines = 0
+        self._kept: list[str] = []
+        self._kept_chars = 0
         self._reader: threading.Thread | None = None
-
-    @property
-    def output(self) -> str:
-        """What the server printed so far (stdout and stderr)."""
-        return "".join(self._lines)
-
-    def _read_output(self) -> None:
-        # Read continuously: a server whose log fills the pipe would block on its next write.
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.append(line)
-
-    def _wait(self, timeout: float | None = None) -> None:
-        assert self.proc is not None
-        self.proc.wait(timeout)
-        if self._reader is not None:
-            self._reader.join(5)
-            if not self._reader.is_alive() and self.proc.stdout is not None:
-                self.proc.stdout.close()
 
     def start(self, timeout: float = 20.0) -> ServedApp:
         """Start the process and wait until ``/health`` answers."""
@@ -273,14 +265,13 @@ class ServedApp:
             self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
-        self._reader = threading.Thread(
-            target=self._read_output, name="served-app-log", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read_output, name="served-app-output")
+        self._reader.daemon = True
         self._reader.start()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                self._wait()
+                self._reap()
                 raise RuntimeError(f"served app exited during startup:\n{self.output}")
             try:
                 self.get_json("/health")
@@ -290,6 +281,28 @@ class ServedApp:
             if time.monotonic() > deadline:
                 raise TimeoutError("served app did not start")
             time.sleep(0.05)
+
+    def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log_lines += 1
+            if self._kept_chars < self.OUTPUT_KEPT:
+                self._kept.append(line)
+                self._kept_chars += len(line)
+
+    def _reap(self) -> None:
+        """Wait for the exited process and the end of its output."""
+        assert self.proc is not None
+        self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    @property
+    def output(self) -> str:
+        """What the server wrote so far (its first MB)."""
+        return "".join(self._kept)
 
     @property
     def pid(self) -> int:
@@ -332,11 +345,12 @@ class ServedApp:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            self._wait(timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self._wait()
+            self._reap()
             raise
+        self._reap()
         return self.proc.returncode
 
     def __enter__(self) -> ServedApp:
@@ -345,7 +359,7 @@ class ServedApp:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self._wait()
+            self._reap()
 
 
 def assert_no_frame_lost(app: ServedApp, caller: PacedCaller) -> None:
