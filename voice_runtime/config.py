@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from voice_runtime.errors import ConfigurationError
 
@@ -140,4 +142,59 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return env.get(name, "").strip().lower() in _TRUE
 
 
-__all__ = ["ENV_VARS", "EnvVar", "Settings", "env_flag", "env_value", "settings"]
+class _CurrentStr(str):
+    """A setting handed out as a module constant (so setting it back is no override)."""
+
+    __slots__ = ()
+
+
+class _CurrentInt(int):
+    """An integer setting handed out as a module constant."""
+
+    __slots__ = ()
+
+
+_NO_OVERRIDE = object()
+
+
+class ModuleConstants:
+    """The 0.1.x module constants (``elevenlabs_tts.ELEVENLABS_API_KEY`` …) backed by settings.
+
+    0.1.x read them from the environment at import; here the module's ``__getattr__`` calls
+    :meth:`current`, so reading one gives the setting now. A value a user sets on the module
+    (``monkeypatch.setattr``) is an override that :meth:`value` gives to constructors. What
+    :meth:`current` hands out is marked, so monkeypatch's undo, which sets back the value it
+    read, leaves no override behind.
+    """
+
+    def __init__(self, module: str, names: Mapping[str, str]) -> None:
+        self._module = module
+        self._fields = dict(names)  # constant name -> Settings field
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fields
+
+    def current(self, name: str) -> str | int:
+        """What ``module.NAME`` reads when nothing is set on the module: the setting now."""
+        value = getattr(settings(), self._fields[name])
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _CurrentInt(value)
+        return _CurrentStr("" if value is None else value)
+
+    def override(self, name: str) -> object:
+        """The value a user set on the module, or ``_NO_OVERRIDE``."""
+        module = sys.modules.get(self._module)
+        value = vars(module).get(name, _NO_OVERRIDE) if module is not None else _NO_OVERRIDE
+        if isinstance(value, (_CurrentStr, _CurrentInt)):
+            return _NO_OVERRIDE
+        return value
+
+    def value(self, name: str, current: Settings | None = None) -> Any:
+        """For constructors: the module override when one is set, else the setting."""
+        value = self.override(name)
+        if value is _NO_OVERRIDE:
+            return getattr(current or settings(), self._fields[name])
+        return value
+
+
+__all__ = ["ENV_VARS", "EnvVar", "ModuleConstants", "Settings", "env_flag", "env_value", "settings"]

@@ -945,3 +945,12 @@ class VoiceSession:
         mixer = self._mixer
         if mixer is not None:
             mixer.write_agent(b)
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1.x read VOICE_SERVER_PORT from the environment at import; now it is read at access.
+    if name == "VOICE_SERVER_PORT":
+        from voice_runtime.config import ModuleConstants
+
+        return ModuleConstants(__name__, {name: "voice_server_port"}).current(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
