@@ -157,44 +157,63 @@ class _CurrentInt(int):
 _NO_OVERRIDE = object()
 
 
+class _ModuleConstant:
+    """One 0.1.x constant as a data descriptor on its module's class."""
+
+    def __init__(self, owner: ModuleConstants, name: str) -> None:
+        self._owner = owner
+        self._name = name
+
+    def __get__(self, module: object, kind: type | None = None) -> Any:
+        if module is None:
+            return self
+        return self._owner.current(self._name)
+
+    def __set__(self, module: object, value: object) -> None:
+        self._owner.set(self._name, value)
+
+    def __delete__(self, module: object) -> None:
+        self._owner.set(self._name, _NO_OVERRIDE)
+
+
 class ModuleConstants:
     """The 0.1.x module constants (``elevenlabs_tts.ELEVENLABS_API_KEY`` …) backed by settings.
 
-    0.1.x read them from the environment at import; here the module's ``__getattr__`` calls
-    :meth:`current`, so reading one gives the setting now. A value a user sets on the module
-    (``monkeypatch.setattr``) is an override that :meth:`value` gives to constructors. What
-    :meth:`current` hands out is marked, so monkeypatch's undo, which sets back the value it
-    read, leaves no override behind.
+    0.1.x read them from the environment at import. Here each is a property of its module:
+    reading gives a value set on the module (``monkeypatch.setattr``, ``patch.object``) or
+    else the setting now, and :meth:`value` gives constructors the same. Setting back what a
+    read handed out (monkeypatch's undo before pytest 9.2) or deleting it removes the
+    override, so no stale value outlives a test.
     """
 
     def __init__(self, module: str, names: Mapping[str, str]) -> None:
-        self._module = module
         self._fields = dict(names)  # constant name -> Settings field
+        self._overrides: dict[str, object] = {}
+        target = sys.modules[module]
+        attrs = {name: _ModuleConstant(self, name) for name in self._fields}
+        target.__class__ = type(type(target).__name__, (type(target),), attrs)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._fields
+    def set(self, name: str, value: object) -> None:
+        """Override ``name`` (``_NO_OVERRIDE`` or a value a read handed out removes it)."""
+        if value is _NO_OVERRIDE or isinstance(value, (_CurrentStr, _CurrentInt)):
+            self._overrides.pop(name, None)
+        else:
+            self._overrides[name] = value
 
-    def current(self, name: str) -> str | int:
-        """What ``module.NAME`` reads when nothing is set on the module: the setting now."""
+    def current(self, name: str) -> Any:
+        """What ``module.NAME`` reads: the override, else the setting now (marked as such)."""
+        if name in self._overrides:
+            return self._overrides[name]
         value = getattr(settings(), self._fields[name])
         if isinstance(value, int) and not isinstance(value, bool):
             return _CurrentInt(value)
         return _CurrentStr("" if value is None else value)
 
-    def override(self, name: str) -> object:
-        """The value a user set on the module, or ``_NO_OVERRIDE``."""
-        module = sys.modules.get(self._module)
-        value = vars(module).get(name, _NO_OVERRIDE) if module is not None else _NO_OVERRIDE
-        if isinstance(value, (_CurrentStr, _CurrentInt)):
-            return _NO_OVERRIDE
-        return value
-
     def value(self, name: str, current: Settings | None = None) -> Any:
-        """For constructors: the module override when one is set, else the setting."""
-        value = self.override(name)
-        if value is _NO_OVERRIDE:
-            return getattr(current or settings(), self._fields[name])
-        return value
+        """For constructors: the override when one is set, else the setting (None if unset)."""
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(current or settings(), self._fields[name])
 
 
 __all__ = ["ENV_VARS", "EnvVar", "ModuleConstants", "Settings", "env_flag", "env_value", "settings"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from voice_runtime._sync import Flag, call_on_loop, forbid_on_loop, running_loop
+from voice_runtime.config import ModuleConstants
 from voice_runtime.errors import (
     CallHangupError,
     CallNotAnsweredError,
@@ -56,6 +57,9 @@ _END_PREFIX = "vr~end~"
 _DROP_LOG_EVERY = 500
 
 MarkStatus = Literal["played", "cleared", "disconnected", "timeout"]
+
+# 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
+ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
 
 __all__ = [
     "FRAME_BYTES",
@@ -945,12 +949,3 @@ class VoiceSession:
         mixer = self._mixer
         if mixer is not None:
             mixer.write_agent(b)
-
-
-def __getattr__(name: str) -> Any:
-    # 0.1.x read VOICE_SERVER_PORT from the environment at import; now it is read at access.
-    if name == "VOICE_SERVER_PORT":
-        from voice_runtime.config import ModuleConstants
-
-        return ModuleConstants(__name__, {name: "voice_server_port"}).current(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -78,9 +78,6 @@ def __getattr__(name: str) -> Any:
     # ``speechsdk`` was this module's import of the SDK in 0.1.x, and tests patch it.
     if name == "speechsdk":
         return import_speech_sdk()
-    # 0.1.x read these from the environment at import; now they read the setting at access.
-    if name in _CONSTANTS:
-        return _CONSTANTS.current(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -98,13 +98,6 @@ _CONSTANTS = ModuleConstants(
 )
 
 
-def __getattr__(name: str) -> Any:
-    # 0.1.x read these from the environment at import; now they read the setting at access.
-    if name in _CONSTANTS:
-        return _CONSTANTS.current(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _echo_window() -> float:
     return ECHO_DISCARD_WINDOW_S  # the module global now, so a patch of it takes effect
 

@@ -71,13 +71,6 @@ _CONSTANTS = ModuleConstants(
 )
 
 
-def __getattr__(name: str) -> Any:
-    # 0.1.x read these from the environment at import; now they read the setting at access.
-    if name in _CONSTANTS:
-        return _CONSTANTS.current(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def import_elevenlabs_sdk() -> Any:
     """Import the ``elevenlabs`` SDK or raise an ImportError naming the ``elevenlabs`` extra."""
     try:
