@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from voice_runtime.errors import ConfigurationError
 
@@ -140,4 +142,78 @@ def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return env.get(name, "").strip().lower() in _TRUE
 
 
-__all__ = ["ENV_VARS", "EnvVar", "Settings", "env_flag", "env_value", "settings"]
+class _CurrentStr(str):
+    """A setting handed out as a module constant (so setting it back is no override)."""
+
+    __slots__ = ()
+
+
+class _CurrentInt(int):
+    """An integer setting handed out as a module constant."""
+
+    __slots__ = ()
+
+
+_NO_OVERRIDE = object()
+
+
+class _ModuleConstant:
+    """One 0.1.x constant as a data descriptor on its module's class."""
+
+    def __init__(self, owner: ModuleConstants, name: str) -> None:
+        self._owner = owner
+        self._name = name
+
+    def __get__(self, module: object, kind: type | None = None) -> Any:
+        if module is None:
+            return self
+        return self._owner.current(self._name)
+
+    def __set__(self, module: object, value: object) -> None:
+        self._owner.set(self._name, value)
+
+    def __delete__(self, module: object) -> None:
+        self._owner.set(self._name, _NO_OVERRIDE)
+
+
+class ModuleConstants:
+    """The 0.1.x module constants (``elevenlabs_tts.ELEVENLABS_API_KEY`` …) backed by settings.
+
+    0.1.x read them from the environment at import. Here each is a property of its module:
+    reading gives a value set on the module (``monkeypatch.setattr``, ``patch.object``) or
+    else the setting now, and :meth:`value` gives constructors the same. Setting back what a
+    read handed out (monkeypatch's undo before pytest 9.2) or deleting it removes the
+    override, so no stale value outlives a test.
+    """
+
+    def __init__(self, module: str, names: Mapping[str, str]) -> None:
+        self._fields = dict(names)  # constant name -> Settings field
+        self._overrides: dict[str, object] = {}
+        target = sys.modules[module]
+        attrs = {name: _ModuleConstant(self, name) for name in self._fields}
+        target.__class__ = type(type(target).__name__, (type(target),), attrs)
+
+    def set(self, name: str, value: object) -> None:
+        """Override ``name`` (``_NO_OVERRIDE`` or a value a read handed out removes it)."""
+        if value is _NO_OVERRIDE or isinstance(value, (_CurrentStr, _CurrentInt)):
+            self._overrides.pop(name, None)
+        else:
+            self._overrides[name] = value
+
+    def current(self, name: str) -> Any:
+        """What ``module.NAME`` reads: the override, else the setting now (marked as such)."""
+        if name in self._overrides:
+            return self._overrides[name]
+        value = getattr(settings(), self._fields[name])
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _CurrentInt(value)
+        return _CurrentStr("" if value is None else value)
+
+    def value(self, name: str, current: Settings | None = None) -> Any:
+        """For constructors: the override when one is set, else the setting (None if unset)."""
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(current or settings(), self._fields[name])
+
+
+__all__ = ["ENV_VARS", "EnvVar", "ModuleConstants", "Settings", "env_flag", "env_value", "settings"]

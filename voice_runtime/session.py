@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from voice_runtime._sync import Flag, call_on_loop, forbid_on_loop, running_loop
+from voice_runtime.config import ModuleConstants
 from voice_runtime.errors import (
     CallHangupError,
     CallNotAnsweredError,
@@ -61,6 +62,9 @@ _POSITION_PREFIX = "vr~pos~"
 _END_PREFIX = "vr~end~"
 
 MarkStatus = Literal["played", "cleared", "disconnected", "timeout"]
+
+# 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
+ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
 
 __all__ = [
     "FRAME_BYTES",

@@ -21,6 +21,11 @@ The SDK is imported when the provider is constructed; without it the ImportError
 extra to install (``pip install "voice-runtime[azure]"``). The key is read at construction
 (argument, else AZURE_SPEECH_KEY); without one the provider constructs with a warning and
 ``start()`` raises :class:`~voice_runtime.errors.MissingCredentialError`.
+
+The 0.1.x module constants ``AZURE_SPEECH_KEY`` and ``AZURE_SPEECH_REGION`` read the current
+setting; a value set on this module is used by providers constructed afterwards, unless an
+argument is given. ``ECHO_DISCARD_WINDOW_S`` (0.4 s) is read each time the agent stops
+speaking, unless ``echo_tail_s`` is given.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 from types import ModuleType
 from typing import Any
 
-from voice_runtime.config import settings
+from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.errors import MissingCredentialError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
@@ -46,7 +51,15 @@ INSTALL_HINT = 'pip install "voice-runtime[azure]"'
 #: CancellationErrorCode names that no reconnect can fix.
 TERMINAL_CODES = frozenset({"AuthenticationFailure", "Forbidden", "BadRequest"})
 
-__all__ = ["AzurePersistentStt", "import_speech_sdk"]
+ECHO_DISCARD_WINDOW_S = 0.4
+"""Seconds after the agent stops speaking during which recognized text is dropped as echo."""
+
+__all__ = ["ECHO_DISCARD_WINDOW_S", "AzurePersistentStt", "import_speech_sdk"]
+
+_CONSTANTS = ModuleConstants(
+    __name__,
+    {"AZURE_SPEECH_KEY": "azure_speech_key", "AZURE_SPEECH_REGION": "azure_speech_region"},
+)
 
 
 def import_speech_sdk() -> ModuleType:
@@ -71,6 +84,10 @@ def __getattr__(name: str) -> Any:
 def _sdk_now() -> Any:
     """The SDK to use now: a test's patch of this module's ``speechsdk`` wins."""
     return globals().get("speechsdk") or import_speech_sdk()
+
+
+def _echo_window() -> float:
+    return ECHO_DISCARD_WINDOW_S  # the module global now, so a patch of it takes effect
 
 
 def _name(value: Any) -> str:
@@ -127,11 +144,11 @@ class AzurePersistentStt(ReconnectingStt):
         reconnect_base_delay: float = 1.0,
         reconnect_max_delay: float = 30.0,
         buffer_ms: float = 20_000.0,
-        echo_tail_s: float = 0.4,
+        echo_tail_s: float | None = None,
         sdk_call_timeout: float = 10.0,
     ) -> None:
         cfg = settings()
-        key = subscription_key or cfg.azure_speech_key
+        key = subscription_key or _CONSTANTS.value("AZURE_SPEECH_KEY", cfg)
         if not key:
             logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
         super().__init__(
@@ -139,11 +156,11 @@ class AzurePersistentStt(ReconnectingStt):
             reconnect_base_delay=reconnect_base_delay,
             reconnect_max_delay=reconnect_max_delay,
             buffer_ms=buffer_ms,
-            echo_tail_s=echo_tail_s,
+            echo_tail_s=_echo_window if echo_tail_s is None else echo_tail_s,
         )
         _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
-        self.region = region or cfg.azure_speech_region
+        self.region = region or _CONSTANTS.value("AZURE_SPEECH_REGION", cfg)
         self.endpoint = endpoint
         self.language_code = language_code
         self.silence_timeout_ms = silence_timeout_ms

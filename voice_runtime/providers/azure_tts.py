@@ -9,7 +9,9 @@ replaced, so its late events cannot leak into the next utterance.
 
 The key is read at construction (argument, else AZURE_SPEECH_KEY); a provider built without
 one logs a warning and raises :class:`~voice_runtime.errors.MissingCredentialError` from the
-first ``speak()``.
+first ``speak()``. The 0.1.x module constants ``AZURE_SPEECH_KEY``, ``AZURE_SPEECH_REGION`` and
+``AZURE_TTS_VOICE`` read the current setting; a value set on this module is used by providers
+constructed afterwards, unless an argument is given.
 
 ``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`);
 ``stop_event`` is checked every 50 ms and stops the synthesis; a synthesis that is canceled
@@ -27,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._sync import forbid_on_loop
-from voice_runtime.config import settings
+from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.errors import MissingCredentialError, ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
@@ -41,6 +43,15 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 
 __all__ = ["AzureTTS"]
+
+_CONSTANTS = ModuleConstants(
+    __name__,
+    {
+        "AZURE_SPEECH_KEY": "azure_speech_key",
+        "AZURE_SPEECH_REGION": "azure_speech_region",
+        "AZURE_TTS_VOICE": "azure_tts_voice",
+    },
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -90,13 +101,13 @@ class AzureTTS:
         mark_timeout: float = 30.0,
     ) -> None:
         cfg = settings()
-        key = subscription_key or cfg.azure_speech_key
+        key = subscription_key or _CONSTANTS.value("AZURE_SPEECH_KEY", cfg)
         if not key:
             logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
         _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
-        self.region = region or cfg.azure_speech_region
-        self.voice_name = voice_name or cfg.azure_tts_voice
+        self.region = region or _CONSTANTS.value("AZURE_SPEECH_REGION", cfg)
+        self.voice_name = voice_name or _CONSTANTS.value("AZURE_TTS_VOICE", cfg)
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
         self.mark_timeout = mark_timeout

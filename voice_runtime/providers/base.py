@@ -451,7 +451,7 @@ class ReconnectingStt(abc.ABC):
         reconnect_base_delay: float,
         reconnect_max_delay: float,
         buffer_ms: float,
-        echo_tail_s: float,
+        echo_tail_s: float | Callable[[], float],
     ) -> None:
         self.max_reconnects = max_reconnects
         self.reconnect_base_delay = reconnect_base_delay
@@ -464,7 +464,10 @@ class ReconnectingStt(abc.ABC):
         self.connections = 0  # vendor connections opened, for operators and tests
         self.reconnects = 0
         self.failed = False  # True once on_error said the provider gave up
-        self._echo = EchoGate(echo_tail_s)
+        # A callable tail is asked each time the agent stops speaking (a patched module
+        # constant takes effect on a running provider, as in 0.1.x).
+        self._echo_tail = echo_tail_s
+        self._echo = EchoGate(echo_tail_s() if callable(echo_tail_s) else echo_tail_s)
         self._buffer = CallerAudioBuffer(buffer_ms)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._healthy = False  # set by the hooks once the current connection proved itself
@@ -480,6 +483,8 @@ class ReconnectingStt(abc.ABC):
 
     def set_speaking(self, speaking: bool) -> None:
         """Tell the provider whether the agent is speaking (echo discard)."""
+        if callable(self._echo_tail):
+            self._echo.tail_s = self._echo_tail()
         self._echo.set_speaking(speaking)
 
     async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:

@@ -24,6 +24,11 @@ The API key is read at construction (argument, else ELEVENLABS_API_KEY). Without
 provider still constructs (with a warning), and ``start()`` raises
 :class:`~voice_runtime.errors.MissingCredentialError`. The key travels in the ``xi-api-key``
 header, never in the URL, and is redacted from websockets' handshake log.
+
+The 0.1.x module constants ``ELEVENLABS_API_KEY``, ``STT_MODEL_ID`` and ``STT_LANGUAGE_CODE``
+read the current setting; a value set on this module is used by providers constructed
+afterwards, unless an argument is given. ``ECHO_DISCARD_WINDOW_S`` (0.4 s) is read each time
+the agent stops speaking, unless ``echo_tail_s`` is given.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from voice_runtime.config import settings
+from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.errors import MissingCredentialError
 from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
@@ -78,7 +83,23 @@ TERMINAL_ERRORS = frozenset(
 #: Vendor notices that change nothing for a VAD-committed stream.
 IGNORED_NOTICES = frozenset({"commit_throttled"})
 
-__all__ = ["FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
+ECHO_DISCARD_WINDOW_S = 0.4
+"""Seconds after the agent stops speaking during which committed text is dropped as echo."""
+
+__all__ = ["ECHO_DISCARD_WINDOW_S", "FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
+
+_CONSTANTS = ModuleConstants(
+    __name__,
+    {
+        "ELEVENLABS_API_KEY": "elevenlabs_api_key",
+        "STT_MODEL_ID": "stt_model_id",
+        "STT_LANGUAGE_CODE": "stt_language_code",
+    },
+)
+
+
+def _echo_window() -> float:
+    return ECHO_DISCARD_WINDOW_S  # the module global now, so a patch of it takes effect
 
 
 class _ConnectFailed(Exception):
@@ -117,10 +138,10 @@ class PersistentSttSession(ReconnectingStt):
         vad_threshold: float | None = 0.5,
         min_speech_duration_ms: int | None = 300,
         min_silence_duration_ms: int | None = None,
-        echo_tail_s: float = 0.4,
+        echo_tail_s: float | None = None,
     ) -> None:
         cfg = settings()
-        key = api_key or cfg.elevenlabs_api_key
+        key = api_key or _CONSTANTS.value("ELEVENLABS_API_KEY", cfg)
         if not key:
             logger.warning("no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY")
         super().__init__(
@@ -128,11 +149,11 @@ class PersistentSttSession(ReconnectingStt):
             reconnect_base_delay=reconnect_base_delay,
             reconnect_max_delay=reconnect_max_delay,
             buffer_ms=buffer_ms,
-            echo_tail_s=echo_tail_s,
+            echo_tail_s=_echo_window if echo_tail_s is None else echo_tail_s,
         )
         self._api_key = key
-        self.language_code = language_code or cfg.stt_language_code
-        self.model_id = model_id or cfg.stt_model_id
+        self.language_code = language_code or _CONSTANTS.value("STT_LANGUAGE_CODE", cfg)
+        self.model_id = model_id or _CONSTANTS.value("STT_MODEL_ID", cfg)
         self.base_url = _ws_base(base_url or DEFAULT_BASE_URL)
         self.connect_timeout = connect_timeout
         self._vad: dict[str, Any] = {

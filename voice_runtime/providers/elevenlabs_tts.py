@@ -18,6 +18,11 @@ when it would first send text to the vendor.
 ``speak()`` returns the shared result dict (see :mod:`voice_runtime.providers`). HTTP errors
 and broken streams become ``error`` in the result and a call of ``on_error``; a finite
 timeout (``read_timeout``) means a stalled server cannot hang the call.
+
+The 0.1.x module constants ``ELEVENLABS_API_KEY``, ``ELEVENLABS_VOICE_ID`` and
+``ELEVENLABS_MODEL`` read the current setting; a value set on this module (as tests do with
+``monkeypatch.setattr``) is used by providers constructed afterwards, unless an argument is
+given.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from voice_runtime._sync import forbid_on_loop
-from voice_runtime.config import settings
+from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.errors import (
     MissingCredentialError,
     ProviderConnectionError,
@@ -55,6 +60,15 @@ INSTALL_HINT = 'pip install "voice-runtime[elevenlabs]"'
 _MAX_HEADER_BYTES = 4096
 
 __all__ = ["ElevenLabsTTS", "import_elevenlabs_sdk", "strip_riff_header"]
+
+_CONSTANTS = ModuleConstants(
+    __name__,
+    {
+        "ELEVENLABS_API_KEY": "elevenlabs_api_key",
+        "ELEVENLABS_VOICE_ID": "elevenlabs_voice_id",
+        "ELEVENLABS_MODEL": "elevenlabs_model",
+    },
+)
 
 
 def import_elevenlabs_sdk() -> Any:
@@ -156,13 +170,13 @@ class ElevenLabsTTS:
         mark_timeout: float = 30.0,
     ) -> None:
         cfg = settings()
-        self._api_key = api_key or cfg.elevenlabs_api_key
+        self._api_key = api_key or _CONSTANTS.value("ELEVENLABS_API_KEY", cfg)
         if not self._api_key:
             logger.warning(
                 "no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY before speaking"
             )
-        self.voice_id = voice_id or cfg.elevenlabs_voice_id
-        self.model_id = model_id or cfg.elevenlabs_model
+        self.voice_id = voice_id or _CONSTANTS.value("ELEVENLABS_VOICE_ID", cfg)
+        self.model_id = model_id or _CONSTANTS.value("ELEVENLABS_MODEL", cfg)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         self._custom_base_url = base_url is not None
         self.language_code = language_code

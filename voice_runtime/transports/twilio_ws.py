@@ -4,6 +4,11 @@
 :class:`~voice_runtime.session.VoiceSession`. :class:`MediaStreamCall` runs one stream: it
 turns frames into session calls (via the socket-free parser in ``twilio_protocol``) and the
 session's outbound items into frames, paced a little ahead of real time.
+
+As in 0.1.x, ``twilio_call``, ``hangup_call`` and ``TwilioRegion`` are names of this module
+(resolved on first use, so importing it loads no Twilio SDK), and a REST hang-up calls this
+module's ``hangup_call`` looked up at that moment: ``patch("...twilio_ws.hangup_call")``
+intercepts it, and otherwise ``twilio_call.hangup_call`` (patchable there too) is called.
 """
 
 from __future__ import annotations
@@ -733,6 +738,32 @@ def _sid(session: Any) -> str | None:
     return sid if isinstance(sid, str) else None
 
 
+def __getattr__(name: str) -> Any:
+    # 0.1.x imported these here; they load the Twilio SDK, so they resolve on first access.
+    if name in ("twilio_call", "hangup_call", "TwilioRegion"):
+        from voice_runtime.transports import twilio_call
+
+        return twilio_call if name == "twilio_call" else getattr(twilio_call, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _hangup_call_now() -> Callable[..., Any]:
+    """This module's ``hangup_call`` when a test replaced it, else ``twilio_call.hangup_call``.
+
+    monkeypatch's undo leaves behind the function it read from ``twilio_call``; that is no
+    replacement, so a later patch of ``twilio_call.hangup_call`` still takes effect.
+    """
+    from voice_runtime.transports import twilio_call
+
+    replaced = globals().get("hangup_call")
+    code = getattr(replaced, "__code__", None)
+    genuine = code is not None and (code.co_name, code.co_filename) == (
+        "hangup_call",
+        twilio_call.__file__,
+    )
+    return twilio_call.hangup_call if replaced is None or genuine else replaced
+
+
 def _rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
     """Return a coroutine function that ends a call over REST, or None without credentials."""
     from voice_runtime.config import settings
@@ -742,12 +773,11 @@ def _rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
         return None
 
     async def hangup(call_sid: str) -> bool:
-        from voice_runtime.transports import twilio_call
-
+        hangup_call = _hangup_call_now()
         if regions is None:
-            await asyncio.to_thread(twilio_call.hangup_call, call_sid)
+            await asyncio.to_thread(hangup_call, call_sid)
         else:
-            await asyncio.to_thread(twilio_call.hangup_call, call_sid, regions=regions)
+            await asyncio.to_thread(hangup_call, call_sid, regions=regions)
         return True
 
     return hangup
