@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-if TYPE_CHECKING:
-    from voice_runtime.transports.twilio_models import TwilioRegion
+from voice_runtime.testing._serve import bind_free_socket
+from voice_runtime.transports.twilio_models import TwilioRegion
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,10 @@ class FakeTwilioRest:
         if self._server is not None:
             raise RuntimeError("FakeTwilioRest is already running")
         self._stopping.clear()
-        server = _Server((self.host, 0), _Handler)
+        server = _Server((self.host, 0), _Handler, bind_and_activate=False)
+        server.socket.close()  # replaced by the shared free-port socket (already listening)
+        server.socket = bind_free_socket(self.host, blocking=True)
+        server.server_address = server.socket.getsockname()
         server.fake = self
         thread = threading.Thread(
             target=server.serve_forever,
