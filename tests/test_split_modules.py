@@ -141,3 +141,19 @@ def test_blocking_socket_for_threaded_servers() -> None:
         assert sock.getblocking() and sock.family == socket.AF_INET
     finally:
         sock.close()
+
+
+def test_realtime_fakes_share_the_lifecycle_and_serve_on_a_thread() -> None:
+    import threading
+
+    from voice_runtime.testing._serve import FakeService
+    from voice_runtime.testing.fake_elevenlabs import FakeElevenLabsTts, FakeScribeServer
+    from voice_runtime.testing.fake_realtime import FakeOpenAIRealtime
+
+    assert all(issubclass(c, FakeService) for c in (FakeOpenAIRealtime, FakeScribeServer))
+    assert issubclass(FakeElevenLabsTts, FakeService)
+    with FakeOpenAIRealtime() as fake:
+        assert fake.port > 0
+        with socket.create_connection(("127.0.0.1", fake.port), timeout=5):
+            pass
+    assert not any(t.name == "FakeOpenAIRealtime" for t in threading.enumerate())

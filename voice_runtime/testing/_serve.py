@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ class FakeService:
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
 
-    async def start(self) -> Any:
+    async def start(self) -> Self:
         """Start serving in the running loop."""
         self.loop = asyncio.get_running_loop()
         await self._start()
@@ -76,13 +76,13 @@ class FakeService:
     async def _stop(self) -> None:
         raise NotImplementedError
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def start_in_thread(self, timeout: float = 10.0) -> Any:
+    def start_in_thread(self, timeout: float = 10.0) -> Self:
         """Start serving on a new event loop in a daemon thread."""
         ready = threading.Event()
         errors: list[BaseException] = []
@@ -118,7 +118,7 @@ class FakeService:
         self._thread.join(timeout)
         self._thread = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self.start_in_thread()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from voice_runtime.audio import rms_dbfs
-from voice_runtime.testing._serve import bind_free_socket, close_server, port_of
+from voice_runtime.testing._serve import FakeService, bind_free_socket, close_server, port_of
 from voice_runtime.testing._wait import wait_on_change
 
 
@@ -113,8 +113,12 @@ class _Conn:
         self.state: dict[str, Any] = {}
 
 
-class FakeRealtimeServer:
-    """Base of the fakes: socket handling, recording, VAD, scripting, failure injection."""
+class FakeRealtimeServer(FakeService):
+    """Base of the fakes: socket handling, recording, VAD, scripting, failure injection.
+
+    Served in the running loop (``async with``) or on its own thread (``with``), as every
+    fake in :mod:`voice_runtime.testing`.
+    """
 
     vendor = "fake"
     input_rate = 8000
@@ -127,6 +131,7 @@ class FakeRealtimeServer:
         host: str = "127.0.0.1",
         binary_frames: bool = False,
     ) -> None:
+        super().__init__()
         self.script = script or FakeScript()
         self.api_key = api_key
         self.host = host
@@ -147,7 +152,7 @@ class FakeRealtimeServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> FakeRealtimeServer:
+    async def _start(self) -> None:
         """Listen on a free port of ``host``."""
         sock = bind_free_socket(self.host)
         self.port = port_of(sock)
@@ -158,9 +163,8 @@ class FakeRealtimeServer:
             compression=None,
             max_size=16 * 1024 * 1024,
         )
-        return self
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         """Close every connection and stop listening."""
         for conn in list(self._conns.values()):
             self._stop_response(conn)
@@ -170,12 +174,6 @@ class FakeRealtimeServer:
         self._server = None
         if server is not None:
             await close_server(server)
-
-    async def __aenter__(self) -> FakeRealtimeServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def url(self) -> str:
