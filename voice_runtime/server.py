@@ -3,7 +3,9 @@
 Every media stream gets its own :class:`~voice_runtime.session.VoiceSession` from a factory.
 Sessions are found by call SID, stream SID and route token, so an outbound script gets the
 session of the call it placed and no audio, mark, transcript or intent of one call can reach
-another. Routes::
+another. The pieces live beside this module and are re-exported here:
+:mod:`voice_runtime.calls` (:class:`Route`, :class:`CallRegistry`, the sync handler pool) and
+:mod:`voice_runtime.webhooks` (the HTTP handlers, which VoiceServer inherits). Routes::
 
     WS   /voice, /voice/{token}     Twilio Media Streams
     POST /twilio/voice              incoming-call webhook -> <Connect><Stream> (or busy TwiML)
@@ -16,27 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
-import secrets
-import threading
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
-from fastapi import FastAPI, Request, Response, WebSocket
-from fastapi.responses import JSONResponse
-from starlette.datastructures import ImmutableMultiDict
-from starlette.requests import ClientDisconnect
+from fastapi import FastAPI, WebSocket
 
-from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
+from voice_runtime._callbacks import CallbackRunner
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
+from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
-from voice_runtime.logutil import LogLimiter, clip, log_limiter
+from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -44,27 +37,20 @@ from voice_runtime.transports.security import (
     SignaturePolicy,
     TrustedProxies,
     check_public_url,
-    check_request_signature,
     check_websocket_signature,
-    refusal_before_body,
-    request_base_url,
     require_public_url,
     trusted_networks,
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
-from voice_runtime.transports.xml_text import xml_safe
-from voice_runtime.types import SessionEvent
 from voice_runtime.watchdog import LoopWatchdog
+from voice_runtime.webhooks import ENDED_STATUSES as ENDED_STATUSES
+from voice_runtime.webhooks import MAX_WEBHOOK_BYTES as MAX_WEBHOOK_BYTES
+from voice_runtime.webhooks import MAX_WEBHOOK_FIELDS as MAX_WEBHOOK_FIELDS
+from voice_runtime.webhooks import TWIML as TWIML
+from voice_runtime.webhooks import WEBHOOK_READ_TIMEOUT_S, WebhookRoutes
 
 logger = logging.getLogger(__name__)
 
-TWIML = "application/xml"
-MAX_WEBHOOK_BYTES = 64 * 1024
-"""Default cap on a webhook body; Twilio's largest (an SMS with media URLs) is a few KB."""
-MAX_WEBHOOK_FIELDS = 256
-WEBHOOK_READ_TIMEOUT_S = 10.0
-"""A webhook body must arrive within this long (a slow sender holds no handler longer)."""
-ENDED_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
 # Keys of VoiceServer.refusals.
 REFUSAL_REASONS = (
     "busy",
@@ -80,317 +66,7 @@ REFUSAL_REASONS = (
 __all__ = ["CallRegistry", "Route", "VoiceServer"]
 
 
-@dataclass
-class Route:
-    """A one-time route token for one expected media stream.
-
-    ``reserved``: the route holds one ``max_calls`` slot (routes the voice webhook hands out);
-    its stream takes the slot over, and expiry or eviction gives it back.
-    """
-
-    token: str
-    expires_at: float
-    parameters: dict[str, str] = field(default_factory=dict)
-    session: VoiceSession | None = None
-    call_sid: str | None = None
-    reserved: bool = False
-
-
-class CallRegistry:
-    """Live sessions by call SID, stream SID and route token, and the call slots (thread-safe).
-
-    A slot is held by every reserved route and every admitted stream, from before its
-    websocket is accepted until it ends, so ``max_calls`` counts calls on their way in too.
-    The route table holds at most ``max_routes`` routes; expired ones go first (a heap by
-    expiry, so a webhook costs O(log n)), then the soonest to expire.
-    """
-
-    def __init__(self, max_routes: int = 10_000) -> None:
-        self.max_routes = max_routes
-        self.routes_evicted = 0
-        self._lock = threading.Lock()
-        self._routes: dict[str, Route] = {}
-        self._expiry: list[tuple[float, int, str]] = []
-        self._seq = 0
-        self._route_by_call: dict[str, str] = {}
-        self._slots = 0
-        self._by_call: dict[str, VoiceSession] = {}
-        self._by_stream: dict[str, VoiceSession] = {}
-        self._live: set[int] = set()
-        self._sessions: dict[int, VoiceSession] = {}
-        self._call_waiters: dict[str, threading.Event] = {}
-
-    def add_route(self, route: Route) -> None:
-        """Remember a route until it is claimed or expires."""
-        route.reserved = False  # only add_reserved_route takes a slot
-        with self._lock:
-            evicted = self._insert(route, time.monotonic())
-            if route.session is not None and route.call_sid:
-                self._by_call[route.call_sid] = route.session
-        _log_evicted(evicted)
-
-    def add_reserved_route(self, route: Route, limit: int) -> bool:
-        """Add ``route`` holding a slot; False (nothing added) when ``limit`` slots are taken.
-
-        A pending route for the same call SID is replaced (a replayed webhook takes no second
-        slot).
-        """
-        with self._lock:
-            now = time.monotonic()
-            self._prune(now)
-            if route.call_sid:
-                old = self._route_by_call.get(route.call_sid)
-                if old is not None:
-                    self._drop(self._routes.get(old))
-            if self._slots >= limit:
-                return False
-            self._slots += 1
-            route.reserved = True
-            evicted = self._insert(route, now)
-        _log_evicted(evicted)
-        return True
-
-    def _insert(self, route: Route, now: float) -> int:
-        """Add ``route`` (lock held); return how many live routes were evicted for room."""
-        self._prune(now)
-        evicted = 0
-        while len(self._routes) >= self.max_routes and self._expiry:
-            _, _, token = heapq.heappop(self._expiry)
-            if token in self._routes:
-                self._drop(self._routes[token])
-                evicted += 1
-        self.routes_evicted += evicted
-        self._routes[route.token] = route
-        if route.call_sid and route.reserved:
-            self._route_by_call[route.call_sid] = route.token
-        self._seq += 1
-        heapq.heappush(self._expiry, (route.expires_at, self._seq, route.token))
-        if len(self._expiry) > 2 * len(self._routes) + 64:
-            # Claimed routes leave stale heap entries; rebuilding now and then keeps the heap
-            # proportional to the table (amortised O(1) per route).
-            self._expiry = [(r.expires_at, i, t) for i, (t, r) in enumerate(self._routes.items())]
-            heapq.heapify(self._expiry)
-        return evicted
-
-    def _drop(self, route: Route | None) -> None:
-        """Forget a pending route and give back its slot (lock held)."""
-        if route is None or self._routes.pop(route.token, None) is None:
-            return
-        if route.call_sid and self._route_by_call.get(route.call_sid) == route.token:
-            del self._route_by_call[route.call_sid]
-        if route.reserved:
-            route.reserved = False
-            self._slots -= 1
-
-    def claim(self, token: str) -> Route | None:
-        """Take a route for its stream; None when unknown, used or expired.
-
-        A reserved route's slot passes to the caller, who gives it back with :meth:`release`.
-        """
-        now = time.monotonic()
-        with self._lock:
-            self._prune(now)
-            route = self._routes.pop(token, None)
-            if route is None:
-                return None
-            if route.call_sid and self._route_by_call.get(route.call_sid) == token:
-                del self._route_by_call[route.call_sid]
-            if route.expires_at < now:
-                if route.reserved:
-                    route.reserved = False
-                    self._slots -= 1
-                return None
-        return route
-
-    def _prune(self, now: float) -> None:
-        heap = self._expiry
-        while heap and heap[0][0] < now:
-            _, _, token = heapq.heappop(heap)
-            route = self._routes.get(token)
-            if route is None:
-                continue
-            if route.expires_at >= now:  # its expiry was moved later: keep it
-                self._seq += 1
-                heapq.heappush(heap, (route.expires_at, self._seq, token))
-                continue
-            self._drop(route)
-
-    def reserve(self, limit: int) -> bool:
-        """Take one call slot unless ``limit`` are taken (give it back with :meth:`release`)."""
-        with self._lock:
-            self._prune(time.monotonic())
-            if self._slots >= limit:
-                return False
-            self._slots += 1
-            return True
-
-    def release(self) -> None:
-        """Give back a slot taken by :meth:`reserve` or a claimed reserved route."""
-        with self._lock:
-            self._slots = max(0, self._slots - 1)
-
-    @property
-    def reserved_count(self) -> int:
-        """Call slots taken: live calls, accepted streams not yet started, unused routes."""
-        with self._lock:
-            self._prune(time.monotonic())
-            return self._slots
-
-    @property
-    def route_count(self) -> int:
-        """Routes waiting for their stream."""
-        with self._lock:
-            self._prune(time.monotonic())
-            return len(self._routes)
-
-    def claim_call(
-        self,
-        session: VoiceSession,
-        call_sid: str,
-        stream_sid: str,
-        expected_call_sid: str | None = None,
-    ) -> str | None:
-        """Index a starting stream's SIDs for ``session``; the reason when refused, else None.
-
-        A call SID or stream SID belongs to one session: a start that names one another
-        session holds, or a call SID other than the one its route was issued for, is refused
-        and changes nothing.
-        """
-        with self._lock:
-            if expected_call_sid and call_sid != expected_call_sid:
-                return "call_sid_mismatch"
-            other = self._by_call.get(call_sid)
-            if other is not None and other is not session:
-                return "call_sid_in_use"
-            other = self._by_stream.get(stream_sid)
-            if other is not None and other is not session:
-                return "stream_sid_in_use"
-            if call_sid:
-                self._by_call[call_sid] = session
-            if stream_sid:
-                self._by_stream[stream_sid] = session
-            return None
-
-    def bind_call(self, call_sid: str, session: VoiceSession) -> None:
-        """Index a session by its call SID (known before the stream when we placed the call)."""
-        with self._lock:
-            self._by_call[call_sid] = session
-            waiter = self._call_waiters.pop(call_sid, None)
-        if waiter is not None:
-            waiter.set()
-
-    def started(self, session: VoiceSession) -> None:
-        """Index a session whose stream started."""
-        with self._lock:
-            self._live.add(id(session))
-            self._sessions[id(session)] = session
-            if session.stream_sid:
-                self._by_stream[session.stream_sid] = session
-            if session.call_sid:
-                self._by_call[session.call_sid] = session
-                waiter = self._call_waiters.pop(session.call_sid, None)
-            else:
-                waiter = None
-        if waiter is not None:
-            waiter.set()
-
-    def ended(self, session: VoiceSession) -> None:
-        """Forget a session whose call ended."""
-        with self._lock:
-            self._live.discard(id(session))
-            self._sessions.pop(id(session), None)
-            if session.stream_sid and self._by_stream.get(session.stream_sid) is session:
-                del self._by_stream[session.stream_sid]
-            if session.call_sid and self._by_call.get(session.call_sid) is session:
-                del self._by_call[session.call_sid]
-
-    def by_call_sid(self, call_sid: str) -> VoiceSession | None:
-        """The session of a call, if this server knows it."""
-        with self._lock:
-            return self._by_call.get(call_sid)
-
-    def by_stream_sid(self, stream_sid: str) -> VoiceSession | None:
-        """The session of a stream, if live."""
-        with self._lock:
-            return self._by_stream.get(stream_sid)
-
-    def wait_for_call(self, call_sid: str, timeout: float) -> VoiceSession | None:
-        """Block until a session for ``call_sid`` exists; None on timeout."""
-        with self._lock:
-            session = self._by_call.get(call_sid)
-            if session is not None:
-                return session
-            waiter = self._call_waiters.setdefault(call_sid, threading.Event())
-        waiter.wait(timeout)
-        return self.by_call_sid(call_sid)
-
-    @property
-    def live_count(self) -> int:
-        """Number of calls with a live media stream."""
-        with self._lock:
-            return len(self._live)
-
-    def live_sessions(self) -> list[VoiceSession]:
-        """Sessions with a live media stream."""
-        with self._lock:
-            return list(self._sessions.values())
-
-
-def _twiml_busy(message: str) -> str:
-    from twilio.twiml.voice_response import VoiceResponse
-
-    response = VoiceResponse()
-    response.say(xml_safe(message))
-    response.hangup()
-    return str(response)
-
-
-class _HandlerPool:
-    """Runs sync call handlers on at most ``size()`` daemon threads; the rest wait in order.
-
-    Threads are started on demand and end when no handler waits, so an idle server holds
-    none, and (being daemons) a handler that never returns cannot block process exit.
-    """
-
-    def __init__(self, size: Callable[[], int]) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._jobs: deque[tuple[Callable[[VoiceSession], Any], VoiceSession]] = deque()
-        self.threads: set[threading.Thread] = set()
-
-    def submit(self, fn: Callable[[VoiceSession], Any], session: VoiceSession) -> None:
-        """Run ``fn(session)`` on a pool thread as soon as one is free."""
-        with self._lock:
-            self._jobs.append((fn, session))
-            if len(self.threads) >= max(1, self._size()):
-                return
-            thread = threading.Thread(target=self._work, name="vr-on-call", daemon=True)
-            self.threads.add(thread)
-        thread.start()
-
-    @property
-    def waiting(self) -> int:
-        """Handlers waiting for a free thread."""
-        with self._lock:
-            return len(self._jobs)
-
-    def _work(self) -> None:
-        me = threading.current_thread()
-        while True:
-            with self._lock:
-                if not self._jobs or len(self.threads) > max(1, self._size()):
-                    # Also shrinks the pool when max_calls was lowered at run time.
-                    self.threads.discard(me)
-                    return
-                fn, session = self._jobs.popleft()
-            try:
-                fn(session)
-            except BaseException:
-                # Even SystemExit from a handler must not silently shrink the pool.
-                logger.exception("call handler failed", extra={"call_sid": session.call_sid})
-
-
-class VoiceServer:
+class VoiceServer(WebhookRoutes):
     """Serves Twilio calls, one session per call, on a FastAPI app.
 
     ``on_call(session)`` runs once the call's stream starts: a coroutine function as a task
@@ -481,7 +157,7 @@ class VoiceServer:
         # Counts refusals by reason (and limits their log lines: a peer can trigger them).
         self._refused = LogLimiter(first=5, every=1000)
         self._call_tasks: set[asyncio.Task[Any]] = set()
-        self._pool = _HandlerPool(lambda: self.max_calls)
+        self._pool = HandlerPool(lambda: self.max_calls)
         self._threads = self._pool.threads
         # Watches the event loop while media streams are served: a blocking call in a
         # handler delays every call's audio, and the warning says so.
@@ -583,7 +259,7 @@ class VoiceServer:
         call_sid: str | None = None,
     ) -> Route:
         """Create a one-time route token for a stream this server expects."""
-        route = _make_route(self.route_ttl_s, parameters, session, call_sid)
+        route = make_route(self.route_ttl_s, parameters, session, call_sid)
         self.registry.add_route(route)
         return route
 
@@ -799,189 +475,7 @@ class VoiceServer:
             logger.exception("call handler failed", extra={"call_sid": session.call_sid})
 
     # ------------------------------------------------------------------ webhooks
-
-    def _refuse_webhook(self, status: int, kind: str, message: str | None = None) -> Response:
-        """A refusal; the connection closes, so an unread body is never read."""
-        if self.webhook_refusals.allow(kind) and message is not None:
-            logger.warning(message, extra={"refused": self.webhook_refusals.count(kind)})
-        return Response(status_code=status, headers={"Connection": "close"})
-
-    async def _form(self, request: Request) -> dict[str, str] | Response:
-        """The webhook's signed form, or the refusal to answer instead.
-
-        Nothing unbounded is read before authentication: with signatures enforced a request
-        without ``X-Twilio-Signature`` is refused before its body is read; a body is capped
-        at ``max_webhook_bytes`` while it streams in (Content-Length first, a chunked body
-        as it arrives). The signature covers the form, so the capped body is parsed once
-        (no interpretation yet), then checked.
-        """
-        policy = self._policy()
-        why = refusal_before_body(request, policy)
-        if why is not None:
-            return self._refuse_webhook(503 if why == "no_public_url" else 403, why)
-        body = await self._read_body(request)
-        if isinstance(body, Response):
-            return body
-        try:
-            pairs = parse_qsl(
-                body.decode("utf-8"),
-                keep_blank_values=True,
-                strict_parsing=True,
-                max_num_fields=MAX_WEBHOOK_FIELDS,
-            )
-        except ValueError:  # UnicodeDecodeError is one too
-            return self._refuse_webhook(400, "malformed", "webhook refused: malformed form body")
-        if not check_request_signature(request, ImmutableMultiDict(pairs), policy):
-            return self._refuse_webhook(403, "signature")
-        return dict(pairs)
-
-    async def _read_body(self, request: Request) -> bytes | Response:
-        cap = self.max_webhook_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
-                return self._refuse_webhook(
-                    400, "malformed", "webhook refused: malformed form body"
-                )
-            if int(declared) > cap:
-                return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
-        body = bytearray()
-        try:
-            async with asyncio.timeout(self.webhook_read_timeout_s):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > cap:
-                        break
-        except TimeoutError:
-            return self._refuse_webhook(
-                408, "slow_body", "webhook refused: body arrived too slowly"
-            )
-        except ClientDisconnect:
-            return self._refuse_webhook(400, "disconnect")
-        if len(body) > cap:
-            return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
-        return bytes(body)
-
-    async def _user_callback(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a user callback off the loop; a Response when it is refused or failed."""
-        try:
-            return await self.callbacks.run(fn, *args)
-        except CallbacksBusyError:
-            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
-        except Exception:
-            if self.webhook_refusals.allow("callback_failed"):
-                logger.exception("webhook callback failed")
-            return Response(status_code=500)
-
-    def _busy_answer(self) -> Response:
-        self._refuse("draining" if self.draining else "busy", "incoming call refused")
-        return Response(_twiml_busy(self.busy_message), media_type=TWIML)
-
-    async def _voice_webhook(self, request: Request) -> Response:
-        form = await self._form(request)
-        if isinstance(form, Response):
-            return form
-        call_sid = form.get("CallSid", "")
-        if not _is_sid(call_sid):
-            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
-        if self.draining or self.registry.reserved_count >= self.max_calls:
-            # Refused before any user callback runs; the reservation below is the real check.
-            return self._busy_answer()
-        from voice_runtime.transports.twilio_call import build_route_stream_xml
-
-        params: dict[str, str] = {
-            "direction": "inbound",
-            "caller_number": form.get("From", ""),
-            "called_number": form.get("To", ""),
-        }
-        if self.inbound_parameters is not None:
-            extra = await self._user_callback(self.inbound_parameters, form)
-            if isinstance(extra, Response):
-                return extra
-            if not isinstance(extra, Mapping):
-                logger.error("inbound_parameters must return a mapping")
-                return Response(status_code=500)
-            params.update({str(k): str(v) for k, v in extra.items()})
-        params = {k: v for k, v in params.items() if v}
-        ttl = min(self.route_ttl_s, self.inbound_route_ttl_s)
-        route = _make_route(ttl, params, None, call_sid)
-        # The route holds a max_calls slot until its stream claims it or it expires.
-        if self.draining or not self.registry.add_reserved_route(route, self.max_calls):
-            return self._busy_answer()
-        base = self._public_base_for(request)
-        xml = build_route_stream_xml(base, route.token, parameters=params, path=self.path)
-        return Response(xml, media_type=TWIML)
-
-    def _public_base_for(self, request: Request) -> str:
-        try:
-            return self._public_base()
-        except MissingStreamUrlError:
-            # Only reachable with signatures off: enforced ones need a configured URL.
-            return request_base_url(request, self._policy())
-
-    async def _emit(self, session: VoiceSession, event: SessionEvent) -> None:
-        """Deliver ``event`` to ``on_event`` off the loop, in order per session."""
-        handler = session.on_event
-        if handler is None:
-            return
-        if _is_async_callable(handler):
-            await self.callbacks.run(_emit_async, handler, event, key=id(session))
-        else:
-            await self.callbacks.run(session.emit_event, event, key=id(session))
-
-    async def _status_webhook(self, request: Request) -> Response:
-        form = await self._form(request)
-        if isinstance(form, Response):
-            return form
-        call_sid = form.get("CallSid", "")
-        if not _is_sid(call_sid):
-            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
-        session = self.registry.by_call_sid(call_sid)
-        if session is None:
-            return Response(status_code=204)
-        status = form.get("CallStatus")
-        answered_by = form.get("AnsweredBy")
-        try:
-            if status:
-                fields = {"status": status, **_status_fields(form)}
-                await self._emit(session, SessionEvent("call_status", fields))
-            if answered_by:
-                await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
-            if status in ENDED_STATUSES and not session.is_connected:
-                # The call never reached the stream (busy, no answer, ...): release its
-                # waiters, after its events (on_disconnected is a user callback too).
-                await self.callbacks.run(session.signal_disconnected, key=id(session))
-                self.registry.ended(session)
-        except CallbacksBusyError:
-            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
-        return Response(status_code=204)
-
-    async def _sms_webhook(self, request: Request) -> Response:
-        form = await self._form(request)
-        if isinstance(form, Response):
-            return form
-        from voice_runtime.transports.twilio_sms import parse_inbound_sms, sms_reply_twiml
-
-        try:
-            sms = parse_inbound_sms(form)
-        except ValueError:
-            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
-        reply: Any = None
-        if self.on_sms is not None:
-            reply = await self._user_callback(self.on_sms, sms)
-            if isinstance(reply, Response):
-                return reply
-        return Response(sms_reply_twiml(None if reply is None else str(reply)), media_type=TWIML)
-
-    async def _health(self) -> JSONResponse:
-        return JSONResponse(
-            {"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining}
-        )
-
-    async def _ready(self) -> JSONResponse:
-        if self.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ready", "live_calls": self.registry.live_count})
+    # The webhook and health handlers are inherited from voice_runtime.webhooks.WebhookRoutes.
 
     # ------------------------------------------------------------------ running
 
@@ -1040,55 +534,8 @@ class VoiceServer:
         session.request_disconnect(after_playback=True)
 
 
-def _log_evicted(evicted: int) -> None:
-    if evicted and log_limiter().allow("route_evicted"):
-        logger.warning(
-            "route table full: evicted the routes closest to expiry",
-            extra={"evicted": evicted, "count": log_limiter().count("route_evicted")},
-        )
-
-
-def _make_route(
-    ttl_s: float,
-    parameters: Mapping[str, str] | None,
-    session: VoiceSession | None,
-    call_sid: str | None,
-) -> Route:
-    return Route(
-        token=secrets.token_urlsafe(24),
-        expires_at=time.monotonic() + ttl_s,
-        parameters=dict(parameters or {}),
-        session=session,
-        call_sid=call_sid,
-    )
-
-
 async def _close_try_again_later(websocket: WebSocket) -> None:
     # A close code only reaches the client after the handshake (before it, ASGI servers
     # answer HTTP 403), so accept first: 1013 tells the far end to retry later.
     await websocket.accept()
     await websocket.close(code=1013)
-
-
-def _is_sid(value: str) -> bool:
-    # Twilio SIDs are two letters and 32 hex digits; anything else is not Twilio's form.
-    return 0 < len(value) <= 64 and value.isascii() and value.isalnum()
-
-
-async def _emit_async(handler: Callable[[SessionEvent], Any], event: SessionEvent) -> None:
-    try:
-        await handler(event)
-    except Exception:
-        logger.exception("on_event callback failed", extra={"event": event.kind})
-
-
-def _status_fields(form: Mapping[str, str]) -> dict[str, str]:
-    keys = (
-        "CallDuration",
-        "SequenceNumber",
-        "Timestamp",
-        "CallbackSource",
-        "SipResponseCode",
-        "Direction",
-    )
-    return {k: form[k] for k in keys if k in form}

@@ -19,25 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 import logging
 import struct
-import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any
 
 from voice_runtime.logutil import redacting_ws_logger
+from voice_runtime.testing._serve import FakeService, bind_free_socket, close_server, port_of
 from voice_runtime.testing._wait import wait_on_change
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 __all__ = [
     "FakeElevenLabsTts",
@@ -47,92 +44,6 @@ __all__ = [
     "ScribeUtterance",
     "TtsRequest",
 ]
-
-
-class _Service:
-    """Start/stop in the running loop or in a thread with its own loop."""
-
-    host = "127.0.0.1"
-    port = 0
-
-    def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_stop: asyncio.Event | None = None
-
-    async def start(self) -> Any:
-        """Start serving in the running loop."""
-        self.loop = asyncio.get_running_loop()
-        await self._start()
-        return self
-
-    async def stop(self) -> None:
-        """Stop serving and close every connection."""
-        await self._stop()
-
-    async def _start(self) -> None:
-        raise NotImplementedError
-
-    async def _stop(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Any:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self, timeout: float = 10.0) -> Any:
-        """Start serving on a new event loop in a daemon thread."""
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        async def main() -> None:
-            self._thread_stop = asyncio.Event()
-            try:
-                await self.start()
-            except BaseException as exc:
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            await self._thread_stop.wait()
-            await self.stop()
-
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(main()), name=type(self).__name__, daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError(f"{type(self).__name__} did not start")
-        if errors:
-            raise RuntimeError(f"{type(self).__name__} failed to start") from errors[0]
-        return self
-
-    def stop_thread(self, timeout: float = 10.0) -> None:
-        """Stop a server started with :meth:`start_in_thread` and join its thread."""
-        if self._thread is None or self.loop is None or self._thread_stop is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._thread_stop.set)
-        self._thread.join(timeout)
-        self._thread = None
-
-    def __enter__(self) -> Any:
-        return self.start_in_thread()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_thread()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
-        """Run a coroutine on the server's loop from another thread and return its result."""
-        assert self.loop is not None, "server not started"
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``: what a client takes as its base URL."""
-        return f"http://{self.host}:{self.port}"
 
 
 # ---------------------------------------------------------------------- Scribe realtime
@@ -185,7 +96,7 @@ class ScribeConnection:
         return values[0] if values else None
 
 
-class FakeScribeServer(_Service):
+class FakeScribeServer(FakeService):
     """A local Scribe realtime websocket server driven by a script (see the module doc)."""
 
     def __init__(
@@ -229,21 +140,19 @@ class FakeScribeServer(_Service):
         from websockets.asyncio.server import serve
 
         self._changed = asyncio.Event()
+        sock = bind_free_socket(self.host)
+        self.port = port_of(sock)
         self._server = await serve(
             self._handler,
-            self.host,
-            0,
+            sock=sock,
             process_request=self._process_request,
             max_size=2**22,
             logger=redacting_ws_logger("websockets.server"),
         )
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+            await close_server(self._server)
             self._server = None
 
     def _process_request(self, connection: Any, request: Any) -> Any:
@@ -445,7 +354,7 @@ def _default_audio(text: str) -> bytes:
     return tone_ulaw(330.0, max(200.0, 60.0 * len(text)), level_dbfs=-22.0)
 
 
-class FakeElevenLabsTts(_Service):
+class FakeElevenLabsTts(FakeService):
     """A local ElevenLabs TTS endpoint streaming chunked μ-law (see the module doc).
 
     ``audio_for(text)`` makes the audio (default: a soft tone of about 60 ms per
@@ -488,8 +397,9 @@ class FakeElevenLabsTts(_Service):
 
     async def _start(self) -> None:
         self._closing = asyncio.Event()
-        self._server = await asyncio.start_server(self._on_connection, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        sock = bind_free_socket(self.host)
+        self.port = port_of(sock)
+        self._server = await asyncio.start_server(self._on_connection, sock=sock)
 
     async def _stop(self) -> None:
         server, self._server = self._server, None
@@ -506,8 +416,7 @@ class FakeElevenLabsTts(_Service):
             for task in late:
                 task.cancel()
         if server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 5)
+            await close_server(server)
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -12,19 +11,11 @@ from typing import Any, TypeVar
 import uvicorn
 
 from voice_runtime.serving import uvicorn_config
+from voice_runtime.testing._serve import bind_free_socket
 
 T = TypeVar("T")
 
 __all__ = ["ServerThread", "serve_in_loop"]
-
-
-def _bind_free_socket(host: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class _Base:
@@ -54,7 +45,7 @@ class ServerThread(_Base):
         """``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets)."""
         self.app = app
         self.host = host
-        self._sock = _bind_free_socket(host)
+        self._sock = bind_free_socket(host)
         self.port = self._sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -141,7 +132,7 @@ async def serve_in_loop(
 
     ``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets).
     """
-    sock = _bind_free_socket(host)
+    sock = bind_free_socket(host)
     server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]), name="voice-test-uvicorn")

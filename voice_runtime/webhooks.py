@@ -1,0 +1,302 @@
+"""The HTTP side of :class:`~voice_runtime.server.VoiceServer`: Twilio webhooks and health.
+
+Routes (prefix ``webhook_prefix``, default ``/twilio``)::
+
+    POST {prefix}/voice    incoming-call webhook -> <Connect><Stream> (or busy TwiML)
+    POST {prefix}/status   call-status and async AMD callbacks -> session events
+    POST {prefix}/sms      incoming-SMS webhook
+    GET  /health, /ready   liveness; readiness is 503 while draining
+
+:class:`WebhookRoutes` holds the handlers; VoiceServer inherits them and provides the state
+they read (declared below). Nothing unbounded is read before a request is authenticated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import ClientDisconnect
+
+from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
+from voice_runtime._callbacks import is_async_callable as _is_async_callable
+from voice_runtime.calls import CallRegistry, make_route
+from voice_runtime.errors import MissingStreamUrlError
+from voice_runtime.logutil import LogLimiter
+from voice_runtime.session import VoiceSession
+from voice_runtime.transports.security import (
+    SignaturePolicy,
+    check_request_signature,
+    refusal_before_body,
+    request_base_url,
+)
+from voice_runtime.transports.xml_text import xml_safe
+from voice_runtime.types import SessionEvent
+
+logger = logging.getLogger(__name__)
+
+TWIML = "application/xml"
+MAX_WEBHOOK_BYTES = 64 * 1024
+"""Default cap on a webhook body; Twilio's largest (an SMS with media URLs) is a few KB."""
+MAX_WEBHOOK_FIELDS = 256
+WEBHOOK_READ_TIMEOUT_S = 10.0
+"""A webhook body must arrive within this long (a slow sender holds no handler longer)."""
+ENDED_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
+
+__all__ = [
+    "ENDED_STATUSES",
+    "MAX_WEBHOOK_BYTES",
+    "MAX_WEBHOOK_FIELDS",
+    "TWIML",
+    "WEBHOOK_READ_TIMEOUT_S",
+    "WebhookRoutes",
+]
+
+
+class WebhookRoutes:
+    """The webhook and health handlers of VoiceServer (a mixin: it owns no state)."""
+
+    # Provided by VoiceServer.
+    path: str
+    max_calls: int
+    route_ttl_s: float
+    inbound_route_ttl_s: float
+    inbound_parameters: Callable[[Mapping[str, str]], Mapping[str, str]] | None
+    on_sms: Callable[[Any], str | None] | None
+    busy_message: str
+    max_webhook_bytes: int
+    webhook_read_timeout_s: float
+    callbacks: CallbackRunner
+    webhook_refusals: LogLimiter
+    registry: CallRegistry
+    draining: bool
+
+    if TYPE_CHECKING:
+
+        def _policy(self) -> SignaturePolicy: ...
+
+        def _public_base(self) -> str: ...
+
+        def _refuse(self, reason: str, message: str, **extra: Any) -> None: ...
+
+    def _refuse_webhook(self, status: int, kind: str, message: str | None = None) -> Response:
+        """A refusal; the connection closes, so an unread body is never read."""
+        if self.webhook_refusals.allow(kind) and message is not None:
+            logger.warning(message, extra={"refused": self.webhook_refusals.count(kind)})
+        return Response(status_code=status, headers={"Connection": "close"})
+
+    async def _form(self, request: Request) -> dict[str, str] | Response:
+        """The webhook's signed form, or the refusal to answer instead.
+
+        Nothing unbounded is read before authentication: with signatures enforced a request
+        without ``X-Twilio-Signature`` is refused before its body is read; a body is capped
+        at ``max_webhook_bytes`` while it streams in (Content-Length first, a chunked body
+        as it arrives). The signature covers the form, so the capped body is parsed once
+        (no interpretation yet), then checked.
+        """
+        policy = self._policy()
+        why = refusal_before_body(request, policy)
+        if why is not None:
+            return self._refuse_webhook(503 if why == "no_public_url" else 403, why)
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            pairs = parse_qsl(
+                body.decode("utf-8"),
+                keep_blank_values=True,
+                strict_parsing=True,
+                max_num_fields=MAX_WEBHOOK_FIELDS,
+            )
+        except ValueError:  # UnicodeDecodeError is one too
+            return self._refuse_webhook(400, "malformed", "webhook refused: malformed form body")
+        if not check_request_signature(request, ImmutableMultiDict(pairs), policy):
+            return self._refuse_webhook(403, "signature")
+        return dict(pairs)
+
+    async def _read_body(self, request: Request) -> bytes | Response:
+        cap = self.max_webhook_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                return self._refuse_webhook(
+                    400, "malformed", "webhook refused: malformed form body"
+                )
+            if int(declared) > cap:
+                return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.webhook_read_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > cap:
+                        break
+        except TimeoutError:
+            return self._refuse_webhook(
+                408, "slow_body", "webhook refused: body arrived too slowly"
+            )
+        except ClientDisconnect:
+            return self._refuse_webhook(400, "disconnect")
+        if len(body) > cap:
+            return self._refuse_webhook(413, "too_large", "webhook refused: body too large")
+        return bytes(body)
+
+    async def _user_callback(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a user callback off the loop; a Response when it is refused or failed."""
+        try:
+            return await self.callbacks.run(fn, *args)
+        except CallbacksBusyError:
+            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
+        except Exception:
+            if self.webhook_refusals.allow("callback_failed"):
+                logger.exception("webhook callback failed")
+            return Response(status_code=500)
+
+    def _busy_answer(self) -> Response:
+        self._refuse("draining" if self.draining else "busy", "incoming call refused")
+        return Response(_twiml_busy(self.busy_message), media_type=TWIML)
+
+    async def _voice_webhook(self, request: Request) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid = form.get("CallSid", "")
+        if not _is_sid(call_sid):
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        if self.draining or self.registry.reserved_count >= self.max_calls:
+            # Refused before any user callback runs; the reservation below is the real check.
+            return self._busy_answer()
+        from voice_runtime.transports.twilio_call import build_route_stream_xml
+
+        params: dict[str, str] = {
+            "direction": "inbound",
+            "caller_number": form.get("From", ""),
+            "called_number": form.get("To", ""),
+        }
+        if self.inbound_parameters is not None:
+            extra = await self._user_callback(self.inbound_parameters, form)
+            if isinstance(extra, Response):
+                return extra
+            if not isinstance(extra, Mapping):
+                logger.error("inbound_parameters must return a mapping")
+                return Response(status_code=500)
+            params.update({str(k): str(v) for k, v in extra.items()})
+        params = {k: v for k, v in params.items() if v}
+        ttl = min(self.route_ttl_s, self.inbound_route_ttl_s)
+        route = make_route(ttl, params, None, call_sid)
+        # The route holds a max_calls slot until its stream claims it or it expires.
+        if self.draining or not self.registry.add_reserved_route(route, self.max_calls):
+            return self._busy_answer()
+        base = self._public_base_for(request)
+        xml = build_route_stream_xml(base, route.token, parameters=params, path=self.path)
+        return Response(xml, media_type=TWIML)
+
+    def _public_base_for(self, request: Request) -> str:
+        try:
+            return self._public_base()
+        except MissingStreamUrlError:
+            # Only reachable with signatures off: enforced ones need a configured URL.
+            return request_base_url(request, self._policy())
+
+    async def _emit(self, session: VoiceSession, event: SessionEvent) -> None:
+        """Deliver ``event`` to ``on_event`` off the loop, in order per session."""
+        handler = session.on_event
+        if handler is None:
+            return
+        if _is_async_callable(handler):
+            await self.callbacks.run(_emit_async, handler, event, key=id(session))
+        else:
+            await self.callbacks.run(session.emit_event, event, key=id(session))
+
+    async def _status_webhook(self, request: Request) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        call_sid = form.get("CallSid", "")
+        if not _is_sid(call_sid):
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        session = self.registry.by_call_sid(call_sid)
+        if session is None:
+            return Response(status_code=204)
+        status = form.get("CallStatus")
+        answered_by = form.get("AnsweredBy")
+        try:
+            if status:
+                fields = {"status": status, **_status_fields(form)}
+                await self._emit(session, SessionEvent("call_status", fields))
+            if answered_by:
+                await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
+            if status in ENDED_STATUSES and not session.is_connected:
+                # The call never reached the stream (busy, no answer, ...): release its
+                # waiters, after its events (on_disconnected is a user callback too).
+                await self.callbacks.run(session.signal_disconnected, key=id(session))
+                self.registry.ended(session)
+        except CallbacksBusyError:
+            return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
+        return Response(status_code=204)
+
+    async def _sms_webhook(self, request: Request) -> Response:
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        from voice_runtime.transports.twilio_sms import parse_inbound_sms, sms_reply_twiml
+
+        try:
+            sms = parse_inbound_sms(form)
+        except ValueError:
+            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        reply: Any = None
+        if self.on_sms is not None:
+            reply = await self._user_callback(self.on_sms, sms)
+            if isinstance(reply, Response):
+                return reply
+        return Response(sms_reply_twiml(None if reply is None else str(reply)), media_type=TWIML)
+
+    async def _health(self) -> JSONResponse:
+        return JSONResponse(
+            {"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining}
+        )
+
+    async def _ready(self) -> JSONResponse:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready", "live_calls": self.registry.live_count})
+
+
+def _twiml_busy(message: str) -> str:
+    from twilio.twiml.voice_response import VoiceResponse
+
+    response = VoiceResponse()
+    response.say(xml_safe(message))
+    response.hangup()
+    return str(response)
+
+
+def _is_sid(value: str) -> bool:
+    # Twilio SIDs are two letters and 32 hex digits; anything else is not Twilio's form.
+    return 0 < len(value) <= 64 and value.isascii() and value.isalnum()
+
+
+async def _emit_async(handler: Callable[[SessionEvent], Any], event: SessionEvent) -> None:
+    try:
+        await handler(event)
+    except Exception:
+        logger.exception("on_event callback failed", extra={"event": event.kind})
+
+
+def _status_fields(form: Mapping[str, str]) -> dict[str, str]:
+    keys = (
+        "CallDuration",
+        "SequenceNumber",
+        "Timestamp",
+        "CallbackSource",
+        "SipResponseCode",
+        "Direction",
+    )
+    return {k: form[k] for k in keys if k in form}
