@@ -43,7 +43,7 @@ import urllib.parse
 from typing import Any
 
 from voice_runtime.config import ModuleConstants, settings
-from voice_runtime.errors import MissingCredentialError
+from voice_runtime.errors import MissingCredentialError, ProviderConnectionError
 from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
@@ -102,9 +102,11 @@ def _echo_window() -> float:
     return ECHO_DISCARD_WINDOW_S  # the module global now, so a patch of it takes effect
 
 
-class _ConnectFailed(Exception):
+class _ConnectFailed(ProviderConnectionError):
     def __init__(self, reason: str, *, terminal: bool) -> None:
+        # Rooted in the tree; ``terminal`` (not ``retryable``) decides the retry.
         super().__init__(reason)
+        self.retryable = not terminal
         self.reason = reason
         self.terminal = terminal
 

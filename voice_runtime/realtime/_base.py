@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from voice_runtime.errors import (
     ConfigurationError,
+    ProtocolError,
     ProviderConnectionError,
     ProviderError,
     is_retryable_status,
@@ -66,15 +67,14 @@ __all__ = [
 ]
 
 
-class VendorFatal(Exception):
-    """Raised by a message handler when the session cannot go on."""
+class VendorFatal(ProviderError):
+    """Raised by a message handler when the session cannot go on (never retryable)."""
 
     def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, retryable=False, code=code)
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(ProtocolError, ValueError):
     """A vendor message field has the wrong type or content; the message is dropped.
 
     ``field`` names the field (a path the code chose, never vendor text); ``problem`` is
