@@ -43,7 +43,8 @@ import urllib.parse
 from typing import Any
 
 from voice_runtime.config import ModuleConstants, settings
-from voice_runtime.errors import MissingCredentialError, ProviderConnectionError
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
+from voice_runtime.errors import ProviderConnectionError
 from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
@@ -88,6 +89,7 @@ ECHO_DISCARD_WINDOW_S = 0.4
 
 __all__ = ["ECHO_DISCARD_WINDOW_S", "FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
 
+_KEY_WHAT = "ElevenLabs API key"
 _CONSTANTS = ModuleConstants(
     __name__,
     {
@@ -143,9 +145,13 @@ class PersistentSttSession(ReconnectingStt):
         echo_tail_s: float | None = None,
     ) -> None:
         cfg = settings()
-        key = api_key or _CONSTANTS.value("ELEVENLABS_API_KEY", cfg)
-        if not key:
-            logger.warning("no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY")
+        key = resolve_credential(
+            api_key,
+            CREDENTIAL_VARIABLES["elevenlabs"],
+            what=_KEY_WHAT,
+            required=False,
+            lookup=lambda name: _CONSTANTS.value(name, cfg),
+        )
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -188,8 +194,7 @@ class PersistentSttSession(ReconnectingStt):
         return self._buffer.dropped_bytes / 8.0
 
     def _check_credentials(self) -> None:
-        if not self._api_key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+        require_credential(self._api_key, CREDENTIAL_VARIABLES["elevenlabs"], what=_KEY_WHAT)
 
     # ------------------------------------------------------------------ audio in
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.errors import ProviderError
 from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
@@ -36,7 +37,6 @@ from voice_runtime.realtime._base import (
     ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
-from voice_runtime.realtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.realtime.events import (
     AgentError,
     AssistantAudio,
