@@ -54,6 +54,7 @@ from voice_runtime.transports.security import (
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
 from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.types import SessionEvent
+from voice_runtime.urls import http_base
 from voice_runtime.watchdog import LoopWatchdog
 
 logger = logging.getLogger(__name__)
@@ -665,7 +666,7 @@ class VoiceServer:
             base = self._public_base()
         except MissingStreamUrlError:
             return None
-        base = base.replace("wss://", "https://", 1).replace("ws://", "http://", 1).rstrip("/")
+        base = http_base(base)
         return f"{base}{self.webhook_prefix}/status"
 
     # ------------------------------------------------------------------ media streams

@@ -48,6 +48,7 @@ from voice_runtime.errors import ProviderConnectionError
 from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 # websockets logs handshake headers at DEBUG: the key must not be one of them.
@@ -113,12 +114,6 @@ class _ConnectFailed(ProviderConnectionError):
         self.terminal = terminal
 
 
-def _ws_base(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parsed.scheme, parsed.scheme)
-    return urllib.parse.urlunparse(parsed._replace(scheme=scheme)).rstrip("/")
-
-
 class PersistentSttSession(ReconnectingStt):
     """One ElevenLabs Scribe realtime websocket per call, reconnecting without losing audio."""
 
@@ -162,7 +157,7 @@ class PersistentSttSession(ReconnectingStt):
         self._api_key = key
         self.language_code = language_code or _CONSTANTS.value("STT_LANGUAGE_CODE", cfg)
         self.model_id = model_id or _CONSTANTS.value("STT_MODEL_ID", cfg)
-        self.base_url = _ws_base(base_url or DEFAULT_BASE_URL)
+        self.base_url = ws_base(base_url or DEFAULT_BASE_URL)
         self.connect_timeout = connect_timeout
         self._vad: dict[str, Any] = {
             "vad_silence_threshold_secs": vad_silence_threshold_secs,

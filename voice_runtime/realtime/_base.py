@@ -63,7 +63,6 @@ __all__ = [
     "list_field",
     "obj_field",
     "str_field",
-    "ws_base",
 ]
 
 
@@ -141,26 +140,6 @@ def _get(msg: Mapping[str, Any], key: str, alias: tuple[str, ...]) -> Any:
             break
         value = msg.get(other)
     return value
-
-
-def ws_base(url: str) -> str:
-    """A base URL with http(s) turned into ws(s) and no trailing slash."""
-    url = url.strip().rstrip("/")
-    if url.startswith("https://"):
-        return "wss://" + url[len("https://") :]
-    if url.startswith("http://"):
-        return "ws://" + url[len("http://") :]
-    return url
-
-
-def http_base(url: str) -> str:
-    """A base URL with ws(s) turned into http(s) and no trailing slash."""
-    url = url.strip().rstrip("/")
-    if url.startswith("wss://"):
-        return "https://" + url[len("wss://") :]
-    if url.startswith("ws://"):
-        return "http://" + url[len("ws://") :]
-    return url
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,11 +34,9 @@ from voice_runtime.realtime._base import (
     VendorFatal,
     WebSocketAgent,
     deep_merge,
-    http_base,
     id_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
 from voice_runtime.realtime.events import (
@@ -49,6 +47,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStarted,
     UserTranscript,
 )
+from voice_runtime.urls import http_base, ws_base
 
 logger = logging.getLogger(__name__)
 

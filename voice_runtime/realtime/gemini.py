@@ -41,7 +41,6 @@ from voice_runtime.realtime._base import (
     list_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
 from voice_runtime.realtime.events import (
@@ -55,6 +54,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStarted,
     UserTranscript,
 )
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from voice_runtime.realtime._base import (
     list_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
 from voice_runtime.realtime.events import (
@@ -48,6 +47,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStopped,
     UserTranscript,
 )
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 
