@@ -222,3 +222,20 @@ def test_import_reads_no_environment(monkeypatch) -> None:
     monkeypatch.setattr(os.environ, "get", spy)
     importlib.import_module("voice_runtime")
     assert [k for k in reads if k.startswith(("VOICE_", "TWILIO_", "ELEVENLABS_", "AZURE_"))] == []
+
+
+def test_the_frame_constant_is_defined_once_and_re_exported() -> None:
+    import re
+    from pathlib import Path
+
+    import voice_runtime.audio
+    import voice_runtime.session
+
+    root = Path(voice_runtime.__file__).parent
+    defining = [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*.py"))
+        if re.search(r"^\s*FRAME(_BYTES)?\s*(:[^=]+)?=\s*160\b", path.read_text(), re.M)
+    ]
+    assert defining == ["audio/pcm.py"]
+    assert voice_runtime.session.FRAME_BYTES == voice_runtime.audio.FRAME_BYTES == 160
