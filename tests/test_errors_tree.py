@@ -11,9 +11,14 @@ import pytest
 import voice_runtime
 from voice_runtime.errors import ProtocolError, ProviderError, VoiceRuntimeError
 
-# Private control flow inside a test double: raised and caught in the same request handler,
-# never seen by a user.
-_ALLOWED = {"voice_runtime.testing.fake_twilio_rest._Answer"}
+# Private control flow inside a test double (FakeTwilioRest's ``_Answer``): raised and caught
+# in the same request handler, never seen by a user. Named by package and class, so the
+# fakes can be split into packages without touching this test.
+_ALLOWED = {("voice_runtime.testing", "_Answer")}
+
+
+def _allowed(module: str, cls: type) -> bool:
+    return any(module.startswith(pkg) and cls.__name__ == name for pkg, name in _ALLOWED)
 
 
 def _package_modules() -> list[str]:
@@ -30,9 +35,8 @@ def test_every_exception_class_derives_from_the_root() -> None:
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ != name or not issubclass(cls, BaseException):
                 continue
-            qualname = f"{name}.{cls.__qualname__}"
-            if not issubclass(cls, VoiceRuntimeError) and qualname not in _ALLOWED:
-                outside.append(qualname)
+            if not issubclass(cls, VoiceRuntimeError) and not _allowed(name, cls):
+                outside.append(f"{name}.{cls.__qualname__}")
     assert outside == []
 
 
