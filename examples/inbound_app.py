@@ -25,15 +25,17 @@ from collections.abc import Callable, Iterator, Mapping
 import httpx
 from fastapi import FastAPI
 
-from voice_runtime.control_cli import BackgroundVoiceServer, serve_forever
-from voice_runtime.conversation import Conversation
-from voice_runtime.errors import CallHangupError
+from voice_runtime import (
+    CallerSimulator,
+    CallHangupError,
+    Conversation,
+    TtsProvider,
+    VoiceServer,
+    VoiceSession,
+)
 from voice_runtime.mock.tts import MockTts
-from voice_runtime.providers import TtsProvider
-from voice_runtime.server import VoiceServer
-from voice_runtime.session import VoiceSession
-from voice_runtime.testing.fake_twilio_rest import FakeTwilioRest
-from voice_runtime.testing.simulator import CallerSimulator
+from voice_runtime.serving import BackgroundVoiceServer, serve_forever
+from voice_runtime.testing import FakeTwilioRest
 
 OUR_NUMBER = "+15550001111"
 GREETING = "Thanks for calling Acme. Press 1 for our opening hours."

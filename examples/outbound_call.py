@@ -17,12 +17,15 @@ import asyncio
 import sys
 import threading
 
-from voice_runtime.control_cli import BackgroundVoiceServer
-from voice_runtime.conversation import Conversation
-from voice_runtime.errors import CallHangupError, CallNotAnsweredError
+from voice_runtime import (
+    CallHangupError,
+    CallNotAnsweredError,
+    Conversation,
+    TtsProvider,
+    VoiceServer,
+)
 from voice_runtime.mock.tts import MockTts
-from voice_runtime.providers import TtsProvider
-from voice_runtime.server import VoiceServer
+from voice_runtime.serving import BackgroundVoiceServer
 from voice_runtime.testing.fake_twilio_rest import FakeCall, FakeTwilioRest
 
 REMINDER = "Hello, this is Acme. Your appointment is tomorrow at ten. Press 1 to confirm."

@@ -96,8 +96,8 @@ def make_resolver(
 
 def serve(args: argparse.Namespace) -> None:
     """Serve real calls until interrupted."""
-    from voice_runtime.control_cli import serve_forever
-    from voice_runtime.server import VoiceServer
+    from voice_runtime import VoiceServer
+    from voice_runtime.serving import serve_forever
 
     resolver = make_resolver([args.provider, *args.fallback])
 
@@ -145,9 +145,8 @@ def fake_vendor(provider: str) -> Any:
 
 async def demo(provider: str) -> BridgeResult:
     """One simulated call against a fake vendor, printed as it happens."""
-    from voice_runtime.server import VoiceServer
-    from voice_runtime.testing.server import serve_in_loop
-    from voice_runtime.testing.simulator import CallerSimulator
+    from voice_runtime import CallerSimulator, VoiceServer
+    from voice_runtime.testing import serve_in_loop
 
     caller_speech = tone_ulaw(300.0, 600.0, -12.0)  # stands in for "Where is my order?"
     async with fake_vendor(provider) as fake:

@@ -21,11 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from voice_runtime.conversation import Conversation
-from voice_runtime.errors import CallHangupError
+from voice_runtime import CallHangupError, Conversation, SessionEvent, VoiceSession
 from voice_runtime.mock.tts import MockTts
-from voice_runtime.session import VoiceSession
-from voice_runtime.types import SessionEvent
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +81,8 @@ def run_fake(calls: int = 2) -> int:
     # The fake Twilio helpers are shared with inbound_app.py, next to this file.
     from inbound_app import call_in, fake_twilio
 
-    from voice_runtime.control_cli import BackgroundVoiceServer
-    from voice_runtime.server import VoiceServer
+    from voice_runtime import VoiceServer
+    from voice_runtime.serving import BackgroundVoiceServer
 
     voice = VoiceServer(on_call=handle_call, session_factory=TelcoSession)
     with fake_twilio() as fake, BackgroundVoiceServer(voice) as server:

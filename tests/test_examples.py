@@ -46,3 +46,26 @@ def test_examples_run_against_fake_twilio() -> None:
     assert "hung up over REST: True" in results["inbound_app.py"][1]
     assert '"status": "queued"' in results["send_sms.py"][1]
     assert results["subclass_session.py"][1].count("record: CA") == 2
+
+
+def test_examples_import_only_public_modules() -> None:
+    import ast
+
+    # The CLI modules are the command line's, not an API; private modules may change any time.
+    not_public = {"voice_runtime.cli", "voice_runtime.control_cli"}
+    bad = []
+    for path in sorted(EXAMPLES.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] != "voice_runtime":
+                    continue
+                if module in not_public or any(p.startswith("_") for p in parts):
+                    bad.append(f"{path.name}: {module}")
+    assert bad == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+
 import voice_runtime
 
 COMPAT_TOP_LEVEL = {
@@ -68,6 +70,101 @@ COMPAT_MODULES = {
 }
 
 
+# The exact public surface: adding or removing a name is a decision, so it changes this list.
+TOP_LEVEL_ALL = [
+    "AudioMixer",
+    "CallHangupError",
+    "CallInfo",
+    "CallerSimulator",
+    "CallNotAnsweredError",
+    "ConfigurationError",
+    "Conversation",
+    "LoopThreadError",
+    "MediaFormat",
+    "MissingCredentialError",
+    "MissingStreamUrlError",
+    "NoEventLoopError",
+    "ProtocolError",
+    "ProviderError",
+    "SessionEvent",
+    "SttProvider",
+    "TtsProvider",
+    "VoiceRuntimeError",
+    "VoiceServer",
+    "VoiceSession",
+    "attach_agent",
+    "create_stt",
+    "create_transport",
+    "create_tts",
+    "get_sms_transport",
+    "get_stt_class",
+    "mix_frames",
+    "run_agent_call",
+]
+
+TESTING_ALL = [
+    "CallerSimulator",
+    "FakeElevenLabsAgent",
+    "FakeElevenLabsTts",
+    "FakeGeminiLive",
+    "FakeOpenAIRealtime",
+    "FakeScribeServer",
+    "FakeSpeechSdk",
+    "FakeTwilioRest",
+    "FakeXaiRealtime",
+    "ManualClock",
+    "serve_in_loop",
+    "word_accuracy",
+]
+
+LAZY_TOP_LEVEL = {
+    "VoiceServer": "voice_runtime.server",
+    "Conversation": "voice_runtime.conversation",
+    "CallerSimulator": "voice_runtime.testing.simulator",
+    "run_agent_call": "voice_runtime.realtime.bridge",
+    "attach_agent": "voice_runtime.realtime.bridge",
+}
+
+
+def test_top_level_all_is_pinned() -> None:
+    assert sorted(voice_runtime.__all__) == sorted(TOP_LEVEL_ALL)
+    assert len(set(voice_runtime.__all__)) == len(voice_runtime.__all__)
+
+
+def test_testing_all_is_pinned_and_every_name_resolves() -> None:
+    import voice_runtime.testing as testing
+
+    assert sorted(testing.__all__) == sorted(TESTING_ALL)
+    for name in testing.__all__:
+        assert getattr(testing, name).__name__ == name
+    assert set(testing.__all__) <= set(dir(testing))
+
+
+def test_lazy_top_level_names_are_the_real_objects() -> None:
+    for name, home in LAZY_TOP_LEVEL.items():
+        assert getattr(voice_runtime, name) is getattr(importlib.import_module(home), name)
+        assert name in dir(voice_runtime)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        voice_runtime.no_such_name  # noqa: B018 - the attribute access is the test
+
+
+def test_lazy_top_level_names_are_not_imported_up_front() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, voice_runtime; "
+        "heavy = ['voice_runtime.server', 'voice_runtime.realtime', 'voice_runtime.testing', "
+        "'voice_runtime.conversation']; "
+        "print([m for m in heavy if m in sys.modules]); "
+        "from voice_runtime import VoiceServer; print('voice_runtime.server' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]
+
+
 def test_top_level_all_keeps_the_compat_names() -> None:
     assert set(voice_runtime.__all__) >= COMPAT_TOP_LEVEL
     for name in voice_runtime.__all__:
@@ -125,3 +222,20 @@ def test_import_reads_no_environment(monkeypatch) -> None:
     monkeypatch.setattr(os.environ, "get", spy)
     importlib.import_module("voice_runtime")
     assert [k for k in reads if k.startswith(("VOICE_", "TWILIO_", "ELEVENLABS_", "AZURE_"))] == []
+
+
+def test_the_frame_constant_is_defined_once_and_re_exported() -> None:
+    import re
+    from pathlib import Path
+
+    import voice_runtime.audio
+    import voice_runtime.session
+
+    root = Path(voice_runtime.__file__).parent
+    defining = [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*.py"))
+        if re.search(r"^\s*FRAME(_BYTES)?\s*(:[^=]+)?=\s*160\b", path.read_text(), re.M)
+    ]
+    assert defining == ["audio/pcm.py"]
+    assert voice_runtime.session.FRAME_BYTES == voice_runtime.audio.FRAME_BYTES == 160

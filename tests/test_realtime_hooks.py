@@ -212,9 +212,12 @@ async def test_sync_tools_run_off_the_loop_and_may_take_the_context() -> None:
 
 
 async def test_transfer_tool_without_twilio_credentials_answers_with_an_error() -> None:
+    from voice_runtime.transports.call_control import CallControl
+
     tool = transfer_call_tool("+15550100")
     tools = ToolRegistry([tool])
     session = VoiceSession(call_sid="CA" + "0" * 32)
+    session.control = CallControl(session)  # what the server installs when the stream starts
     result = await tools.execute(
         call_of("transfer_call"), ToolContext(session, call_of("transfer_call"))
     )
@@ -222,22 +225,29 @@ async def test_transfer_tool_without_twilio_credentials_answers_with_an_error() 
     assert "TWILIO_ACCOUNT_SID" in result.output
 
 
-async def test_transfer_tool_only_dials_configured_destinations(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from voice_runtime.transports import twilio_call
+class _RecordingControl:
+    """A call control that records transfers (the contract the tool must go through)."""
 
-    dialled = []
+    def __init__(self, *, sync_only: bool = False) -> None:
+        self.transfers: list[tuple[str, str | None]] = []
+        if not sync_only:
+            self.transfer_async = self._transfer_async
 
-    async def fake_transfer(call_sid: str, target: str, *, caller_id: str | None = None) -> str:
-        dialled.append((call_sid, target))
+    def transfer(self, target: str, *, caller_id: str | None = None) -> str:
+        self.transfers.append((target, caller_id))
         return "in-progress"
 
-    monkeypatch.setattr(twilio_call, "transfer_call_async", fake_transfer)
+    async def _transfer_async(self, target: str, *, caller_id: str | None = None) -> str:
+        return self.transfer(target, caller_id=caller_id)
+
+
+async def test_transfer_tool_only_dials_configured_destinations() -> None:
+    control = _RecordingControl()
     tool = transfer_call_tool({"sales": "+15550101", "support": "sip:help@example.com"})
     assert tool.parameters["properties"]["destination"]["enum"] == ["sales", "support"]
     tools = ToolRegistry([tool])
     session = VoiceSession(call_sid="CA" + "1" * 32)
+    session.control = control
     ok = await tools.execute(
         call_of("transfer_call", destination="support"),
         ToolContext(session, call_of("transfer_call")),
@@ -248,7 +258,33 @@ async def test_transfer_tool_only_dials_configured_destinations(
         ToolContext(session, call_of("transfer_call")),
     )
     assert "unknown destination" in bad.output
-    assert dialled == [("CA" + "1" * 32, "sip:help@example.com")]
+    assert control.transfers == [("sip:help@example.com", None)]
+
+
+async def test_transfer_tool_goes_through_session_control_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from voice_runtime.transports import twilio_call
+
+    async def no_rest(*args: object, **kwargs: object) -> str:
+        raise AssertionError("the tool must not call the Twilio REST module itself")
+
+    monkeypatch.setattr(twilio_call, "transfer_call_async", no_rest)
+    monkeypatch.setattr(twilio_call, "transfer_call", no_rest)
+    tool = transfer_call_tool("+15550100", caller_id="+15550199")
+    tools = ToolRegistry([tool])
+    session = VoiceSession(call_sid="CA" + "2" * 32)
+    without = await tools.execute(
+        call_of("transfer_call"), ToolContext(session, call_of("transfer_call"))
+    )
+    assert "no call control" in without.output
+    control = _RecordingControl(sync_only=True)
+    session.control = control
+    ok = await tools.execute(
+        call_of("transfer_call"), ToolContext(session, call_of("transfer_call"))
+    )
+    assert json.loads(ok.output) == {"status": "transferring"}
+    assert control.transfers == [("+15550100", "+15550199")]
 
 
 def test_tool_names_and_schemas_are_checked() -> None:

@@ -1,25 +1,39 @@
 """The exception tree of voice_runtime.
 
+Every exception class the package defines derives from :class:`VoiceRuntimeError`
+(``tests/test_errors_tree.py`` walks every module to keep it so). Classes whose home is
+elsewhere (to avoid import cycles or a vendor SDK import here) are marked with their module.
+
 ::
 
     VoiceRuntimeError
     ├── ConfigurationError              a required setting is missing or invalid (a ValueError)
     │   ├── MissingCredentialError      names the environment variable to set
+    │   │   └── MissingTwilioCredentialError     transports.twilio_models (RuntimeError)
     │   └── MissingStreamUrlError       VOICE_STREAM_URL is not set
     ├── SessionError
     │   ├── CallNotAnsweredError        the media stream did not connect in time
     │   ├── CallHangupError             the call ended during a listen operation
     │   ├── NoEventLoopError            a cross-thread call before the session has a loop
     │   ├── LoopThreadError             a blocking call made on the event-loop thread
-    │   └── QueueFullError              a bounded queue refused an item (policy "raise")
+    │   └── CallRejectedError           realtime.hooks: a session resolver refused the call
+    ├── CallbacksBusyError              _callbacks: too many user callbacks waiting
     ├── ProtocolError                   a wire message we cannot use
-    └── ProviderError                   a vendor failed; ``retryable`` says whether to retry
-        └── ProviderConnectionError     the vendor could not be reached (retryable)
+    │   ├── MediaStreamError            transports.twilio_protocol: a bad Twilio frame
+    │   ├── WebSocketProtocolError      transports.fastws: the peer broke RFC 6455
+    │   └── MalformedMessage            realtime._base: a bad vendor field (a ValueError)
+    ├── ProviderError                   a vendor failed; ``retryable`` says whether to retry
+    │   ├── ProviderConnectionError     the vendor could not be reached (retryable)
+    │   ├── VendorFatal                 realtime._base: the agent session cannot go on
+    │   └── TwilioRestError             transports.twilio_models (TwilioRestException)
+    │       ├── TwilioCallNotFoundRestError      (also a TwilioCallNotFoundError)
+    │       └── TwilioTransportError    Twilio unreachable (also the HTTP library's error)
+    ├── TwilioCallNotFoundError         transports.twilio_models (RuntimeError)
+    └── TwilioCallListIncompleteError   transports.twilio_models (RuntimeError)
 
 ``ConfigurationError`` is also a ``ValueError`` (0.1.x raised ValueError for a bad setting such
-as TWILIO_HTTP_TIMEOUT). Twilio REST errors (``TwilioCallNotFoundError``,
-``TwilioCallListIncompleteError``) also derive from ``RuntimeError`` for compatibility with the
-0.1.x package.
+as TWILIO_HTTP_TIMEOUT). Twilio errors keep the bases 0.1.x code catches: ``RuntimeError`` for
+the call lookups, the SDK's ``TwilioRestException`` for REST failures.
 """
 
 from __future__ import annotations
@@ -86,10 +100,6 @@ class LoopThreadError(SessionError):
         )
 
 
-class QueueFullError(SessionError):
-    """A bounded session queue is full and its policy is to refuse."""
-
-
 class ProtocolError(VoiceRuntimeError):
     """A wire message that cannot be used (malformed, unknown, out of order)."""
 
@@ -140,7 +150,6 @@ __all__ = [
     "ProtocolError",
     "ProviderConnectionError",
     "ProviderError",
-    "QueueFullError",
     "SessionError",
     "VoiceRuntimeError",
     "is_retryable_status",

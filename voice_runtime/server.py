@@ -42,6 +42,7 @@ from voice_runtime.transports.security import (
     trusted_networks,
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
+from voice_runtime.urls import http_base
 from voice_runtime.watchdog import LoopWatchdog
 from voice_runtime.webhooks import ENDED_STATUSES as ENDED_STATUSES
 from voice_runtime.webhooks import MAX_WEBHOOK_BYTES as MAX_WEBHOOK_BYTES
@@ -341,7 +342,7 @@ class VoiceServer(WebhookRoutes):
             base = self._public_base()
         except MissingStreamUrlError:
             return None
-        base = base.replace("wss://", "https://", 1).replace("ws://", "http://", 1).rstrip("/")
+        base = http_base(base)
         return f"{base}{self.webhook_prefix}/status"
 
     # ------------------------------------------------------------------ media streams

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from voice_runtime._sync import Flag, call_on_loop, forbid_on_loop, running_loop
+from voice_runtime.audio.pcm import FRAME_BYTES  # re-exported: 0.1.x imported it from here
 from voice_runtime.config import ModuleConstants
 from voice_runtime.errors import (
     CallHangupError,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FRAME_BYTES = 160  # 20 ms of 8 kHz μ-law
 INBOUND_MAXSIZE = 1500  # 30 s of 20 ms caller frames
 # Bytes bound the queues too: chunks can be larger than 20 ms, and a peer choosing their
 # size must not make one call hold more than about a megabyte of audio. Twilio's 160-byte

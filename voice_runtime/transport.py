@@ -10,30 +10,28 @@ Modules are imported when asked for, so importing this module loads no vendor SD
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-_TRANSPORTS = {
-    "twilio": "voice_runtime.transports.twilio_call",
-    "mock": "voice_runtime.transports.mock_bridge",
-}
-_SMS_TRANSPORTS = {"twilio": "voice_runtime.transports.twilio_sms"}
+from voice_runtime.registry import Registry
+
+TRANSPORTS = Registry(
+    "transport",
+    {
+        "twilio": "voice_runtime.transports.twilio_call",
+        "mock": "voice_runtime.transports.mock_bridge",
+    },
+)
+SMS_TRANSPORTS = Registry("SMS transport", {"twilio": "voice_runtime.transports.twilio_sms"})
 
 
 def get_sms_transport(provider: str = "twilio") -> ModuleType:
     """Return the SMS transport for ``provider`` (an object with ``send_sms(to, body)``)."""
-    module = _SMS_TRANSPORTS.get(provider)
-    if module is None:
-        raise ValueError(f"Unknown SMS transport: {provider}")
-    return importlib.import_module(module)
+    return SMS_TRANSPORTS.load(provider)
 
 
 def create_transport(provider: str = "twilio") -> ModuleType:
     """Return the call transport for ``provider``: ``twilio`` (REST calls) or ``mock``."""
-    module = _TRANSPORTS.get(provider)
-    if module is None:
-        raise ValueError(f"Unknown transport: {provider}")
-    return importlib.import_module(module)
+    return TRANSPORTS.load(provider)
 
 
-__all__ = ["create_transport", "get_sms_transport"]
+__all__ = ["SMS_TRANSPORTS", "TRANSPORTS", "create_transport", "get_sms_transport"]

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-_PROVIDERS: dict[str, tuple[str, str]] = {
-    "elevenlabs": ("voice_runtime.providers.elevenlabs_tts", "ElevenLabsTTS"),
-    "azure": ("voice_runtime.providers.azure_tts", "AzureTTS"),
-    "offline": ("voice_runtime.providers.offline_tts", "OfflineTts"),
-    "mock": ("voice_runtime.mock.tts", "MockTts"),
-}
+from voice_runtime.registry import Registry
 
-__all__ = ["available_tts_providers", "create_tts", "get_tts_class"]
+TTS_PROVIDERS = Registry(
+    "TTS provider",
+    {
+        "elevenlabs": "voice_runtime.providers.elevenlabs_tts:ElevenLabsTTS",
+        "azure": "voice_runtime.providers.azure_tts:AzureTTS",
+        "offline": "voice_runtime.providers.offline_tts:OfflineTts",
+        "mock": "voice_runtime.mock.tts:MockTts",
+    },
+)
+
+__all__ = ["TTS_PROVIDERS", "available_tts_providers", "create_tts", "get_tts_class"]
 
 
 def available_tts_providers() -> list[str]:
     """Names accepted by :func:`create_tts`."""
-    return sorted(_PROVIDERS)
+    return TTS_PROVIDERS.names()
 
 
 def get_tts_class(provider: str = "elevenlabs") -> type[Any]:
     """Return the TTS provider class without instantiating it."""
-    try:
-        module, name = _PROVIDERS[provider]
-    except KeyError:
-        raise ValueError(f"Unknown TTS provider: {provider}") from None
-    return getattr(importlib.import_module(module), name)
+    return TTS_PROVIDERS.load(provider)
 
 
 def create_tts(provider: str = "elevenlabs", **kwargs: Any) -> Any:

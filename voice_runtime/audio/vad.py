@@ -137,6 +137,10 @@ class SpeechSegmenter:
     Feed frames of any length (20 ms frames on the call leg) to :meth:`process`; it returns
     the events those frames caused. Stream time starts at 0 with the first sample after
     construction or :meth:`reset`. The segmenter owns ``vad`` and resets it.
+
+    Before speech is confirmed, dips shorter than ``max_gap_ms`` (stop consonants) do not end
+    the candidate (0: the first silent window does), and at least ``min_speech_ratio`` of its
+    windows must be speech; barge-in uses both so coughs and backchannels do not count.
     """
 
     def __init__(
@@ -146,9 +150,14 @@ class SpeechSegmenter:
         min_silence_ms: float = 500,
         pad_ms: float = 200,
         max_utterance_ms: float | None = 30_000,
+        *,
+        max_gap_ms: float = 0.0,
+        min_speech_ratio: float = 0.0,
     ) -> None:
-        if min_speech_ms < 0 or min_silence_ms <= 0 or pad_ms < 0:
-            raise ValueError("min_speech_ms and pad_ms must be >= 0, min_silence_ms > 0")
+        if min_speech_ms < 0 or min_silence_ms <= 0 or pad_ms < 0 or max_gap_ms < 0:
+            raise ValueError("min_speech_ms, pad_ms, max_gap_ms must be >= 0, min_silence_ms > 0")
+        if not 0.0 <= min_speech_ratio <= 1.0:
+            raise ValueError("min_speech_ratio must be between 0 and 1")
         self.vad = vad
         self.sample_rate = vad.sample_rate
         rate_ms = self.sample_rate / 1000.0
@@ -158,6 +167,8 @@ class SpeechSegmenter:
         self._pad = round(pad_ms * rate_ms)
         self._max_len = None if max_utterance_ms is None else round(max_utterance_ms * rate_ms)
         self._neg_threshold = max(vad.threshold - _NEG_THRESHOLD_GAP, 0.01)
+        self._max_gap_windows = max(1, round(max_gap_ms * rate_ms / self._window))
+        self._min_speech_ratio = float(min_speech_ratio)
         self.reset()
 
     def reset(self) -> None:
@@ -168,6 +179,9 @@ class SpeechSegmenter:
         self._buf_end = 0  # stream sample index after the last buffered sample
         self._windows = 0  # windows evaluated so far
         self._candidate: int | None = None  # sample where unconfirmed speech began
+        self._candidate_windows = 0  # windows since the candidate began
+        self._candidate_speech = 0  # of which were speech
+        self._candidate_low = 0  # consecutive silent windows at the candidate's end
         self._onset: int | None = None  # sample where confirmed speech began
         self._silence_from: int | None = None  # sample where silence began inside speech
 
@@ -209,16 +223,7 @@ class SpeechSegmenter:
         self._windows += 1
         end = start + self._window
         if self._onset is None:
-            if probability >= self.vad.threshold:
-                if self._candidate is None:
-                    self._candidate = start
-                if end - self._candidate >= self._min_speech:
-                    self._onset = self._candidate
-                    self._candidate = None
-                    self._silence_from = None
-                    events.append(SpeechStart(self._seconds(self._onset), self._seconds(end)))
-            elif probability < self._neg_threshold:
-                self._candidate = None
+            self._on_candidate_window(probability, start, end, events)
             return
 
         if probability >= self.vad.threshold:
@@ -237,6 +242,33 @@ class SpeechSegmenter:
             self._onset = end
             self._silence_from = None
             events.append(SpeechStart(self._seconds(end), self._seconds(end)))
+
+    def _on_candidate_window(
+        self, probability: float, start: int, end: int, events: list[SegmenterEvent]
+    ) -> None:
+        """One window before speech is confirmed: grow, keep or drop the candidate."""
+        if self._candidate is None:
+            if probability < self.vad.threshold:
+                return
+            self._candidate = start
+            self._candidate_windows = self._candidate_speech = self._candidate_low = 0
+        self._candidate_windows += 1
+        if probability >= self.vad.threshold:
+            self._candidate_speech += 1
+            self._candidate_low = 0
+        elif probability < self._neg_threshold:
+            self._candidate_low += 1
+            if self._candidate_low >= self._max_gap_windows:
+                self._candidate = None  # a real pause: this was not one utterance
+                return
+        if (
+            end - self._candidate >= self._min_speech
+            and self._candidate_speech >= self._min_speech_ratio * self._candidate_windows
+        ):
+            self._onset = self._candidate
+            self._candidate = None
+            self._silence_from = None
+            events.append(SpeechStart(self._seconds(self._onset), self._seconds(end)))
 
     def _utterance(
         self, onset: int, speech_end: int, audio_end: int, forced: bool = False

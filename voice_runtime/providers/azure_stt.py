@@ -40,7 +40,7 @@ from types import ModuleType
 from typing import Any
 
 from voice_runtime.config import ModuleConstants, settings
-from voice_runtime.errors import MissingCredentialError
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
@@ -56,6 +56,7 @@ ECHO_DISCARD_WINDOW_S = 0.4
 
 __all__ = ["ECHO_DISCARD_WINDOW_S", "AzurePersistentStt", "import_speech_sdk"]
 
+_KEY_WHAT = "Azure Speech key"
 _CONSTANTS = ModuleConstants(
     __name__,
     {"AZURE_SPEECH_KEY": "azure_speech_key", "AZURE_SPEECH_REGION": "azure_speech_region"},
@@ -148,9 +149,13 @@ class AzurePersistentStt(ReconnectingStt):
         sdk_call_timeout: float = 10.0,
     ) -> None:
         cfg = settings()
-        key = subscription_key or _CONSTANTS.value("AZURE_SPEECH_KEY", cfg)
-        if not key:
-            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
+        key = resolve_credential(
+            subscription_key,
+            CREDENTIAL_VARIABLES["azure"],
+            what=_KEY_WHAT,
+            required=False,
+            lookup=lambda name: _CONSTANTS.value(name, cfg),
+        )
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -170,8 +175,7 @@ class AzurePersistentStt(ReconnectingStt):
         self._ended: asyncio.Future[tuple[EndKind, str]] | None = None
 
     def _check_credentials(self) -> None:
-        if not self._key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+        require_credential(self._key, CREDENTIAL_VARIABLES["azure"], what=_KEY_WHAT)
 
     # ------------------------------------------------------------------ audio in
 

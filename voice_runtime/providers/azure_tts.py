@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime._sync import forbid_on_loop
 from voice_runtime.config import ModuleConstants, settings
-from voice_runtime.errors import MissingCredentialError, ProviderConnectionError, ProviderError
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
+from voice_runtime.errors import ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
 from voice_runtime.providers.base import nothing_to_say, play_chunks
@@ -44,6 +45,7 @@ POLL_S = 0.05
 
 __all__ = ["AzureTTS"]
 
+_KEY_WHAT = "Azure Speech key"
 _CONSTANTS = ModuleConstants(
     __name__,
     {
@@ -101,9 +103,13 @@ class AzureTTS:
         mark_timeout: float = 30.0,
     ) -> None:
         cfg = settings()
-        key = subscription_key or _CONSTANTS.value("AZURE_SPEECH_KEY", cfg)
-        if not key:
-            logger.warning("no Azure Speech key: pass subscription_key or set AZURE_SPEECH_KEY")
+        key = resolve_credential(
+            subscription_key,
+            CREDENTIAL_VARIABLES["azure"],
+            what=_KEY_WHAT,
+            required=False,
+            lookup=lambda name: _CONSTANTS.value(name, cfg),
+        )
         _sdk_now()  # without the SDK, fail here with the install hint
         self._key = key
         self.region = region or _CONSTANTS.value("AZURE_SPEECH_REGION", cfg)
@@ -236,8 +242,7 @@ class AzureTTS:
         forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak")
         if not text.strip():
             return nothing_to_say(text, session)
-        if not self._key:
-            raise MissingCredentialError("AZURE_SPEECH_KEY", "Azure Speech key")
+        require_credential(self._key, CREDENTIAL_VARIABLES["azure"], what=_KEY_WHAT)
         synth: _Synth | None = None
         try:
             synth = self._acquire()

@@ -1,10 +1,11 @@
 """Barge-in: stop the agent when the caller really starts talking over it.
 
-:class:`BargeIn` watches the caller's audio with its own Silero VAD (8 kHz), independent of
-the STT provider in use: it attaches to the session's ``inbound_taps``, so it sees every
-caller frame on the event loop thread as the transport delivers it. The VAD runs only while
-agent audio is pending (queued, or sent and not yet confirmed played), so a quiet agent
-costs nothing.
+:class:`BargeIn` watches the caller's audio with its own Silero VAD (8 kHz) and the VAD's
+:class:`~voice_runtime.audio.vad.SpeechSegmenter` (its ``SpeechStart`` is the barge-in),
+independent of the STT provider in use: it attaches to the session's ``inbound_taps``, so it
+sees every caller frame on the event loop thread as the transport delivers it. The VAD runs
+only while agent audio is pending (queued, or sent and not yet confirmed played), so a quiet
+agent costs nothing.
 
 When speech has lasted ``min_speech_ms`` (so noise, coughs and short backchannels do not cut
 the agent off; dips shorter than ``max_gap_ms``, such as stop consonants, do not end it, and
@@ -32,14 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio.codec import ulaw_decode
-from voice_runtime.audio.vad import SileroVad
+from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
 logger = logging.getLogger(__name__)
-
-_HYSTERESIS = 0.15  # speech continues until the probability falls below threshold - this
 
 __all__ = ["BargeIn", "BargeInEvent"]
 
@@ -81,15 +80,16 @@ class BargeIn:
         self.release_stt = release_stt
         self.stop_event = threading.Event()
         self.events: list[BargeInEvent] = []
-        self._vad = SileroVad(8000, threshold)
-        self._window_s = self._vad.window_samples / 8000.0
-        self._neg_threshold = max(self.threshold - _HYSTERESIS, 0.01)
-        self._max_gap_windows = max(1, round(max_gap_ms / (self._window_s * 1000.0)))
+        # Only SpeechStart matters here: no padding kept, no utterance length cap.
+        self._segmenter = SpeechSegmenter(
+            SileroVad(8000, threshold),
+            min_speech_ms=self.min_speech_ms,
+            pad_ms=0,
+            max_utterance_ms=None,
+            max_gap_ms=max_gap_ms,
+            min_speech_ratio=0.5,
+        )
         self._active = False
-        self._run_start: float | None = None  # monotonic time the current speech run began
-        self._run_windows = 0  # VAD windows since the run began
-        self._speech_windows = 0  # of which were speech
-        self._low_windows = 0  # consecutive silent windows at the end of the run
         self._attached = False
         if attach:
             self.attach()
@@ -135,36 +135,16 @@ class BargeIn:
             return
         self._active = True
         now = time.monotonic()
-        for probability in self._vad.process(ulaw_decode(frame)):
-            if self._run_start is None:
-                if probability < self.threshold:
-                    continue
-                # The window began one window (plus this frame's position) ago.
-                self._run_start = now - self._window_s
-                self._run_windows = self._speech_windows = 1
-                self._low_windows = 0
-            else:
-                self._run_windows += 1
-                if probability >= self.threshold:
-                    self._speech_windows += 1
-                    self._low_windows = 0
-                elif probability < self._neg_threshold:
-                    self._low_windows += 1
-                    if self._low_windows >= self._max_gap_windows:
-                        self._run_start = None  # a real pause: this was not one utterance
-                        continue
-            # Speech "lasts" through short dips (stop consonants), as long as most of it is speech.
-            if (
-                self._run_windows * self._window_s * 1000.0 >= self.min_speech_ms
-                and 2 * self._speech_windows >= self._run_windows
-            ):
-                self._trigger(self._run_start, now)
+        segmenter = self._segmenter
+        for event in segmenter.process(ulaw_decode(frame)):
+            if isinstance(event, SpeechStart):
+                # Stream time back to the monotonic clock: the frame just fed ends "now".
+                self._trigger(now - (segmenter.position - event.start), now)
                 return
 
     def _reset(self) -> None:
         self._active = False
-        self._run_start = None
-        self._vad.reset()
+        self._segmenter.reset()
 
     def _trigger(self, onset: float, detected: float) -> None:
         session = self.session

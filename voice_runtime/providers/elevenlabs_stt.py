@@ -43,10 +43,12 @@ import urllib.parse
 from typing import Any
 
 from voice_runtime.config import ModuleConstants, settings
-from voice_runtime.errors import MissingCredentialError
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
+from voice_runtime.errors import ProviderConnectionError
 from voice_runtime.logutil import redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 # websockets logs handshake headers at DEBUG: the key must not be one of them.
@@ -88,6 +90,7 @@ ECHO_DISCARD_WINDOW_S = 0.4
 
 __all__ = ["ECHO_DISCARD_WINDOW_S", "FATAL_ERRORS", "TERMINAL_ERRORS", "PersistentSttSession"]
 
+_KEY_WHAT = "ElevenLabs API key"
 _CONSTANTS = ModuleConstants(
     __name__,
     {
@@ -102,17 +105,13 @@ def _echo_window() -> float:
     return ECHO_DISCARD_WINDOW_S  # the module global now, so a patch of it takes effect
 
 
-class _ConnectFailed(Exception):
+class _ConnectFailed(ProviderConnectionError):
     def __init__(self, reason: str, *, terminal: bool) -> None:
+        # Rooted in the tree; ``terminal`` (not ``retryable``) decides the retry.
         super().__init__(reason)
+        self.retryable = not terminal
         self.reason = reason
         self.terminal = terminal
-
-
-def _ws_base(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parsed.scheme, parsed.scheme)
-    return urllib.parse.urlunparse(parsed._replace(scheme=scheme)).rstrip("/")
 
 
 class PersistentSttSession(ReconnectingStt):
@@ -141,9 +140,13 @@ class PersistentSttSession(ReconnectingStt):
         echo_tail_s: float | None = None,
     ) -> None:
         cfg = settings()
-        key = api_key or _CONSTANTS.value("ELEVENLABS_API_KEY", cfg)
-        if not key:
-            logger.warning("no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY")
+        key = resolve_credential(
+            api_key,
+            CREDENTIAL_VARIABLES["elevenlabs"],
+            what=_KEY_WHAT,
+            required=False,
+            lookup=lambda name: _CONSTANTS.value(name, cfg),
+        )
         super().__init__(
             max_reconnects=max_reconnects,
             reconnect_base_delay=reconnect_base_delay,
@@ -154,7 +157,7 @@ class PersistentSttSession(ReconnectingStt):
         self._api_key = key
         self.language_code = language_code or _CONSTANTS.value("STT_LANGUAGE_CODE", cfg)
         self.model_id = model_id or _CONSTANTS.value("STT_MODEL_ID", cfg)
-        self.base_url = _ws_base(base_url or DEFAULT_BASE_URL)
+        self.base_url = ws_base(base_url or DEFAULT_BASE_URL)
         self.connect_timeout = connect_timeout
         self._vad: dict[str, Any] = {
             "vad_silence_threshold_secs": vad_silence_threshold_secs,
@@ -186,8 +189,7 @@ class PersistentSttSession(ReconnectingStt):
         return self._buffer.dropped_bytes / 8.0
 
     def _check_credentials(self) -> None:
-        if not self._api_key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
+        require_credential(self._api_key, CREDENTIAL_VARIABLES["elevenlabs"], what=_KEY_WHAT)
 
     # ------------------------------------------------------------------ audio in
 

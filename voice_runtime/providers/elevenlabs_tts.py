@@ -39,8 +39,8 @@ import httpx
 
 from voice_runtime._sync import forbid_on_loop
 from voice_runtime.config import ModuleConstants, settings
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import (
-    MissingCredentialError,
     ProviderConnectionError,
     ProviderError,
     is_retryable_status,
@@ -61,6 +61,7 @@ _MAX_HEADER_BYTES = 4096
 
 __all__ = ["ElevenLabsTTS", "import_elevenlabs_sdk", "strip_riff_header"]
 
+_KEY_WHAT = "ElevenLabs API key"
 _CONSTANTS = ModuleConstants(
     __name__,
     {
@@ -170,11 +171,13 @@ class ElevenLabsTTS:
         mark_timeout: float = 30.0,
     ) -> None:
         cfg = settings()
-        self._api_key = api_key or _CONSTANTS.value("ELEVENLABS_API_KEY", cfg)
-        if not self._api_key:
-            logger.warning(
-                "no ElevenLabs API key: pass api_key or set ELEVENLABS_API_KEY before speaking"
-            )
+        self._api_key = resolve_credential(
+            api_key,
+            CREDENTIAL_VARIABLES["elevenlabs"],
+            what=_KEY_WHAT,
+            required=False,
+            lookup=lambda name: _CONSTANTS.value(name, cfg),
+        )
         self.voice_id = voice_id or _CONSTANTS.value("ELEVENLABS_VOICE_ID", cfg)
         self.model_id = model_id or _CONSTANTS.value("ELEVENLABS_MODEL", cfg)
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -193,9 +196,7 @@ class ElevenLabsTTS:
     # ------------------------------------------------------------------ client
 
     def _require_key(self) -> str:
-        if not self._api_key:
-            raise MissingCredentialError("ELEVENLABS_API_KEY", "ElevenLabs API key")
-        return self._api_key
+        return require_credential(self._api_key, CREDENTIAL_VARIABLES["elevenlabs"], what=_KEY_WHAT)
 
     @property
     def client(self) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from voice_runtime.credentials import CREDENTIAL_VARIABLES
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
 from voice_runtime.realtime.bridge import (
     AgentBridge,
@@ -31,7 +32,6 @@ from voice_runtime.realtime.bridge import (
     attach_agent_sync,
     run_agent_call,
 )
-from voice_runtime.realtime.credentials import CREDENTIAL_VARIABLES
 from voice_runtime.realtime.events import (
     AgentError,
     AgentEvent,

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from voice_runtime.errors import (
     ConfigurationError,
+    ProtocolError,
     ProviderConnectionError,
     ProviderError,
     is_retryable_status,
@@ -62,19 +63,17 @@ __all__ = [
     "list_field",
     "obj_field",
     "str_field",
-    "ws_base",
 ]
 
 
-class VendorFatal(Exception):
-    """Raised by a message handler when the session cannot go on."""
+class VendorFatal(ProviderError):
+    """Raised by a message handler when the session cannot go on (never retryable)."""
 
     def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, retryable=False, code=code)
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(ProtocolError, ValueError):
     """A vendor message field has the wrong type or content; the message is dropped.
 
     ``field`` names the field (a path the code chose, never vendor text); ``problem`` is
@@ -141,26 +140,6 @@ def _get(msg: Mapping[str, Any], key: str, alias: tuple[str, ...]) -> Any:
             break
         value = msg.get(other)
     return value
-
-
-def ws_base(url: str) -> str:
-    """A base URL with http(s) turned into ws(s) and no trailing slash."""
-    url = url.strip().rstrip("/")
-    if url.startswith("https://"):
-        return "wss://" + url[len("https://") :]
-    if url.startswith("http://"):
-        return "ws://" + url[len("http://") :]
-    return url
-
-
-def http_base(url: str) -> str:
-    """A base URL with ws(s) turned into http(s) and no trailing slash."""
-    url = url.strip().rstrip("/")
-    if url.startswith("wss://"):
-        return "https://" + url[len("wss://") :]
-    if url.startswith("ws://"):
-        return "http://" + url[len("ws://") :]
-    return url
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.errors import ProviderConnectionError, ProviderError, is_retryable_status
 from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
@@ -33,14 +34,11 @@ from voice_runtime.realtime._base import (
     VendorFatal,
     WebSocketAgent,
     deep_merge,
-    http_base,
     id_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
-from voice_runtime.realtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.realtime.events import (
     AgentError,
     AssistantAudio,
@@ -49,6 +47,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStarted,
     UserTranscript,
 )
+from voice_runtime.urls import http_base, ws_base
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,11 @@ class ElevenLabsAgent(WebSocketAgent):
             )
         )
         self._api_key = resolve_credential(
-            api_key, CREDENTIAL_VARIABLES["elevenlabs"], what="ElevenLabs API key", required=False
+            api_key,
+            CREDENTIAL_VARIABLES["elevenlabs"],
+            what="ElevenLabs API key",
+            required=False,
+            warn=False,
         )
         self.use_signed_url = bool(self._api_key) if use_signed_url is None else use_signed_url
         if self.use_signed_url and not self._api_key:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from voice_runtime.audio import StreamResampler, ulaw_decode, ulaw_encode
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -40,10 +41,8 @@ from voice_runtime.realtime._base import (
     list_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
-from voice_runtime.realtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.realtime.events import (
     AgentError,
     AssistantAudio,
@@ -55,6 +54,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStarted,
     UserTranscript,
 )
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from voice_runtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.errors import ProviderError
 from voice_runtime.logutil import clip
 from voice_runtime.realtime._base import (
@@ -33,10 +34,8 @@ from voice_runtime.realtime._base import (
     list_field,
     obj_field,
     str_field,
-    ws_base,
 )
 from voice_runtime.realtime.agent import AgentOptions
-from voice_runtime.realtime.credentials import CREDENTIAL_VARIABLES, resolve_credential
 from voice_runtime.realtime.events import (
     AgentError,
     AssistantAudio,
@@ -48,6 +47,7 @@ from voice_runtime.realtime.events import (
     UserSpeechStopped,
     UserTranscript,
 )
+from voice_runtime.urls import ws_base
 
 logger = logging.getLogger(__name__)
 

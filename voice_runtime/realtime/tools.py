@@ -8,7 +8,7 @@ becomes an error result instead of a silent hang.
 
 Built-ins: :func:`end_call_tool` ends the call once the agent's last words have played;
 :func:`transfer_call_tool` moves the caller to a number or SIP URI you configure (never one
-the model makes up) through the Twilio control plane.
+the model makes up) through the call's control (``session.control``).
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def transfer_call_tool(
     wait_for_playback_s: float = 5.0,
     timeout: float = 20.0,
 ) -> Tool:
-    """A tool that transfers the caller to a configured destination over Twilio REST.
+    """A tool that transfers the caller to a configured destination through ``session.control``.
 
     ``targets`` is one number/SIP URI, or a mapping of destination names (shown to the model)
     to numbers/URIs. The model can only pick a name, never dial a number of its own. The
@@ -347,24 +347,22 @@ def transfer_call_tool(
         call_sid = context.call_sid
         if session is None or not call_sid:
             return {"error": "transfer is not available: no live call"}
-        try:
-            from voice_runtime.transports import twilio_call
-        except ImportError:
-            return {"error": "transfer is not available: the Twilio control plane is missing"}
-        fn_async = getattr(twilio_call, "transfer_call_async", None)
-        fn_sync = getattr(twilio_call, "transfer_call", None)
-        if fn_async is None and fn_sync is None:
-            return {"error": "transfer is not available in this installation"}
+        # The call-control contract the server layer installs when the stream starts: the
+        # realtime side never talks to the Twilio REST API itself.
+        control = getattr(session, "control", None)
+        if control is None:
+            return {"error": "transfer is not available: the call has no call control"}
         if session.agent_audio_pending and not session.is_disconnected:
             # Let the caller hear "transferring you now" before the line changes.
             try:
                 await session.send_mark_and_wait_async("vr-transfer", wait_for_playback_s)
             except TimeoutError:
                 pass
-        if fn_async is not None:
-            await fn_async(call_sid, target, caller_id=caller_id)
+        transfer_async = getattr(control, "transfer_async", None)
+        if transfer_async is not None:
+            await transfer_async(target, caller_id=caller_id)
         else:
-            await asyncio.to_thread(fn_sync, call_sid, target, caller_id=caller_id)
+            await asyncio.to_thread(control.transfer, target, caller_id=caller_id)
         logger.info("call transferred by tool", extra={"call_sid": call_sid})
         return {"status": "transferring"}
 

@@ -26,14 +26,15 @@ from typing import Any, Literal
 import websockets
 
 from voice_runtime._sync import cancel_and_wait
+from voice_runtime.audio.pcm import FRAME_BYTES, FRAME_INTERVAL, ULAW_SILENCE_BYTE
 from voice_runtime.testing._wait import wait_on_change
 from voice_runtime.testing.clock import Clock, RealClock
 
 logger = logging.getLogger(__name__)
 
-FRAME = 160
-FRAME_S = 0.020
-SILENCE = 0xFF
+FRAME = FRAME_BYTES
+FRAME_S = FRAME_INTERVAL
+SILENCE = ULAW_SILENCE_BYTE
 
 __all__ = ["CallerSimulator", "SimEvent"]
 

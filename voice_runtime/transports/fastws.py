@@ -38,6 +38,7 @@ from uvicorn.protocols.utils import (
     is_ssl,
 )
 
+from voice_runtime import errors
 from voice_runtime.transports.guard import ConnectionLimits, abort, note
 
 try:
@@ -45,7 +46,13 @@ try:
 except ImportError:  # pragma: no cover - websockets ships the C extension on all our platforms
     _apply_mask = None
 
-__all__ = ["EXTENSION", "ProtocolError", "VoiceWebSocketProtocol", "unmask"]
+__all__ = [
+    "EXTENSION",
+    "ProtocolError",
+    "VoiceWebSocketProtocol",
+    "WebSocketProtocolError",
+    "unmask",
+]
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -68,7 +75,7 @@ _RESUME_AT = 16
 SHUTDOWN_GRACE_S = 1.0
 
 
-class ProtocolError(Exception):
+class WebSocketProtocolError(errors.ProtocolError):
     """The peer broke RFC 6455 (or its frame budget); ``code`` is the close code to answer with.
 
     ``kind`` names the event in :func:`~voice_runtime.transports.guard.connection_stats`.
@@ -79,6 +86,10 @@ class ProtocolError(Exception):
         self.code = code
         self.reason = reason
         self.kind = kind
+
+
+# The 0.2.0 name, kept importable (a ProtocolError of voice_runtime.errors too).
+ProtocolError = WebSocketProtocolError
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:

@@ -21,6 +21,7 @@ import httpx
 
 from voice_runtime.config import settings
 from voice_runtime.testing.simulator import CallerSimulator
+from voice_runtime.urls import http_scheme, to_ws, ws_base
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +51,20 @@ class _StreamUrl(HTMLParser):
             self.parameters[values["name"]] = values.get("value", "")
 
 
-def _ws(url: str) -> str:
-    return url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-
-
 def _default_voice_url(base_url: str) -> str:
-    return _ws(base_url.rstrip("/")) + "/voice"
+    return ws_base(base_url) + "/voice"
 
 
 def _parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     parser = _StreamUrl()
     with contextlib.suppress(Exception):
         parser.feed(twiml)
-    return _ws(parser.url) if parser.url else "", parser.parameters
+    return to_ws(parser.url) if parser.url else "", parser.parameters
 
 
 def _inject_url(stream_url: str) -> str:
     parts = urlsplit(stream_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    scheme = http_scheme(parts.scheme)
     if parts.path.startswith("/voice/"):
         token = unquote(parts.path.removeprefix("/voice/"))
         path = "/test/inject/" + quote(token, safe="")

@@ -26,6 +26,7 @@ from starlette.requests import HTTPConnection
 from voice_runtime.config import Settings, settings
 from voice_runtime.errors import ConfigurationError
 from voice_runtime.logutil import LogLimiter
+from voice_runtime.urls import http_scheme, ws_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,7 @@ def public_url_for(conn: HTTPConnection, policy: SignaturePolicy, *, websocket: 
     base = policy.public_base_url or request_base_url(conn, policy)
     parts = urlsplit(base)
     scheme, netloc, prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
-    if websocket:
-        scheme = {"https": "wss", "http": "ws"}.get(scheme, scheme)
-    else:
-        scheme = {"wss": "https", "ws": "http"}.get(scheme, scheme)
+    scheme = ws_scheme(scheme) if websocket else http_scheme(scheme)
     path = conn.url.path
     if prefix and not path.startswith(prefix + "/"):
         path = prefix + path

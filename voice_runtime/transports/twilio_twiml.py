@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from voice_runtime.transports.xml_text import xml_safe
+from voice_runtime.urls import ws_scheme
 
 if TYPE_CHECKING:
     from twilio.twiml.voice_response import VoiceResponse
@@ -36,7 +37,7 @@ def _ws_base(stream_url: str) -> str:
     if not isinstance(stream_url, str) or not stream_url.strip():
         raise ValueError("stream_url must be a non-empty URL")
     parts = urlsplit(stream_url.strip())
-    scheme = {"https": "wss", "wss": "wss", "http": "ws", "ws": "ws"}.get(parts.scheme)
+    scheme = ws_scheme(parts.scheme) if parts.scheme in ("https", "wss", "http", "ws") else None
     if scheme is None or not parts.netloc:
         raise ValueError("stream_url must be an https://, http://, wss:// or ws:// URL")
     if parts.query or parts.fragment:
