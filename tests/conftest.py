@@ -43,6 +43,9 @@ LEAK_GRACE_S = 1.0
 _LONG_LIVED_THREAD_PREFIXES = (
     # pytest-timeout's watchdog (timeout_method=thread) lives as long as the timed test.
     "pytest_timeout",
+    # tqdm's monitor is one per process: the first progress bar (model loading) starts it and
+    # tqdm keeps it until the interpreter exits.
+    "tqdm_monitor",
 )
 
 
@@ -135,11 +138,13 @@ class VoiceServer:
 
 
 @contextlib.asynccontextmanager
-async def single_session_server(**config: Any) -> AsyncIterator[VoiceServer]:
+async def single_session_server(
+    *, options: StreamOptions | None = None, **config: Any
+) -> AsyncIterator[VoiceServer]:
     """A real uvicorn server in the test's loop with one session registered."""
     session = VoiceSession()
     app = FastAPI()
-    register_voice_websocket(app, session, options=StreamOptions(lead_ms=60))
+    register_voice_websocket(app, session, options=options or StreamOptions(lead_ms=60))
     async with serve_in_loop(app, **config) as srv:
         yield VoiceServer(session, app, srv.ws_url, srv.url)
     session.signal_disconnected()
