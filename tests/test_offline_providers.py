@@ -66,11 +66,17 @@ async def test_offline_stt_commits_nothing_for_silence_or_noise(
     voice_server.session.stt_factory = lambda: stt
     recognizing: list[str] = []
     stt.on_recognizing = recognizing.append
+    session = voice_server.session
     async with voice_server.simulator(silence_when_idle=False) as sim:
-        await voice_server.session.wait_for_ws_connect_async(5)
+        await session.wait_for_ws_connect_async(5)
         await sim.send_audio(audio, realtime=False)
         await sim.send_audio(b"\xff" * 8000, realtime=False)
-        await asyncio.sleep(1.0)
+        frames = -(-len(audio) // 160) + 8000 // 160  # the last one may be short
+        # Every frame reached the STT and went through its VAD...
+        assert await wait_for(
+            lambda: session.stats.inbound_frames == frames and session.inbound.empty(), 20
+        )
+        await stt.stop()  # ...and whatever transcription that started has finished.
     assert stt.committed == [] and recognizing == []
 
 
