@@ -282,7 +282,9 @@ def _run_demo(
         sim = asyncio.run(place_call())
         agent_thread.join(10)
         stt_made.append(session.stt)
-    turns = [replace(t, t=turn_times.get(id(t), t.t)) for t in conv.turns]
+    turns = conv.turns
+    if clock is not None:  # a turn's time on the call's (virtual) clock
+        turns = [replace(t, t=turn_times.get(id(t), t.t)) for t in conv.turns]
     latencies = _turn_latencies(sim.events)
     stt_latencies = _stt_latencies(sim, turns)
     timings = _turn_timings(sim, turns, sends.starts)
