@@ -217,8 +217,9 @@ async def test_media_before_start_is_counted(voice_server: VoiceServer) -> None:
     async with websockets.connect(voice_server.ws_url + "/voice") as ws:
         await ws.send('{"event":"media","streamSid":"MZ1","media":{"payload":"AAAA"}}')
         await ws.send('{"event":"stop","streamSid":"MZ1"}')
-        await asyncio.sleep(0.1)
-    assert voice_server.session.stats.bad_frames.get("before_start", 0) >= 1
+        assert await wait_for(
+            lambda: voice_server.session.stats.bad_frames.get("before_start", 0) >= 1
+        )
 
 
 async def test_dtmf_and_call_info_reach_the_session(voice_server: VoiceServer) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VoiceServer, wait_for
+from conftest import VoiceServer, single_session_server, wait_for
 
 from voice_runtime.audio import pcm16_to_ulaw, read_wav, ulaw_decode
 from voice_runtime.offline import synthesize_ulaw
@@ -15,6 +15,7 @@ from voice_runtime.providers.offline_stt import OfflineStt
 from voice_runtime.providers.offline_tts import OfflineTts
 from voice_runtime.stt import create_stt
 from voice_runtime.testing.metrics import word_accuracy
+from voice_runtime.transports.twilio_ws import StreamOptions
 from voice_runtime.tts import create_tts
 
 SENTENCES = [
@@ -65,28 +66,37 @@ async def test_offline_stt_commits_nothing_for_silence_or_noise(
     voice_server.session.stt_factory = lambda: stt
     recognizing: list[str] = []
     stt.on_recognizing = recognizing.append
+    session = voice_server.session
     async with voice_server.simulator(silence_when_idle=False) as sim:
-        await voice_server.session.wait_for_ws_connect_async(5)
+        await session.wait_for_ws_connect_async(5)
         await sim.send_audio(audio, realtime=False)
         await sim.send_audio(b"\xff" * 8000, realtime=False)
-        await asyncio.sleep(1.0)
+        frames = -(-len(audio) // 160) + 8000 // 160  # the last one may be short
+        # Every frame reached the STT and went through its VAD...
+        assert await wait_for(
+            lambda: session.stats.inbound_frames == frames and session.inbound.empty(), 20
+        )
+        await stt.stop()  # ...and whatever transcription that started has finished.
     assert stt.committed == [] and recognizing == []
 
 
-async def test_offline_tts_round_trip_through_the_call(voice_server: VoiceServer) -> None:
+async def test_offline_tts_round_trip_through_the_call() -> None:
     """What the agent says with the offline TTS, the offline STT hears back."""
-    s = voice_server.session
-    tts = create_tts("offline", voice="piper")
-    text = "Your appointment is confirmed for Friday at ten."
-    async with voice_server.simulator() as sim:
-        await s.wait_for_ws_connect_async(5)
-        result = await asyncio.to_thread(tts.speak, text, s)
-        assert result["last_spoken"] == text and not result["interrupted"]
-        assert result["heard_ms"] == result["audio_ms"] > 1000
-        heard = bytes(sim.heard)
-    assert len(heard) / 8 == pytest.approx(result["audio_ms"], abs=1)
-    # Feed the caller's recording to the offline STT, as a second call would.
-    back = await _transcripts(voice_server, [heard])
+    # The server sends the audio as it is made and the caller plays it at once: this test is
+    # about the words, not the pace (real-time playback is other tests' subject).
+    async with single_session_server(options=StreamOptions(lead_ms=60_000)) as server:
+        s = server.session
+        tts = create_tts("offline", voice="piper")
+        text = "Your appointment is confirmed for Friday at ten."
+        async with server.simulator(playback="instant") as sim:
+            await s.wait_for_ws_connect_async(5)
+            result = await asyncio.to_thread(tts.speak, text, s)
+            assert result["last_spoken"] == text and not result["interrupted"]
+            assert result["heard_ms"] == result["audio_ms"] > 1000
+            heard = bytes(sim.heard)
+        assert len(heard) / 8 == pytest.approx(result["audio_ms"], abs=1)
+        # Feed the caller's recording to the offline STT, as a second call would.
+        back = await _transcripts(server, [heard])
     assert word_accuracy([(text, back[0])]) >= 0.85, back
 
 
@@ -110,7 +120,9 @@ def test_factories_know_the_offline_providers() -> None:
 def test_demo_holds_a_spoken_conversation(tmp_path: Path) -> None:
     from voice_runtime.demo import run_demo
 
-    result = run_demo(engine="offline", out=None, record=tmp_path / "call.wav", timeout=60)
+    result = run_demo(
+        engine="offline", out=None, record=tmp_path / "call.wav", timeout=60, virtual_time=True
+    )
     said = [t.text for t in result.turns if t.speaker == "agent"]
     heard = [t.text for t in result.turns if t.speaker == "caller"]
     assert said[0].startswith("Hello!")
@@ -131,7 +143,7 @@ def test_demo_holds_a_spoken_conversation(tmp_path: Path) -> None:
 def test_mock_demo_runs_fast(tmp_path: Path) -> None:
     from voice_runtime.demo import run_demo
 
-    result = run_demo(engine="mock", out=None, record=None, timeout=30)
+    result = run_demo(engine="mock", out=None, record=None, timeout=30, virtual_time=True)
     assert [t.speaker for t in result.turns] == ["agent", "caller", "agent", "caller", "agent"]
 
 

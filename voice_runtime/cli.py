@@ -48,6 +48,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         record=record,
         out=None if args.quiet else sys.stdout,
         timeout=args.timeout,
+        virtual_time=args.fast,
     )
     if args.quiet:
         said = sum(1 for t in result.turns if t.speaker == "agent")
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-record", action="store_true", help="do not write a recording")
     demo.add_argument("-q", "--quiet", action="store_true", help="print one summary line only")
     demo.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    demo.add_argument(
+        "--fast",
+        action="store_true",
+        help="skip through the audio on a virtual clock (the timeline shows call time)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     sim = sub.add_parser(

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,13 +25,19 @@ from fastapi import FastAPI
 from voice_runtime.conversation import Conversation, Turn
 from voice_runtime.errors import CallHangupError
 from voice_runtime.session import VoiceSession
+from voice_runtime.testing.clock import ManualClock
 from voice_runtime.testing.server import ServerThread
 from voice_runtime.testing.simulator import CallerSimulator, SimEvent
-from voice_runtime.transports.twilio_ws import register_voice_websocket
+from voice_runtime.transports.twilio_ws import StreamOptions, register_voice_websocket
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LINES = ("My name is Alex.", "I would like to book a table for two tonight.")
+
+# With virtual time the server sends agent audio as soon as it has it (the caller's clock,
+# not the server's pacing, decides when it plays); a ``clear`` then drops more, which the
+# demo's turn-taking never asks for.
+VIRTUAL_LEAD_MS = 600_000.0
 
 __all__ = ["DEFAULT_LINES", "DemoResult", "agent_script", "run_demo"]
 
@@ -142,15 +148,22 @@ def run_demo(
     record: Path | None = Path("demo_call.wav"),
     out: TextIO | None = sys.stdout,
     timeout: float = 60.0,
+    virtual_time: bool = False,
 ) -> DemoResult:
-    """Run the whole demo call and return what happened."""
+    """Run the whole demo call and return what happened.
+
+    With ``virtual_time`` the caller runs on a :class:`ManualClock` that skips through the
+    stretches where only audio plays (the agent's speech, the caller's line), so the call
+    takes a fraction of its length; waits on the agent and its engines stay real. Times in
+    the result are then on that clock.
+    """
     started = time.monotonic()
     # The demo server listens on 127.0.0.1 only: the no-auth-token warning is not for it.
     security_log = logging.getLogger("voice_runtime.transports.security")
     level = security_log.level
     security_log.setLevel(logging.ERROR)
     try:
-        return _run_demo(engine, lines, record, out, timeout, started)
+        return _run_demo(engine, lines, record, out, timeout, started, virtual_time)
     finally:
         security_log.setLevel(level)
 
@@ -162,33 +175,40 @@ def _run_demo(
     out: TextIO | None,
     timeout: float,
     started: float,
+    virtual_time: bool = False,
 ) -> DemoResult:
     stt_factory, agent_tts, caller_voice = _providers(engine)
     preload(engine)
+    clock = ManualClock() if virtual_time else None
+    # Every time in the result is on the caller's clock: the loop's (monotonic) or virtual.
+    now: Callable[[], float] = clock.now if clock is not None else time.monotonic
     session = VoiceSession(stt_factory=stt_factory)
-    sends = _SendClock()
+    sends = _SendClock(now)
     session.set_mixer(sends)  # the session's agent tap sees each frame as it is sent
     app = FastAPI(title="voice_runtime demo")
-    register_voice_websocket(app, session)
+    options = StreamOptions(lead_ms=VIRTUAL_LEAD_MS) if virtual_time else None
+    register_voice_websocket(app, session, options=options)
     timeline: list[tuple[float, str, str]] = []
     lock = threading.Lock()
+    turn_times: dict[int, float] = {}
 
     def note(who: str, what: str) -> None:
+        t_now = now()
         with lock:
-            timeline.append((time.monotonic(), who, what))
+            timeline.append((t_now, who, what))
         if out is not None:
-            t = time.monotonic() - call_t0[0] if call_t0[0] else 0.0
+            t = t_now - call_t0[0] if call_t0[0] is not None else 0.0
             print(f"  {t:6.2f}s  {who:<7} {what}", file=out, flush=True)
 
-    call_t0 = [0.0]
-    conv = Conversation(
-        session,
-        agent_tts,
-        on_turn=lambda turn: note(
+    def on_turn(turn: Turn) -> None:
+        turn_times[id(turn)] = now()
+        note(
             "agent" if turn.speaker == "agent" else "stt",
             f"said: {turn.text}" if turn.speaker == "agent" else f"heard: {turn.text}",
-        ),
-    )
+        )
+
+    call_t0: list[float | None] = [None]  # a virtual clock starts at 0
+    conv = Conversation(session, agent_tts, on_turn=on_turn)
     stt_made: list[Any] = []
     inject: Callable[[str], None] | None = None
     if engine == "mock":
@@ -216,7 +236,7 @@ def _run_demo(
 
         async def place_call() -> CallerSimulator:
             sim = CallerSimulator(
-                server.ws_url + "/voice", parameters={"caller_number": "+15550100"}
+                server.ws_url + "/voice", parameters={"caller_number": "+15550100"}, clock=clock
             )
             shown = {
                 "agent_audio_start",
@@ -242,25 +262,37 @@ def _run_demo(
                     note("caller" if ev.kind.startswith("caller") else "twilio", label)
 
             sim.on_event = on_event
-            await sim.connect()
-            call_t0[0] = sim.started_at
+            follower = None
+            if clock is not None:
+                follower = asyncio.create_task(
+                    clock.follow(skip_while=lambda: sim.buffered_ms > 0 or sim.unsent_ms > 0),
+                    name="demo-clock",
+                )
             try:
+                await sim.connect()
+                call_t0[0] = sim.started_at
                 await _caller(sim, lines, caller_voice, inject, timeout)
             finally:
                 await sim.hangup()
+                if follower is not None:
+                    follower.cancel()
+                    await asyncio.gather(follower, return_exceptions=True)
             return sim
 
         sim = asyncio.run(place_call())
         agent_thread.join(10)
         stt_made.append(session.stt)
+    turns = conv.turns
+    if clock is not None:  # a turn's time on the call's (virtual) clock
+        turns = [replace(t, t=turn_times.get(id(t), t.t)) for t in conv.turns]
     latencies = _turn_latencies(sim.events)
-    stt_latencies = _stt_latencies(sim, conv.turns)
-    timings = _turn_timings(sim, conv.turns, sends.starts)
+    stt_latencies = _stt_latencies(sim, turns)
+    timings = _turn_timings(sim, turns, sends.starts)
     path = None
     if record is not None:
         path = sim.write_recording(record)
     result = DemoResult(
-        turns=conv.turns,
+        turns=turns,
         events=timeline,
         latencies_ms=latencies,
         stt_latencies_ms=stt_latencies,
@@ -278,13 +310,14 @@ def _run_demo(
 class _SendClock:
     """Mixer-shaped tap: notes when each burst of agent audio starts going out."""
 
-    def __init__(self, gap_s: float = 0.3) -> None:
+    def __init__(self, now: Callable[[], float] = time.monotonic, gap_s: float = 0.3) -> None:
         self.starts: list[float] = []
         self._last = float("-inf")
         self._gap = gap_s
+        self._now = now
 
     def write_agent(self, chunk: bytes) -> None:
-        now = time.monotonic()
+        now = self._now()
         if now - self._last > self._gap:
             self.starts.append(now)
         self._last = now

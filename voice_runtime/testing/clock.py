@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["Clock", "ManualClock", "RealClock"]
@@ -73,3 +74,20 @@ class ManualClock:
             # Let woken tasks run, and the network round trips they start settle.
             for _ in range(5):
                 await asyncio.sleep(0)
+
+    async def follow(
+        self,
+        *,
+        skip_while: Callable[[], bool] = lambda: False,
+        step: float = 0.020,
+        speedup: float = 10.0,
+    ) -> None:
+        """Move with real time until cancelled, ``speedup`` times faster while ``skip_while()``.
+
+        For a call whose other side runs in other threads (the demo): stretches where only
+        known audio plays out (``skip_while`` says so) go fast, while waits on work done
+        elsewhere (synthesis, recognition, the agent's turn) keep their real length.
+        """
+        while True:
+            await asyncio.sleep(step / speedup if skip_while() else step)
+            await self.advance(step, step)

@@ -469,6 +469,11 @@ class CallerSimulator:
         """Milliseconds of agent audio received but not yet played."""
         return self._fifo_bytes / 8.0
 
+    @property
+    def unsent_ms(self) -> float:
+        """Milliseconds of caller audio queued by send_audio() but not yet sent."""
+        return len(self._mic) * FRAME_S * 1000.0
+
     async def wait_for_heard(self, ms: float, timeout: float = 10.0) -> bool:
         """Wait until at least ``ms`` of agent audio has been played; False on timeout."""
         return await wait_on_change(
@@ -492,18 +497,21 @@ class CallerSimulator:
             await asyncio.sleep(0.01)
 
     async def wait_idle(self, quiet_s: float = 0.5, timeout: float = 30.0) -> bool:
-        """Wait until no agent audio arrived or played for ``quiet_s``; False on timeout."""
+        """Wait until no agent audio arrived or played for ``quiet_s``; False on timeout.
+
+        ``quiet_s`` is measured on the simulator's clock, ``timeout`` in real time.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last = (len(self.received), len(self.heard))
-        quiet_since = loop.time()
+        quiet_since = self.clock.now()
         while loop.time() < deadline:
             await asyncio.sleep(0.02)
             now = (len(self.received), len(self.heard))
             if now != last or self._fifo:
                 last = now
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= quiet_s:
+                quiet_since = self.clock.now()
+            elif self.clock.now() - quiet_since >= quiet_s:
                 return True
             if self._closed.is_set() and not self._fifo:
                 return True
