@@ -34,6 +34,8 @@ import timeit
 from pathlib import Path
 from typing import Any
 
+from starlette.websockets import WebSocketDisconnect
+
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions
@@ -66,6 +68,13 @@ class _FakeWebSocket:
                 await self._wait_for.wait()
             return {"type": "websocket.disconnect", "code": 1000}
         return msg
+
+    async def receive_text(self) -> str:
+        # MediaStreamCall reads a stand-in websocket (not a Starlette one) with receive_text.
+        msg = await self.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        return str(msg["text"])
 
     async def send_text(self, text: str) -> None:
         self.sent += 1
@@ -133,6 +142,12 @@ async def _ours_call(far: cm.FarEnd) -> int:
             if text is None:
                 return {"type": "websocket.disconnect", "code": 1000}
             return {"type": "websocket.receive", "text": text}
+
+        async def receive_text(self) -> str:
+            text = await far.next_text()
+            if text is None:
+                raise WebSocketDisconnect(1000)
+            return text
 
         async def send_text(self, text: str) -> None:
             far.sent(text)
