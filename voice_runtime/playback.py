@@ -134,25 +134,28 @@ class PlaybackLedger:
 
     __slots__ = (
         "clear_pending",
+        "every_ms",
         "generation",
         "mark_every_ms",
         "marks",
         "played_ms",
         "queued_ms",
         "sent_ms",
-        "_last_position_ms",
         "_requested_ms",
+        "last_position_ms",
     )
 
     def __init__(self, mark_every_ms: float = DEFAULT_MARK_EVERY_MS) -> None:
         self.mark_every_ms = mark_every_ms
+        #: The granularity in force: the transport's ``mark_every_ms`` or a finer request.
+        self.every_ms = mark_every_ms
         self.marks: collections.deque[OutboundMark] = collections.deque()
         self.clear_pending = 0
         self.generation = 0
         self.sent_ms = 0.0
         self.played_ms = 0.0
         self.queued_ms = 0.0
-        self._last_position_ms = 0.0
+        self.last_position_ms = 0.0
         self._requested_ms = 0.0
 
     def reset(self) -> None:
@@ -161,8 +164,9 @@ class PlaybackLedger:
         self.clear_pending = 0
         self.generation = 0
         self.sent_ms = self.played_ms = self.queued_ms = 0.0
-        self._last_position_ms = 0.0
+        self.last_position_ms = 0.0
         self._requested_ms = 0.0
+        self.every_ms = self.mark_every_ms
 
     # ------------------------------------------------------------------ queueing
 
@@ -183,12 +187,18 @@ class PlaybackLedger:
         """Ask for position marks at least every ``every_ms`` in this call (finest wins)."""
         if every_ms > 0 and (not self._requested_ms or every_ms < self._requested_ms):
             self._requested_ms = every_ms
+        self._update_every()
 
-    @property
-    def every_ms(self) -> float:
-        """The position-mark granularity in force: the transport's or a finer request."""
+    def set_mark_every(self, every_ms: float) -> None:
+        """Set the transport's position-mark granularity (a finer request still wins)."""
+        self.mark_every_ms = every_ms
+        self._update_every()
+
+    def _update_every(self) -> None:
         requested = self._requested_ms
-        return requested if requested and requested < self.mark_every_ms else self.mark_every_ms
+        self.every_ms = (
+            requested if requested and requested < self.mark_every_ms else self.mark_every_ms
+        )
 
     # ------------------------------------------------------------------ sending
 
@@ -205,7 +215,7 @@ class PlaybackLedger:
         """Stamp ``mark`` with the position and generation it is sent at."""
         mark.sent_ms = self.sent_ms
         mark.generation = self.generation
-        self._last_position_ms = self.sent_ms
+        self.last_position_ms = self.sent_ms
 
     def note_sent(self, nbytes: int) -> None:
         """Record ``nbytes`` of μ-law agent audio sent to the far end."""
@@ -217,19 +227,19 @@ class PlaybackLedger:
         Due every ``mark_every_ms`` of sent audio, and when the audio ran out (``idle``) so the
         end of an utterance is always confirmed.
         """
-        since = self.sent_ms - self._last_position_ms
+        since = self.sent_ms - self.last_position_ms
         return since >= self.every_ms or (idle and since > 0.0)
 
     def position_name(self) -> str:
         """Name of a mark whose echo moves ``played_ms`` to the audio sent so far."""
-        self._last_position_ms = self.sent_ms
+        self.last_position_ms = self.sent_ms
         return f"{POSITION_PREFIX}{self.generation}~{self.sent_ms:.3f}"
 
     def take_clear(self) -> bool:
         """True (once per burst of requests) when the transport should send a ``clear``."""
         if self.clear_pending:
             self.clear_pending = 0
-            self._last_position_ms = self.sent_ms
+            self.last_position_ms = self.sent_ms
             return True
         return False
 
@@ -245,7 +255,7 @@ class PlaybackLedger:
         marks = list(self.marks)
         self.marks.clear()
         self.sent_ms = self.queued_ms = self.played_ms
-        self._last_position_ms = self.sent_ms
+        self.last_position_ms = self.sent_ms
         if send:
             self.clear_pending += 1
         return marks

@@ -49,6 +49,7 @@ class StreamPort:
         plain_put = cls.put_inbound is VoiceSession.put_inbound
         self._put = session._put_inbound_now if plain_put else session.put_inbound
         self._plain_tap = cls.tap_caller is VoiceSession.tap_caller
+        self._plain_tap_agent = cls.tap_agent is VoiceSession.tap_agent
 
     # ------------------------------------------------------------------ far end → session
 
@@ -71,7 +72,7 @@ class StreamPort:
         if info is not None:
             session.apply_call_info(info)
         if mark_every_ms is not None:
-            self.ledger.mark_every_ms = mark_every_ms
+            self.ledger.set_mark_every(mark_every_ms)
         if prepare is not None:
             prepare(session)
         session.signal_ws_connected(stream_sid)
@@ -140,15 +141,28 @@ class StreamPort:
         ledger = self.ledger
         return bool(ledger.clear_pending or ledger.marks or not self.session.outbound.empty())
 
-    def sent(self, chunk: bytes) -> None:
-        """``chunk`` of agent audio went to the far end."""
-        session = self.session
+    def sent(self, chunk: bytes) -> str | None:
+        """``chunk`` of agent audio went out; return a position mark's name when one is due.
+
+        Runs for every outbound message, so the ledger's bookkeeping is inlined here.
+        """
         n = len(chunk)
-        self.ledger.note_sent(n)
+        ledger = self.ledger
+        ledger.sent_ms += n / 8.0
+        session = self.session
         stats = session.stats
         stats.audio_sent_bytes += n
         stats.outbound_chunks += 1
-        session.tap_agent(chunk)
+        if self._plain_tap_agent:
+            mixer = session._mixer
+            if mixer is not None:
+                mixer.write_agent(chunk)
+        else:
+            session.tap_agent(chunk)
+        if ledger.sent_ms - ledger.last_position_ms < ledger.every_ms:
+            return None
+        stats.marks_sent += 1
+        return ledger.position_name()
 
     def position_mark(self, *, idle: bool = False) -> str | None:
         """The name of a position mark due now (see the ledger's granularity), or None."""

@@ -404,11 +404,9 @@ class MediaStreamCall:
                     pacer.woke(loop.time())
                 if not await self._send(encode_media(sid, chunk)):
                     return
-                port.sent(chunk)
                 # Periodic marks keep played_ms fresh inside long utterances.
-                if (name := position_mark()) is not None and not await self._send(
-                    encode_mark(sid, name)
-                ):
+                name = port.sent(chunk)
+                if name is not None and not await self._send(encode_mark(sid, name)):
                     return
                 if len(self._batch) >= BATCH_MAX and not await flush():
                     return  # a long lead must not build one huge write
