@@ -200,61 +200,13 @@ class VoiceSession:
                 self.stats.inbound_dropped += 1
                 self.stats.inbound_dropped_bytes += len(data)
             return
-        if not self._on_loop(self._put_inbound_now, data) and data is not None:
+        if not self._on_loop(self.port.push_inbound, data) and data is not None:
             self.stats.inbound_dropped += 1
             self.stats.inbound_dropped_bytes += len(data)
 
     def _put_inbound_now(self, data: bytes | None) -> None:
-        q = self.inbound
-        if data is None:
-            while q.full() and self._drop_oldest_inbound(q):
-                pass
-            q.put_nowait(None)
-            return
-        if self._disconnected.is_set():
-            return
-        self.stats.inbound_frames += 1
-        for tap in self.inbound_taps:
-            try:
-                tap(data)
-            except Exception:
-                if self._log_limit.allow("tap_failed"):  # once per caller frame otherwise
-                    logger.exception("inbound tap failed")
-        if type(q) is _AudioQueue:
-            size = len(data)
-            # fits() inlined for the common case (this runs for every caller frame); a bound
-            # of 0 (none) lands in the exact check below.
-            if (
-                q.nbytes + size > q.max_bytes or len(q._queue) >= q._maxsize  # type: ignore[attr-defined]
-            ) and not q.fits(size):
-                if size > q.max_bytes > 0:
-                    # Could never fit: dropping older audio for it would not help.
-                    self._count_inbound_drop(size)
-                    return
-                while not q.fits(size) and self._drop_oldest_inbound(q):
-                    pass
-        else:  # a plain queue a consumer assigned
-            while q.full() and self._drop_oldest_inbound(q):
-                pass
-        q.put_nowait(data)
-
-    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> bool:
-        try:
-            item = q.get_nowait()
-        except asyncio.QueueEmpty:
-            return False
-        self._count_inbound_drop(len(item) if item is not None else 0)
-        return True
-
-    def _count_inbound_drop(self, size: int) -> None:
-        stats = self.stats
-        stats.inbound_dropped += 1
-        stats.inbound_dropped_bytes += size
-        if self._log_limit.allow("inbound_dropped"):
-            logger.warning(
-                "caller audio dropped: STT is not keeping up",
-                extra={"call_sid": self.call_sid, "dropped": stats.inbound_dropped},
-            )
+        """Delegate of ``port.push_inbound`` (loop only; kept for subclasses that call it)."""
+        self.port.push_inbound(data)
 
     def clear_inbound(self) -> None:
         """Drop caller audio queued for the STT (any thread; waits up to 1 s off the loop)."""
@@ -301,10 +253,10 @@ class VoiceSession:
         if not data:
             return
         if self._loop is None:
-            self._put_outbound_now(data)
+            self.port.push_outbound(data)
             return
-        if not self._on_loop(self._put_outbound_now, data):
-            self._count_outbound_drop("event loop closed", len(data))
+        if not self._on_loop(self.port.push_outbound, data):
+            self.port.count_outbound_drop("event loop closed", len(data))
 
     async def put_outbound(self, data: bytes) -> None:
         """Queue agent audio from a coroutine on the loop, waiting while the queue is full.
@@ -313,29 +265,6 @@ class VoiceSession:
         """
         if data and not self._disconnected.is_set():
             await self.outbound.put(data)
-
-    def _put_outbound_now(self, data: bytes) -> None:
-        if self._disconnected.is_set():
-            return
-        q = self.outbound
-        if isinstance(q, _AudioQueue) and not q.fits(len(data)):
-            self._count_outbound_drop("outbound queue full", len(data))
-            return
-        try:
-            q.put_nowait(data)
-        except asyncio.QueueFull:
-            self._count_outbound_drop("outbound queue full", len(data))
-
-    def _count_outbound_drop(self, why: str, size: int) -> None:
-        stats = self.stats
-        stats.outbound_dropped += 1
-        stats.outbound_dropped_bytes += size
-        if self._log_limit.allow("outbound_dropped"):
-            logger.warning(
-                "agent audio dropped: %s",
-                why,
-                extra={"call_sid": self.call_sid, "dropped": stats.outbound_dropped},
-            )
 
     async def get_outbound(self) -> bytes:
         """Return the next queued agent audio chunk (loop only)."""
@@ -592,7 +521,7 @@ class VoiceSession:
                 logger.exception("on_disconnected callback failed")
 
     def _finish_disconnect(self) -> None:
-        self._put_inbound_now(None)
+        self.port.push_inbound(None)
         self.playback.marks.clear()
         self.port.wakeup.set()
         with contextlib.suppress(asyncio.QueueFull):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from voice_runtime._queues import _CountingQueue
+from voice_runtime._queues import _AudioQueue, _CountingQueue
 from voice_runtime.playback import CLEAR, OutboundClear, OutboundMark, PlaybackLedger
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from voice_runtime.types import CallInfo
 
 __all__ = ["StreamPort"]
+
+logger = logging.getLogger(__name__)
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
@@ -47,7 +50,7 @@ class StreamPort:
         # Frames arrive on the loop, so put_inbound's which-thread hop is skipped, unless a
         # subclass overrides put_inbound or tap_caller (then those are called as such).
         plain_put = cls.put_inbound is VoiceSession.put_inbound
-        self._put = session._put_inbound_now if plain_put else session.put_inbound
+        self._put = self.push_inbound if plain_put else session.put_inbound
         self._plain_tap = cls.tap_caller is VoiceSession.tap_caller
         self._plain_tap_agent = cls.tap_agent is VoiceSession.tap_agent
 
@@ -102,6 +105,90 @@ class StreamPort:
     def count_bad(self, reason: str) -> int:
         """Count one unusable inbound message; return the new count."""
         return self.session.stats.count_bad(reason)
+
+    # ------------------------------------------------------------------ queues
+
+    def push_inbound(self, data: bytes | None) -> None:
+        """Queue caller audio on the loop: bounded, oldest dropped and counted; None ends it."""
+        session = self.session
+        q = session.inbound
+        if data is None:
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
+            q.put_nowait(None)
+            return
+        if session._disconnected.is_set():
+            return
+        session.stats.inbound_frames += 1
+        for tap in session.inbound_taps:
+            try:
+                tap(data)
+            except Exception:
+                if session._log_limit.allow("tap_failed"):  # once per caller frame otherwise
+                    logger.exception("inbound tap failed")
+        if type(q) is _AudioQueue:
+            size = len(data)
+            # fits() inlined for the common case (this runs for every caller frame); a bound
+            # of 0 (none) lands in the exact check below.
+            if (
+                q.nbytes + size > q.max_bytes or len(q._queue) >= q._maxsize  # type: ignore[attr-defined]
+            ) and not q.fits(size):
+                if size > q.max_bytes > 0:
+                    # Could never fit: dropping older audio for it would not help.
+                    self._count_inbound_drop(size)
+                    return
+                while not q.fits(size) and self._drop_oldest_inbound(q):
+                    pass
+        else:  # a plain queue a consumer assigned
+            while q.full() and self._drop_oldest_inbound(q):
+                pass
+        q.put_nowait(data)
+
+    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> bool:
+        try:
+            item = q.get_nowait()
+        except asyncio.QueueEmpty:
+            return False
+        self._count_inbound_drop(len(item) if item is not None else 0)
+        return True
+
+    def _count_inbound_drop(self, size: int) -> None:
+        session = self.session
+        stats = session.stats
+        stats.inbound_dropped += 1
+        stats.inbound_dropped_bytes += size
+        if session._log_limit.allow("inbound_dropped"):
+            logger.warning(
+                "caller audio dropped: STT is not keeping up",
+                extra={"call_sid": self.session.call_sid, "dropped": stats.inbound_dropped},
+            )
+
+    def push_outbound(self, data: bytes) -> None:
+        """Queue agent audio on the loop; a chunk that does not fit is dropped and counted."""
+        session = self.session
+        if session._disconnected.is_set():
+            return
+        q = session.outbound
+        if isinstance(q, _AudioQueue) and not q.fits(len(data)):
+            self.count_outbound_drop("outbound queue full", len(data))
+            return
+        try:
+            q.put_nowait(data)
+        except asyncio.QueueFull:
+            self.count_outbound_drop("outbound queue full", len(data))
+
+    def count_outbound_drop(self, why: str, size: int) -> None:
+        """Count (and log, rate-limited) one dropped chunk of agent audio."""
+        session = self.session
+        stats = session.stats
+        stats.outbound_dropped += 1
+        stats.outbound_dropped_bytes += size
+        if session._log_limit.allow("outbound_dropped"):
+            logger.warning(
+                "agent audio dropped: %s",
+                why,
+                extra={"call_sid": session.call_sid, "dropped": stats.outbound_dropped},
+            )
 
     # ------------------------------------------------------------------ session → far end
 
