@@ -273,13 +273,19 @@ class VoiceSession:
     # ------------------------------------------------------------------ blocking helper
 
     def _blocking(
-        self, method: str, coro: Coroutine[Any, Any, _T], timeout: float | None, closed: _T
+        self,
+        method: str,
+        coro: Coroutine[Any, Any, _T],
+        timeout: float | None,
+        closed: _T,
+        *,
+        grace: float = _BLOCKING_GRACE_S,
     ) -> _T:
         """Run ``coro`` (an ``*_async`` twin) on the session's loop and wait for its result.
 
         Blocking; raises on the loop thread and without a loop. One deadline bounds the wait:
-        the twin's own ``timeout`` plus a grace for the hop back. ``closed`` is returned when
-        the loop is gone.
+        ``timeout`` plus ``grace`` (the twin's own timeout fires first; the grace covers the hop
+        back). ``closed`` is returned when the loop is gone or the call ended meanwhile.
         """
         try:
             loop = self._require_loop(method)
@@ -292,7 +298,7 @@ class VoiceSession:
         except RuntimeError:  # the loop is closed
             coro.close()
             return closed
-        deadline = None if timeout is None else time.monotonic() + timeout + _BLOCKING_GRACE_S
+        deadline = None if timeout is None else time.monotonic() + timeout + grace
         try:
             return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
@@ -735,15 +741,17 @@ class VoiceSession:
                 if self._log_limit.allow("on_dtmf_failed"):
                     logger.exception("on_dtmf callback failed")
 
+    async def _next_dtmf(self) -> str | None:
+        queue = self._dtmf_queue
+        digit = await queue.get()
+        if digit is None:  # leave the end for every other reader
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        return digit
+
     async def dtmf(self) -> AsyncIterator[str]:
         """Yield the caller's DTMF digits until the call ends (loop only)."""
-        queue = self._dtmf_queue
-        while True:
-            digit = await queue.get()
-            if digit is None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
-                return
+        while (digit := await self._next_dtmf()) is not None:
             yield digit
 
     def iter_dtmf(self, timeout: float | None = None) -> Iterator[str]:
@@ -751,18 +759,12 @@ class VoiceSession:
 
         Blocking. Stops early when no digit arrives within ``timeout`` seconds.
         """
-        loop = self._require_loop("iter_dtmf")
-        forbid_on_loop(loop, "iter_dtmf")
-        queue = self._dtmf_queue
         while True:
-            fut = asyncio.run_coroutine_threadsafe(queue.get(), loop)
             try:
-                digit = fut.result(timeout)
-            except concurrent.futures.TimeoutError:
-                fut.cancel()
+                digit = self._blocking("iter_dtmf", self._next_dtmf(), timeout, None, grace=0.0)
+            except TimeoutError:
                 return
             if digit is None:
-                call_on_loop(loop, queue.put_nowait, None)
                 return
             yield digit
 
