@@ -40,7 +40,6 @@ from voice_runtime.errors import (
 )
 from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.playback import (
-    END_PREFIX,
     MarkStatus,
     OutboundClear,
     OutboundMark,
@@ -684,29 +683,9 @@ class VoiceSession:
         asks the transport to send a ``clear`` for what the far end has buffered.
         """
         if self._loop is None:
-            self._clear_now()
+            self.port.clear_local()
             return
-        self._on_loop(self._clear_now)
-
-    def _clear_now(self) -> None:
-        dropped = 0
-        while True:
-            try:
-                self.outbound.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            dropped += 1
-        self.stats.outbound_cleared += dropped
-        live = self.stream_sid is not None and not self._disconnected.is_set()
-        for mark in self.playback.clear(send=live):
-            if mark.name.startswith(END_PREFIX):
-                self._set_disconnect_requested()
-                continue
-            with self._marks_lock:
-                waiter = self._pending_marks.get(mark.name)
-            if waiter is not None:
-                self._resolve(waiter, "cleared")
-        self.port.clear_requested()
+        self._on_loop(self.port.clear_local)
 
     async def sleep_unless_cleared(self, seconds: float, *, early: float = 0.0) -> bool:
         """Delegate of ``port.sleep_unless_cleared()`` (loop only)."""

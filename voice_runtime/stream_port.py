@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from voice_runtime._queues import _AudioQueue, _CountingQueue
-from voice_runtime.playback import CLEAR, OutboundClear, OutboundMark, PlaybackLedger
+from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMark, PlaybackLedger
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -273,6 +273,28 @@ class StreamPort:
         waiters, self._clear_waiters = self._clear_waiters, []
         for fut in waiters:
             _resolve(fut, True)
+
+    def clear_local(self) -> None:
+        """Drop queued agent audio and unsent marks (their waiters: cleared); ask for a clear."""
+        session = self.session
+        dropped = 0
+        while True:
+            try:
+                session.outbound.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            dropped += 1
+        session.stats.outbound_cleared += dropped
+        live = session.stream_sid is not None and not session._disconnected.is_set()
+        for mark in self.ledger.clear(send=live):
+            if mark.name.startswith(END_PREFIX):
+                session._set_disconnect_requested()
+                continue
+            with session._marks_lock:
+                waiter = session._pending_marks.get(mark.name)
+            if waiter is not None:
+                session._resolve(waiter, "cleared")
+        self.clear_requested()
 
     async def sleep_unless_cleared(self, seconds: float, *, early: float = 0.0) -> bool:
         """Sleep up to ``seconds``; return True at once when a clear is requested.
