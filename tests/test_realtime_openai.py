@@ -466,3 +466,17 @@ async def test_caller_hanging_up_during_agent_start_ends_everything_promptly() -
             assert loop.time() - t0 < 1.0
         assert result.reason == "call_ended" and result.error is None
         assert await fake.wait_for(lambda: fake.active_connections == 0, 3)
+
+
+async def test_agent_audio_rides_whole_transport_messages_with_one_position_mark_each() -> None:
+    # Issue 14: the bridge no longer cuts agent audio into 20 ms chunk+mark pairs (about 100
+    # messages a second); the transport's 40 ms messages carry it, a position mark after each.
+    greeting = pattern_audio(1000)
+    script = FakeScript(greeting=FakeResponse(audio=greeting))
+    async with FakeOpenAIRealtime(script) as fake, bridged_call(openai_agent(fake)) as call:
+        assert await call.simulator.wait_for_heard(1000, timeout=5)
+        assert bytes(call.simulator.heard[: len(greeting)]) == greeting
+        stats = call.session.stats
+        # Each vendor delta leaves in 40 ms messages (its last one shorter), not in 20 ms ones.
+        assert stats.outbound_chunks < 1000 // 20 * 2 // 3, stats
+        assert stats.marks_sent <= stats.outbound_chunks + 2, stats

@@ -11,28 +11,25 @@ call it:
   (it would deadlock there). Each has an ``*_async`` twin for coroutines.
 * "loop only": called by transports and providers from coroutines on the session's loop.
 
-Outbound ordering: agent audio and marks leave in the order they were queued. A mark records
-how many outbound chunks had been queued before it and is handed to the transport only after
-the transport has taken all of them, whichever threads or coroutines produced the two.
-
-Playback position: the transport reports the audio it sends (:meth:`note_audio_sent`) and
-echoes of marks; ``played_ms`` advances only on echoes of marks sent since the last ``clear``,
-so audio discarded by a clear never counts as heard.
+Transports talk to :attr:`VoiceSession.port` (:mod:`voice_runtime.stream_port`) only; mark
+ordering, clear generations and the sent/queued/played positions are kept by the sans-I/O
+:class:`~voice_runtime.playback.PlaybackLedger`. The blocking methods wrap their ``*_async``
+twins through one helper (:meth:`VoiceSession._blocking`), so both behave alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from voice_runtime._queues import SessionStats, _AudioQueue, _CountingQueue
 from voice_runtime._sync import Flag, call_on_loop, forbid_on_loop, running_loop
 from voice_runtime.audio.pcm import FRAME_BYTES  # re-exported: 0.1.x imported it from here
 from voice_runtime.config import ModuleConstants
@@ -43,10 +40,18 @@ from voice_runtime.errors import (
     NoEventLoopError,
 )
 from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.playback import (
+    MarkStatus,
+    OutboundClear,
+    OutboundMark,
+    PlaybackLedger,
+)
+from voice_runtime.playback import user_mark_name as _user_mark_name
+from voice_runtime.stream_port import StreamPort
 from voice_runtime.types import CallInfo, SessionEvent
 
 if TYPE_CHECKING:
-    from voice_runtime.providers import SttProvider
+    from voice_runtime.contracts import SttProvider
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +63,8 @@ INBOUND_MAX_BYTES = 1 << 20  # about 2 minutes of μ-law
 OUTBOUND_MAXSIZE = 3000
 OUTBOUND_MAX_BYTES = 2 << 20  # about 4.4 minutes of agent audio queued ahead of playback
 DTMF_MAXSIZE = 256
-_POSITION_PREFIX = "vr~pos~"
-_END_PREFIX = "vr~end~"
-
-MarkStatus = Literal["played", "cleared", "disconnected", "timeout"]
+# A blocking wrapper waits this much beyond the async twin's own timeout before giving up.
+_BLOCKING_GRACE_S = 1.0
 
 # 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
 ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
@@ -77,125 +80,13 @@ __all__ = [
     "VoiceSession",
 ]
 
-
-class _AudioQueue(asyncio.Queue):  # type: ignore[type-arg]
-    """An asyncio.Queue of audio chunks bounded in bytes as well as in items.
-
-    ``nbytes`` is the audio it holds; ``None`` (the end sentinel) weighs nothing. ``full()``
-    is also true at ``max_bytes`` (0: no byte bound), so ``await put()`` waits for room and
-    ``put_nowait()`` raises QueueFull; either may overshoot by one chunk. The session's own
-    producers check :meth:`fits` first, so through them the bound is exact.
-    """
-
-    def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
-        super().__init__(maxsize)
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-
-    # _put/_get/full replace asyncio.Queue's (not extend them): they run for every frame.
-    def _put(self, item: Any) -> None:
-        self._queue.append(item)  # type: ignore[attr-defined]
-        if item is not None:
-            self.nbytes += len(item)
-
-    def _get(self) -> Any:
-        item = self._queue.popleft()  # type: ignore[attr-defined]
-        if item is not None:
-            self.nbytes -= len(item)
-        return item
-
-    def full(self) -> bool:
-        """True when no item may be added: the item or the byte bound is reached."""
-        if 0 < self.max_bytes <= self.nbytes:
-            return True
-        return 0 < self._maxsize <= len(self._queue)  # type: ignore[attr-defined]
-
-    def fits(self, size: int) -> bool:
-        """True when one more chunk of ``size`` bytes stays within both bounds."""
-        if self.max_bytes and self.nbytes + size > self.max_bytes:
-            return False
-        return not 0 < self._maxsize <= len(self._queue)  # type: ignore[attr-defined]
-
-
-class _CountingQueue(_AudioQueue):
-    """An :class:`_AudioQueue` that counts items put and taken and wakes a listener on put."""
-
-    def __init__(self, maxsize: int = 0, max_bytes: int = 0) -> None:
-        super().__init__(maxsize, max_bytes)
-        self.put_count = 0
-        self.taken_count = 0
-        self.on_put: Callable[[Any], None] | None = None
-
-    def _put(self, item: Any) -> None:
-        self._queue.append(item)  # type: ignore[attr-defined]
-        self.nbytes += len(item)
-        self.put_count += 1
-        if self.on_put is not None:
-            self.on_put(item)
-
-    def _get(self) -> Any:
-        item = self._queue.popleft()  # type: ignore[attr-defined]
-        self.nbytes -= len(item)
-        self.taken_count += 1
-        return item
-
-
-@dataclass
-class SessionStats:
-    """Counters of one call; drops are never silent."""
-
-    inbound_frames: int = 0
-    inbound_dropped: int = 0
-    outbound_chunks: int = 0
-    outbound_dropped: int = 0
-    outbound_cleared: int = 0
-    audio_sent_bytes: int = 0
-    marks_sent: int = 0
-    marks_echoed: int = 0
-    unknown_marks: int = 0
-    clears_sent: int = 0
-    dtmf_digits: int = 0
-    dtmf_dropped: int = 0
-    bad_frames: dict[str, int] = field(default_factory=dict)
-    inbound_dropped_bytes: int = 0
-    outbound_dropped_bytes: int = 0
-
-    def count_bad(self, reason: str) -> int:
-        """Count one malformed or unusable inbound message; return the new count."""
-        n = self.bad_frames.get(reason, 0) + 1
-        self.bad_frames[reason] = n
-        return n
-
-
-@dataclass(eq=False)
-class OutboundMark:
-    """A mark handed to the transport, in order with the audio around it."""
-
-    name: str
-    after: int  # outbound chunks queued before this mark
-    internal: bool = False
-    sent_ms: float = 0.0
-    generation: int = 0
-
-
-class OutboundClear:
-    """The transport should send a ``clear`` now."""
-
-    __slots__ = ()
-
-
-_CLEAR = OutboundClear()
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
 class _MarkWaiter:
     future: concurrent.futures.Future[MarkStatus]
     mark: OutboundMark | None = None
-
-
-def _resolve_future(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
 
 
 def _new_inbound() -> asyncio.Queue[bytes | None]:
@@ -239,18 +130,11 @@ class VoiceSession:
     _pending_disconnect: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._out_marks: collections.deque[OutboundMark] = collections.deque()
-        self._out_wakeup = asyncio.Event()
-        self._clear_pending = 0
-        self._clear_generation = 0
-        self._sent_ms = 0.0
-        self._played_ms = 0.0
-        self._queued_ms = 0.0
+        self.playback = PlaybackLedger()
+        #: The transport-facing side of this session (see :mod:`voice_runtime.stream_port`).
+        self.port = StreamPort(self, self.playback)
         self._dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._clear_waiters: list[asyncio.Future[bool]] = []
-        # A pacing sleep that nudge() may end early: (its loop, loop time it may end from, future).
-        self._nudgeable: tuple[asyncio.AbstractEventLoop, float, asyncio.Future[bool]] | None = None
         self._loop_none_warned = False
         # Peers control how often some things happen (unknown marks, drops): first few, then
         # one in N, per call; SessionStats counts them all.
@@ -267,8 +151,8 @@ class VoiceSession:
             self.outbound.on_put = self._on_outbound_put
 
     def _on_outbound_put(self, item: bytes) -> None:
-        self._queued_ms += len(item) / 8.0
-        self._out_wakeup.set()
+        self.playback.queued_ms += len(item) / 8.0
+        self.port.wakeup.set()
 
     # ------------------------------------------------------------------ loop binding
 
@@ -315,61 +199,13 @@ class VoiceSession:
                 self.stats.inbound_dropped += 1
                 self.stats.inbound_dropped_bytes += len(data)
             return
-        if not self._on_loop(self._put_inbound_now, data) and data is not None:
+        if not self._on_loop(self.port.push_inbound, data) and data is not None:
             self.stats.inbound_dropped += 1
             self.stats.inbound_dropped_bytes += len(data)
 
     def _put_inbound_now(self, data: bytes | None) -> None:
-        q = self.inbound
-        if data is None:
-            while q.full() and self._drop_oldest_inbound(q):
-                pass
-            q.put_nowait(None)
-            return
-        if self._disconnected.is_set():
-            return
-        self.stats.inbound_frames += 1
-        for tap in self.inbound_taps:
-            try:
-                tap(data)
-            except Exception:
-                if self._log_limit.allow("tap_failed"):  # once per caller frame otherwise
-                    logger.exception("inbound tap failed")
-        if type(q) is _AudioQueue:
-            size = len(data)
-            # fits() inlined for the common case (this runs for every caller frame); a bound
-            # of 0 (none) lands in the exact check below.
-            if (
-                q.nbytes + size > q.max_bytes or len(q._queue) >= q._maxsize  # type: ignore[attr-defined]
-            ) and not q.fits(size):
-                if size > q.max_bytes > 0:
-                    # Could never fit: dropping older audio for it would not help.
-                    self._count_inbound_drop(size)
-                    return
-                while not q.fits(size) and self._drop_oldest_inbound(q):
-                    pass
-        else:  # a plain queue a consumer assigned
-            while q.full() and self._drop_oldest_inbound(q):
-                pass
-        q.put_nowait(data)
-
-    def _drop_oldest_inbound(self, q: asyncio.Queue[bytes | None]) -> bool:
-        try:
-            item = q.get_nowait()
-        except asyncio.QueueEmpty:
-            return False
-        self._count_inbound_drop(len(item) if item is not None else 0)
-        return True
-
-    def _count_inbound_drop(self, size: int) -> None:
-        stats = self.stats
-        stats.inbound_dropped += 1
-        stats.inbound_dropped_bytes += size
-        if self._log_limit.allow("inbound_dropped"):
-            logger.warning(
-                "caller audio dropped: STT is not keeping up",
-                extra={"call_sid": self.call_sid, "dropped": stats.inbound_dropped},
-            )
+        """Delegate of ``port.push_inbound`` (loop only; kept for subclasses that call it)."""
+        self.port.push_inbound(data)
 
     def clear_inbound(self) -> None:
         """Drop caller audio queued for the STT (any thread; waits up to 1 s off the loop)."""
@@ -416,10 +252,10 @@ class VoiceSession:
         if not data:
             return
         if self._loop is None:
-            self._put_outbound_now(data)
+            self.port.push_outbound(data)
             return
-        if not self._on_loop(self._put_outbound_now, data):
-            self._count_outbound_drop("event loop closed", len(data))
+        if not self._on_loop(self.port.push_outbound, data):
+            self.port.count_outbound_drop("event loop closed", len(data))
 
     async def put_outbound(self, data: bytes) -> None:
         """Queue agent audio from a coroutine on the loop, waiting while the queue is full.
@@ -429,61 +265,65 @@ class VoiceSession:
         if data and not self._disconnected.is_set():
             await self.outbound.put(data)
 
-    def _put_outbound_now(self, data: bytes) -> None:
-        if self._disconnected.is_set():
-            return
-        q = self.outbound
-        if isinstance(q, _AudioQueue) and not q.fits(len(data)):
-            self._count_outbound_drop("outbound queue full", len(data))
-            return
-        try:
-            q.put_nowait(data)
-        except asyncio.QueueFull:
-            self._count_outbound_drop("outbound queue full", len(data))
-
-    def _count_outbound_drop(self, why: str, size: int) -> None:
-        stats = self.stats
-        stats.outbound_dropped += 1
-        stats.outbound_dropped_bytes += size
-        if self._log_limit.allow("outbound_dropped"):
-            logger.warning(
-                "agent audio dropped: %s",
-                why,
-                extra={"call_sid": self.call_sid, "dropped": stats.outbound_dropped},
-            )
-
     async def get_outbound(self) -> bytes:
         """Return the next queued agent audio chunk (loop only)."""
         return await self.outbound.get()
 
+    # ------------------------------------------------------------------ blocking helper
+
+    def _blocking(
+        self,
+        method: str,
+        coro: Coroutine[Any, Any, _T],
+        timeout: float | None,
+        closed: _T,
+        *,
+        grace: float = _BLOCKING_GRACE_S,
+    ) -> _T:
+        """Run ``coro`` (an ``*_async`` twin) on the session's loop and wait for its result.
+
+        Blocking; raises on the loop thread and without a loop. One deadline bounds the wait:
+        ``timeout`` plus ``grace`` (the twin's own timeout fires first; the grace covers the hop
+        back). ``closed`` is returned when the loop is gone or the call ended meanwhile.
+        """
+        try:
+            loop = self._require_loop(method)
+            forbid_on_loop(loop, method)
+        except BaseException:
+            coro.close()
+            raise
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            return closed
+        deadline = None if timeout is None else time.monotonic() + timeout + grace
+        try:
+            return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            if self.is_disconnected:
+                return closed
+            raise TimeoutError(f"{method}() did not finish within {timeout}s") from None
+        except concurrent.futures.CancelledError:
+            return closed
+
     # ------------------------------------------------------------------ marks
 
-    def _new_mark_name(self, mark_name: str) -> str:
-        while True:
-            unique = f"{mark_name}__{uuid.uuid4().hex[:8]}"
-            if unique not in self._pending_marks:
-                return unique
-
-    def _queue_mark(self, mark: OutboundMark) -> None:
-        mark.after = self.outbound.put_count if isinstance(self.outbound, _CountingQueue) else 0
-        self._out_marks.append(mark)
-        self._out_wakeup.set()
-
     def _register_mark(self, mark_name: str) -> tuple[str, _MarkWaiter]:
-        unique = self._new_mark_name(mark_name)
-        waiter = _MarkWaiter(concurrent.futures.Future())
         with self._marks_lock:
+            while (unique := _user_mark_name(mark_name)) in self._pending_marks:
+                pass
+            waiter = _MarkWaiter(concurrent.futures.Future())
             self._pending_marks[unique] = waiter
         if self._disconnected.is_set():
             self._resolve(waiter, "disconnected")
         return unique, waiter
 
-    def _enqueue_user_mark(self, unique: str, waiter: _MarkWaiter) -> None:
-        if waiter.future.done():
-            return
-        mark = OutboundMark(unique, 0)
-        waiter.mark = mark
-        self._queue_mark(mark)
+    def _queue_mark(self, mark: OutboundMark) -> None:
+        out = self.outbound
+        self.playback.queue_mark(mark, out.put_count if isinstance(out, _CountingQueue) else 0)
+        self.port.wakeup.set()
 
     def send_mark_and_wait(self, mark_name: str, timeout: float = 10.0) -> bool:
         """Queue a mark behind the audio queued so far and block until the caller heard it.
@@ -492,24 +332,8 @@ class VoiceSession:
         when the audio before the mark was played, False when it was cleared or the call
         ended. Raises the built-in TimeoutError on timeout unless the call is disconnected.
         """
-        loop = self._require_loop("send_mark_and_wait")
-        forbid_on_loop(loop, "send_mark_and_wait")
-        unique, waiter = self._register_mark(mark_name)
-        try:
-            if not call_on_loop(loop, self._enqueue_user_mark, unique, waiter):
-                return False
-            try:
-                status = waiter.future.result(timeout=timeout)
-            except concurrent.futures.TimeoutError:
-                if self.is_disconnected:
-                    return False
-                raise TimeoutError(
-                    f"Mark {mark_name!r} ({unique}) not received within {timeout}s"
-                ) from None
-            return status == "played"
-        finally:
-            with self._marks_lock:
-                self._pending_marks.pop(unique, None)
+        coro = self.send_mark_and_wait_async(mark_name, timeout)
+        return self._blocking("send_mark_and_wait", coro, timeout, False)
 
     async def send_mark_and_wait_async(self, mark_name: str, timeout: float = 10.0) -> bool:
         """Async twin of :meth:`send_mark_and_wait` (loop only)."""
@@ -517,7 +341,9 @@ class VoiceSession:
             self.set_loop(asyncio.get_running_loop())
         unique, waiter = self._register_mark(mark_name)
         try:
-            self._enqueue_user_mark(unique, waiter)
+            if not waiter.future.done():
+                waiter.mark = OutboundMark(unique, 0)
+                self._queue_mark(waiter.mark)
             try:
                 status = await asyncio.wait_for(asyncio.wrap_future(waiter.future), timeout)
             except TimeoutError:
@@ -534,12 +360,12 @@ class VoiceSession:
     def signal_mark_received(self, name: str) -> None:
         """Handle a mark echo from the far end (loop only); unknown names log a warning."""
         self.stats.marks_echoed += 1
-        if name.startswith(_POSITION_PREFIX):
-            self._position_echo(name)
-            return
-        if name.startswith(_END_PREFIX):
-            self._position_echo(name)
-            self._set_disconnect_requested()
+        echo = self.playback.echo(name)
+        if echo.kind != "user":
+            if echo.kind == "bad" or echo.generation < 0:
+                self.stats.unknown_marks += 1
+            if echo.kind == "end":
+                self._set_disconnect_requested()
             return
         with self._marks_lock:
             waiter = self._pending_marks.get(name)
@@ -555,23 +381,7 @@ class VoiceSession:
                     },
                 )
             return
-        mark = waiter.mark
-        if mark is not None and mark.generation == self._clear_generation:
-            self._played_ms = max(self._played_ms, mark.sent_ms)
-            self._resolve(waiter, "played")
-        else:
-            self._resolve(waiter, "cleared")
-
-    def _position_echo(self, name: str) -> None:
-        try:
-            _, _, gen, ms = name.split("~")
-            generation, sent_ms = int(gen), float(ms)
-        except ValueError:
-            self.stats.unknown_marks += 1
-            return
-        # A forged echo must not move playback past what was sent ("inf", "nan", 1e300).
-        if generation == self._clear_generation and sent_ms <= self._sent_ms + 0.001:
-            self._played_ms = max(self._played_ms, sent_ms)
+        self._resolve(waiter, "played" if self.playback.mark_played(waiter.mark) else "cleared")
 
     @staticmethod
     def _resolve(waiter: _MarkWaiter, status: MarkStatus) -> None:
@@ -581,75 +391,48 @@ class VoiceSession:
     async def get_pending_mark(self) -> str:
         """Return the next mark name for a transport that sends marks on its own (loop only).
 
-        Transports that care about ordering use :meth:`next_outbound` instead.
+        Transports that care about ordering use ``port.next_outbound()`` instead.
         """
-        while True:
-            if self._out_marks:
-                mark = self._out_marks.popleft()
-                self._hand_out(mark)
-                return mark.name
-            self._out_wakeup.clear()
-            await self._out_wakeup.wait()
+        return await self.port.next_mark_name()
 
-    # ------------------------------------------------------------------ transport side
+    # ------------------------------------------------------------------ transport side (0.2 names)
 
     async def next_outbound(self) -> bytes | OutboundMark | OutboundClear:
-        """Return the next thing to send, in queue order: a clear, audio or a mark (loop only)."""
-        out = self.outbound
-        counting = isinstance(out, _CountingQueue)
-        while True:
-            if self._clear_pending:
-                self._clear_pending = 0
-                return _CLEAR
-            marks = self._out_marks
-            if marks and (not counting or marks[0].after <= out.taken_count):  # type: ignore[attr-defined]
-                mark = marks.popleft()
-                self._hand_out(mark)
-                return mark
-            if not out.empty():
-                return out.get_nowait()
-            self._out_wakeup.clear()
-            await self._out_wakeup.wait()
+        """Delegate of ``port.next_outbound()``: a clear, audio or a mark, in queue order."""
+        return await self.port.next_outbound()
 
     def outbound_pending(self) -> bool:
-        """True while agent audio, marks or a clear are waiting to be sent (loop only)."""
-        return bool(self._clear_pending or self._out_marks or not self.outbound.empty())
-
-    def _hand_out(self, mark: OutboundMark) -> None:
-        mark.sent_ms = self._sent_ms
-        mark.generation = self._clear_generation
-        self.stats.marks_sent += 1
+        """Delegate of ``port.pending()``."""
+        return self.port.pending()
 
     def note_audio_sent(self, nbytes: int) -> None:
         """Record that ``nbytes`` of μ-law agent audio went to the far end (loop only)."""
-        self._sent_ms += nbytes / 8.0
+        self.playback.note_sent(nbytes)
         self.stats.audio_sent_bytes += nbytes
         self.stats.outbound_chunks += 1
 
     def position_mark_name(self) -> str:
         """Name of a mark that, when echoed, moves the playback position to now (loop only)."""
         self.stats.marks_sent += 1
-        return f"{_POSITION_PREFIX}{self._clear_generation}~{self._sent_ms:.3f}"
+        return self.playback.position_name()
 
     def queue_position_mark(self) -> None:
-        """Queue a mark behind the agent audio queued so far; its echo moves played_ms (loop only).
+        """Ask for position marks as fine as the transport's messages (loop only).
 
-        Nothing waits for it, so it is cheap enough to follow every 20 ms chunk.
+        0.2 queued a mark behind the audio here; now the transport owns position marks and
+        this only raises their granularity (see :meth:`PlaybackLedger.request_granularity`).
         """
-        if self._disconnected.is_set():
-            return
-        name = f"{_POSITION_PREFIX}{self._clear_generation}~{self._queued_ms:.3f}"
-        self._queue_mark(OutboundMark(name, 0, internal=True))
+        self.playback.request_granularity(1.0)
 
     @property
     def clear_pending(self) -> bool:
         """True when a clear was requested and not yet handed to the transport."""
-        return bool(self._clear_pending)
+        return self.port.clear_pending
 
     @property
     def sent_ms(self) -> float:
         """Milliseconds of agent audio sent to the far end in this call."""
-        return self._sent_ms
+        return self.playback.sent_ms
 
     @property
     def queued_ms(self) -> float:
@@ -658,22 +441,22 @@ class VoiceSession:
         Sent, played and queued positions share one axis, so a producer can note
         ``queued_ms`` before queueing an utterance and later compare ``played_ms`` to it.
         """
-        return self._queued_ms
+        return self.playback.queued_ms
 
     @property
     def played_ms(self) -> float:
         """Milliseconds of agent audio the caller has heard, from mark echoes."""
-        return self._played_ms
+        return self.playback.played_ms
 
     @property
     def clear_generation(self) -> int:
         """How many clears this call has had; echoes of older marks are not counted."""
-        return self._clear_generation
+        return self.playback.generation
 
     @property
     def agent_audio_pending(self) -> bool:
         """True while agent audio is queued locally or sent but not yet confirmed played."""
-        return (not self.outbound.empty()) or self._sent_ms > self._played_ms + 0.5
+        return (not self.outbound.empty()) or self.playback.unconfirmed()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -743,9 +526,9 @@ class VoiceSession:
                 logger.exception("on_disconnected callback failed")
 
     def _finish_disconnect(self) -> None:
-        self._put_inbound_now(None)
-        self._out_marks.clear()
-        self._out_wakeup.set()
+        self.port.push_inbound(None)
+        self.playback.marks.clear()
+        self.port.wakeup.set()
         with contextlib.suppress(asyncio.QueueFull):
             self._dtmf_queue.put_nowait(None)
         for task in list(self._tasks):
@@ -815,15 +598,10 @@ class VoiceSession:
 
     def _reset_queues(self) -> None:
         self._disconnect_requested = asyncio.Event()
-        self._out_marks.clear()
-        self._clear_pending = 0
-        self._sent_ms = 0.0
-        self._played_ms = 0.0
-        self._queued_ms = 0.0
-        self._clear_generation = 0
+        self.playback.reset()
         self.stats = SessionStats()
         self._log_limit = LogLimiter()
-        self._out_wakeup = asyncio.Event()
+        self.port.reset()
         self._bind_outbound()
         while True:
             try:
@@ -836,7 +614,6 @@ class VoiceSession:
             except asyncio.QueueEmpty:
                 break
         self._dtmf_queue = asyncio.Queue(DTMF_MAXSIZE)
-        self._out_wakeup.set()
         logger.info("session reset for the next call")
 
     @staticmethod
@@ -885,7 +662,7 @@ class VoiceSession:
     def _queue_end_mark(self) -> None:
         if self._disconnected.is_set():
             return
-        self._queue_mark(OutboundMark(f"{_END_PREFIX}{self._clear_generation}~0", 0, internal=True))
+        self._queue_mark(self.playback.end_mark())
 
     def _set_disconnect_requested(self) -> None:
         self._disconnect_requested.set()
@@ -906,76 +683,17 @@ class VoiceSession:
         asks the transport to send a ``clear`` for what the far end has buffered.
         """
         if self._loop is None:
-            self._clear_now()
+            self.port.clear_local()
             return
-        self._on_loop(self._clear_now)
-
-    def _clear_now(self) -> None:
-        dropped = 0
-        while True:
-            try:
-                self.outbound.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            dropped += 1
-        self.stats.outbound_cleared += dropped
-        self._clear_generation += 1
-        marks, self._out_marks = self._out_marks, collections.deque()
-        for mark in marks:
-            if mark.name.startswith(_END_PREFIX):
-                self._set_disconnect_requested()
-                continue
-            with self._marks_lock:
-                waiter = self._pending_marks.get(mark.name)
-            if waiter is not None:
-                self._resolve(waiter, "cleared")
-        self._sent_ms = self._played_ms
-        self._queued_ms = self._played_ms
-        if self.stream_sid is not None and not self._disconnected.is_set():
-            self._clear_pending += 1
-        self._out_wakeup.set()
-        self._wake_clear_waiters()
+        self._on_loop(self.port.clear_local)
 
     async def sleep_unless_cleared(self, seconds: float, *, early: float = 0.0) -> bool:
-        """Sleep up to ``seconds``; wake early and return True when a clear is requested.
-
-        Loop only. Transports pace audio with it, so a clear never waits for a pacing sleep.
-        With ``early``, :meth:`nudge` may end the sleep (returning False) up to that many
-        seconds before its end.
-        """
-        if self._clear_pending:
-            return True
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        self._clear_waiters.append(fut)
-        handle = loop.call_later(seconds, _resolve_future, fut, False)
-        if early > 0.0:
-            self._nudgeable = (loop, loop.time() + seconds - early, fut)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
-            self._nudgeable = None
-            if not fut.done() or fut in self._clear_waiters:
-                with contextlib.suppress(ValueError):
-                    self._clear_waiters.remove(fut)
+        """Delegate of ``port.sleep_unless_cleared()`` (loop only)."""
+        return await self.port.sleep_unless_cleared(seconds, early=early)
 
     def nudge(self) -> None:
-        """End a pacing sleep that may end now (loop only).
-
-        Transports call it when the loop is awake anyway (a caller frame arrived), so paced
-        audio rides on that wakeup instead of a timer of its own: on a VM every wakeup of an
-        idle process costs on the order of 100 µs of CPU.
-        """
-        pending = self._nudgeable
-        if pending is not None and pending[0].time() >= pending[1]:
-            self._nudgeable = None
-            _resolve_future(pending[2], False)
-
-    def _wake_clear_waiters(self) -> None:
-        waiters, self._clear_waiters = self._clear_waiters, []
-        for fut in waiters:
-            _resolve_future(fut, True)
+        """Delegate of ``port.nudge()`` (loop only)."""
+        self.port.nudge()
 
     def note_clear_sent(self) -> None:
         """Record that the transport sent a clear (loop only)."""
@@ -1002,15 +720,17 @@ class VoiceSession:
                 if self._log_limit.allow("on_dtmf_failed"):
                     logger.exception("on_dtmf callback failed")
 
+    async def _next_dtmf(self) -> str | None:
+        queue = self._dtmf_queue
+        digit = await queue.get()
+        if digit is None:  # leave the end for every other reader
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        return digit
+
     async def dtmf(self) -> AsyncIterator[str]:
         """Yield the caller's DTMF digits until the call ends (loop only)."""
-        queue = self._dtmf_queue
-        while True:
-            digit = await queue.get()
-            if digit is None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
-                return
+        while (digit := await self._next_dtmf()) is not None:
             yield digit
 
     def iter_dtmf(self, timeout: float | None = None) -> Iterator[str]:
@@ -1018,18 +738,12 @@ class VoiceSession:
 
         Blocking. Stops early when no digit arrives within ``timeout`` seconds.
         """
-        loop = self._require_loop("iter_dtmf")
-        forbid_on_loop(loop, "iter_dtmf")
-        queue = self._dtmf_queue
         while True:
-            fut = asyncio.run_coroutine_threadsafe(queue.get(), loop)
             try:
-                digit = fut.result(timeout)
-            except concurrent.futures.TimeoutError:
-                fut.cancel()
+                digit = self._blocking("iter_dtmf", self._next_dtmf(), timeout, None, grace=0.0)
+            except TimeoutError:
                 return
             if digit is None:
-                call_on_loop(loop, queue.put_nowait, None)
                 return
             yield digit
 

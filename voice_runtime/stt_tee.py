@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from voice_runtime._compat import maybe_await
-from voice_runtime.session import _AudioQueue
+from voice_runtime._queues import _AudioQueue
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from voice_runtime._compat import is_voice_session, number
 from voice_runtime._sync import forbid_on_loop
+from voice_runtime.playback import Segment
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -70,15 +71,19 @@ class SpeakResult:
         """Count μ-law bytes queued for this utterance."""
         self.audio_ms += nbytes / 8.0
 
-    def heard_ms(self) -> float:
-        """How much of this utterance the caller has heard, from mark echoes.
+    def segment(self, *, interrupted: bool = False) -> Segment:
+        """This utterance on the playback axis, heard as far as mark echoes say.
 
         A session that reports no playback position counts what was sent, as 0.1.x did.
         """
         played = number(getattr(self.session, "played_ms", None))
         if played is None or self.start_ms is None:
-            return self.audio_ms
-        return max(0.0, min(self.audio_ms, played - self.start_ms))
+            return Segment(self.start_ms or 0.0, self.audio_ms, self.audio_ms, interrupted)
+        return Segment.at(self.start_ms, self.audio_ms, played, interrupted=interrupted)
+
+    def heard_ms(self) -> float:
+        """How much of this utterance the caller has heard, from mark echoes."""
+        return self.segment().heard_ms
 
     def build(
         self,
@@ -88,18 +93,20 @@ class SpeakResult:
         error: str | None = None,
     ) -> dict[str, Any]:
         """The result dict."""
-        heard = self.heard_ms() if (interrupted or call_disconnected or error) else self.audio_ms
+        if interrupted or call_disconnected or error:
+            seg = self.segment(interrupted=interrupted)
+        else:
+            seg = Segment(self.start_ms or 0.0, self.audio_ms, self.audio_ms)
         if interrupted or call_disconnected:
-            fraction = heard / self.audio_ms if self.audio_ms else 0.0
-            spoken = words_heard(self.text, fraction)
+            spoken = words_heard(self.text, seg.heard_fraction)
         else:
             spoken = self.text
         result: dict[str, Any] = {
             "last_spoken": spoken,
             "interrupted": interrupted,
             "call_disconnected": call_disconnected,
-            "heard_ms": round(heard, 1),
-            "audio_ms": round(self.audio_ms, 1),
+            "heard_ms": round(seg.heard_ms, 1),
+            "audio_ms": round(seg.audio_ms, 1),
         }
         if error is not None:
             result["error"] = error

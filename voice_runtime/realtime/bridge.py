@@ -4,9 +4,10 @@
 or the agent ends:
 
 * caller audio: ``session.inbound`` → ``agent.push_audio`` (μ-law, unchanged);
-* agent audio: ``AssistantAudio`` → ``session.put_outbound`` in ``mark_every_ms`` pieces,
-  each followed by a mark, so the playback position (``session.played_ms``) is known from
-  Twilio's echoes to that precision;
+* agent audio: ``AssistantAudio`` → ``session.put_outbound``; the playback position
+  (``session.played_ms``) comes from the transport's position marks, whose granularity the
+  bridge asks for (``mark_every_ms``) from the session's playback ledger: one owner of
+  position marks, which follow the transport's messages instead of splitting them;
 * barge-in: on ``UserSpeechStarted`` the bridge clears Twilio and the local queue
   (``session.request_clear_buffer()``) and drops the rest of the audio of every item not yet
   heard to its end. A model that speaks, calls a tool and speaks again can have several items
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from voice_runtime._sync import forbid_on_loop
 from voice_runtime.errors import ConfigurationError, NoEventLoopError, ProviderError, SessionError
 from voice_runtime.logutil import LogLimiter
+from voice_runtime.playback import PlaybackLedger, Segment
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
 from voice_runtime.realtime.events import (
     AgentError,
@@ -92,9 +94,11 @@ __all__ = [
 class BridgeOptions:
     """How the bridge behaves.
 
-    * ``mark_every_ms``: agent audio is queued in pieces of this length, each followed by a
-      mark; the truncation point is known to this precision (0 disables the bridge's own
-      marks and leaves the transport's periodic position marks).
+    * ``mark_every_ms``: the position-mark granularity the bridge asks for; the transport
+      marks at most once per message it sends (40 ms by default), so the truncation point is
+      known to the finer of the two (0 leaves the transport's periodic position marks).
+      Sessions without a playback ledger (duck types) get a mark after every piece of this
+      length, as before.
     * ``hangup_on_fatal``: end the call (after queued audio plays) when the agent dies.
     * ``hangup_quiet_s`` / ``hangup_max_wait_s``: after ``end_call``, wait for the agent's
       goodbye (its next turn end, or this long without new audio; at most the max) before
@@ -158,13 +162,17 @@ class _Item:
     queued_ms: float = 0.0
     done: bool = False
 
+    def segment(self, played_ms: float) -> Segment:
+        """This item on the playback axis when ``played_ms`` of the call has played."""
+        return Segment.at(self.start_ms, self.queued_ms, played_ms)
+
     def heard_ms(self, played_ms: float) -> float:
         """What the caller heard of this item when ``played_ms`` of the call has played."""
-        return min(max(played_ms - self.start_ms, 0.0), self.queued_ms)
+        return self.segment(played_ms).heard_ms
 
     def fully_heard(self, played_ms: float) -> bool:
         """True when the item is complete and every byte of it has played."""
-        return self.done and self.heard_ms(played_ms) >= self.queued_ms - 0.5
+        return self.done and self.segment(played_ms).fully_heard
 
 
 Callback = Callable[[Any], Any]
@@ -246,6 +254,10 @@ class AgentBridge:
                     "on_session_started",
                     SessionStarted(session.call_sid, self.provider, time.time()),
                 )
+            ledger = getattr(session, "playback", None)
+            if isinstance(ledger, PlaybackLedger) and self._step:
+                ledger.request_granularity(self.options.mark_every_ms)
+                self._step = 0  # the transport marks; audio goes out whole
             uplink = self._spawn(self._uplink(), "vr-rt-uplink")
             downlink = self._spawn(self._downlink(stream), "vr-rt-downlink")
             watch = self._spawn(session.wait_until_disconnected_async(), "vr-rt-watch")
@@ -419,6 +431,7 @@ class AgentBridge:
             await session.put_outbound(audio)
             item.queued_ms += len(audio) / 8.0
             return
+        # Only sessions without a playback ledger get here (duck types): marks of their own.
         position_mark = getattr(session, "queue_position_mark", None)
         for i in range(0, len(audio), step):
             chunk = audio[i : i + step]

@@ -159,10 +159,8 @@ class MediaStreamCall:
         self._closed = False
         self._batch: list[str] = []
         self._max_bytes = self.options.max_message_bytes
-        # Frames are handled on the loop, so put_inbound's which-thread check can be skipped,
-        # unless a session subclass overrides put_inbound (then it is called as such).
-        plain = is_voice_session(session) and type(session).put_inbound is VoiceSession.put_inbound
-        self._put_inbound = session._put_inbound_now if plain else session.put_inbound
+        # The only object the stream talks to for frames and outbound items.
+        self.port = session.port
         # Served by VoiceWebSocketProtocol: frames go straight to and from its transport.
         self._fast: VoiceWebSocketProtocol | None = _fast_stream(websocket)
 
@@ -184,7 +182,7 @@ class MediaStreamCall:
         if self._parser.started or self._closed:
             return
         # A socket that never starts a stream would hold its slot forever.
-        self.session.stats.count_bad("no_start")
+        self.port.count_bad("no_start")
         if log_limiter().allow("no_start"):  # any client can open sockets that never start
             logger.warning(
                 "media stream sent no start in time; closing it",
@@ -243,32 +241,31 @@ class MediaStreamCall:
         except proto.MediaStreamError as exc:
             self._bad(exc.reason)
             return True
-        session = self.session
+        port = self.port
         kind = type(event)
         if kind is bytes:  # caller audio
-            self._put_inbound(event)
-            session.tap_caller(event)  # type: ignore[arg-type]
+            port.caller_audio(event)  # type: ignore[arg-type]
         elif kind is proto.Media:
             pass  # the outbound track echoed back: not the caller
         elif kind is proto.Mark:
-            session.signal_mark_received(event.name)  # type: ignore[union-attr]
+            port.mark_echoed(event.name)  # type: ignore[union-attr]
         elif kind is proto.Start:
             if not self._started(event):  # type: ignore[arg-type]
                 return False
         elif kind is proto.Dtmf:
-            session.signal_dtmf(event.digit)  # type: ignore[union-attr]
+            port.dtmf(event.digit)  # type: ignore[union-attr]
         elif kind is proto.Stop:
-            logger.info("stream stopped by the far end", extra={"call_sid": session.call_sid})
+            logger.info("stream stopped by the far end", extra={"call_sid": port.call_sid})
             return False
-        session.nudge()
+        port.nudge()
         return True
 
     def _bad(self, reason: str) -> None:
-        n = self.session.stats.count_bad(reason)
+        n = self.port.count_bad(reason)
         if self._log_limit.allow("bad_frame"):
             logger.warning(
                 "unusable media stream frame dropped",
-                extra={"call_sid": self.session.call_sid, "reason": reason, "count": n},
+                extra={"call_sid": self.port.call_sid, "reason": reason, "count": n},
             )
 
     @property
@@ -282,19 +279,17 @@ class MediaStreamCall:
             reason = self._check_start(start)
             if reason is not None:
                 self.refused = reason
-                self.session.stats.count_bad("start_refused")
+                self.port.count_bad("start_refused")
                 self._end_code = 1008
                 return False
         session = self.session
-        if session.is_disconnected or session.is_connected:
-            # A previous call on this session ended without reset(): start clean.
-            session.reset()
-        session.apply_call_info(start.call_info())
-        if session.control is None:
-            from voice_runtime.transports.call_control import CallControl
-
-            session.control = CallControl(session)
-        session.signal_ws_connected(start.stream_sid)
+        # A previous call on this session that ended without reset() is reset first.
+        self.port.started(
+            start.stream_sid,
+            start.call_info(),
+            mark_every_ms=self.options.position_mark_every_ms,
+            prepare=_install_call_control,
+        )
         logger.info("media stream started", extra={"call_sid": start.call_sid})
         self._spawn(self._send_loop(), "vr-send")
         self._spawn(self._watch_disconnect(), "vr-disconnect")
@@ -360,89 +355,82 @@ class MediaStreamCall:
     def _send_failed(self) -> bool:
         # A failed send means the far end is gone.
         logger.info(
-            "send failed; treating the call as ended", extra={"call_sid": self.session.call_sid}
+            "send failed; treating the call as ended", extra={"call_sid": self.port.call_sid}
         )
         self._closed = True
-        self.session.signal_disconnected()
+        self.port.ended()
         return False
 
     async def _send_loop(self) -> None:
-        session = self.session
-        sid = session.stream_sid or ""
+        port = self.port
+        sid = self.session.stream_sid or ""
         opts = self.options
         frame = opts.frame_bytes
         pacer = _Pacer(opts.lead_ms / 1000.0)
-        every = opts.position_mark_every_ms
-        last_position = 0.0
         encode_media = proto.encode_media
+        encode_mark = proto.encode_mark
         reserve = pacer.reserve
+        position_mark = port.position_mark
         loop = asyncio.get_running_loop()
         # What may go out at one moment (frames the pacing allows, the marks between them)
         # leaves in one write, flushed before anything that can wait.
         flush = self._flush
-        while not session.is_disconnected:
-            if self._batch and not session.outbound_pending() and not await flush():
+        while not port.is_ended:
+            if self._batch and not port.pending() and not await flush():
                 return
-            item = await session.next_outbound()
-            if session.is_disconnected:
+            item = await port.next_outbound()
+            if port.is_ended:
                 return
             if isinstance(item, OutboundClear):
                 pacer.reset()
                 if await self._send(proto.encode_clear(sid)) and await flush():
-                    session.note_clear_sent()
-                last_position = session.sent_ms
+                    port.clear_sent()
                 continue
             if isinstance(item, OutboundMark):
-                if not await self._send(proto.encode_mark(sid, item.name)):
+                if not await self._send(encode_mark(sid, item.name)):
                     return
-                last_position = session.sent_ms
                 continue
             size = len(item)
             for i in range(0, size, frame):
-                if session.clear_pending:
+                if port.clear_pending:
                     break
                 chunk = item if size <= frame else item[i : i + frame]
                 delay = reserve(len(chunk) / 8000.0)
                 if delay > 0:
                     if self._batch and not await flush():
                         return
-                    if await session.sleep_unless_cleared(delay, early=min(delay, NUDGE_S)):
+                    if await port.sleep_unless_cleared(delay, early=min(delay, NUDGE_S)):
                         break
                     pacer.woke(loop.time())
                 if not await self._send(encode_media(sid, chunk)):
                     return
-                session.note_audio_sent(len(chunk))
-                session.tap_agent(chunk)
-                if session.sent_ms - last_position >= every:
-                    # Periodic marks keep played_ms fresh inside long utterances.
-                    if not await self._send(proto.encode_mark(sid, session.position_mark_name())):
-                        return
-                    last_position = session.sent_ms
+                # Periodic marks keep played_ms fresh inside long utterances.
+                name = port.sent(chunk)
+                if name is not None and not await self._send(encode_mark(sid, name)):
+                    return
                 if len(self._batch) >= BATCH_MAX and not await flush():
                     return  # a long lead must not build one huge write
-            if session.clear_pending:
+            if port.clear_pending:
                 continue
-            if session.sent_ms > last_position and not session.outbound_pending():
-                if not await self._send(proto.encode_mark(sid, session.position_mark_name())):
-                    return
-                last_position = session.sent_ms
+            # The end of what was queued is always confirmed.
+            name = None if port.pending() else position_mark(idle=True)
+            if name is not None and not await self._send(encode_mark(sid, name)):
+                return
 
     async def _watch_disconnect(self) -> None:
-        session = self.session
-        await session.wait_disconnect_requested()
-        if session.is_disconnected:
+        port = self.port
+        await port.wait_disconnect_requested()
+        if port.is_ended:
             return
-        if self._hangup is not None and session.call_sid:
+        if self._hangup is not None and port.call_sid:
             try:
-                ended = await self._hangup(session.call_sid)
+                ended = await self._hangup(port.call_sid)
             except Exception:
                 logger.warning("REST hangup failed; closing the stream instead", exc_info=True)
                 ended = False
-            if ended and await session.wait_until_disconnected_async(REST_CLOSE_WAIT_S):
+            if ended and await port.wait_ended(REST_CLOSE_WAIT_S):
                 return
-        logger.info(
-            "closing the media stream to end the call", extra={"call_sid": session.call_sid}
-        )
+        logger.info("closing the media stream to end the call", extra={"call_sid": port.call_sid})
         await self._close(1000)
 
     async def _close(self, code: int) -> None:
@@ -459,7 +447,7 @@ class MediaStreamCall:
 
     async def _cleanup(self) -> None:
         session = self.session
-        session.signal_disconnected()
+        self.port.ended()
         if self._fast is not None:
             # Start the close now, not after the STT stop below: the protocol bounds it
             # (close_timeout, then abort), so the fd is freed even if the peer stopped reading.
@@ -480,6 +468,13 @@ class MediaStreamCall:
             "media stream finished",
             extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
         )
+
+
+def _install_call_control(session: VoiceSession) -> None:
+    if session.control is None:
+        from voice_runtime.transports.call_control import CallControl
+
+        session.control = CallControl(session)
 
 
 def _fast_stream(websocket: Any) -> VoiceWebSocketProtocol | None:
