@@ -34,6 +34,8 @@ import timeit
 from pathlib import Path
 from typing import Any
 
+from starlette.websockets import WebSocketDisconnect
+
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions
@@ -66,6 +68,13 @@ class _FakeWebSocket:
                 await self._wait_for.wait()
             return {"type": "websocket.disconnect", "code": 1000}
         return msg
+
+    async def receive_text(self) -> str:
+        # A stand-in (not a Starlette WebSocket) is read as 0.1.x read one: text frames.
+        msg = await self.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(msg.get("code", 1000))
+        return msg["text"]  # type: ignore[no-any-return]
 
     async def send_text(self, text: str) -> None:
         self.sent += 1
@@ -133,6 +142,12 @@ async def _ours_call(far: cm.FarEnd) -> int:
             if text is None:
                 return {"type": "websocket.disconnect", "code": 1000}
             return {"type": "websocket.receive", "text": text}
+
+        async def receive_text(self) -> str:
+            text = await far.next_text()
+            if text is None:
+                raise WebSocketDisconnect(1000)
+            return text
 
         async def send_text(self, text: str) -> None:
             far.sent(text)
