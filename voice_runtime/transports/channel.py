@@ -257,6 +257,7 @@ class MemoryChannel:
         self._writable = True
         self._drained: asyncio.Event | None = None
         self._pending: list[str] = []
+        self._peer_close: int | None = None
         self._on_text: Callable[[str], None] | None = None
         self._on_close: Callable[[int], None] | None = None
 
@@ -282,8 +283,9 @@ class MemoryChannel:
         pending, self._pending = self._pending, []
         for text in pending:
             on_text(text)
-        if self.closed is not None:
-            self._end(self.closed)
+        ended = self.closed if self.closed is not None else self._peer_close
+        if ended is not None:
+            self._end(ended)
 
     def feed(self, text: str) -> None:
         """An inbound text message from the peer."""
@@ -294,6 +296,8 @@ class MemoryChannel:
 
     def feed_close(self, code: int = 1000) -> None:
         """The peer closed the stream."""
+        if self._on_close is None:
+            self._peer_close = code  # before attach: delivered after the pending messages
         self._end(code)
 
     def _end(self, code: int) -> None:
