@@ -106,8 +106,9 @@ def _best(fn: Callable[[list], float], arg: list, repeats: int) -> float:
     return min(fn(arg) for _ in range(repeats))
 
 
-def run(n: int, repeats: int = 3) -> list[dict[str, float | str]]:
-    """Rows of microseconds per frame, ours and theirs, each way."""
+def run(quick: bool = False, repeats: int = 3) -> list[dict[str, float | str]]:
+    """Rows of microseconds per frame, ours and theirs, each way (``run.py`` calls this)."""
+    n = 100_000 if quick else 1_000_000
     texts = [cm.media_text(i) for i in range(1000)] * (n // 1000)
     frames = [client_frame(t) for t in texts[:1000]] * (n // 1000)
     rows: list[dict[str, float | str]] = []
@@ -121,20 +122,23 @@ def run(n: int, repeats: int = 3) -> list[dict[str, float | str]]:
     return rows
 
 
+def format_table(rows: list[dict[str, float | str]]) -> str:
+    """The rows as a plain-text table."""
+    size = len(client_frame(cm.media_text(0)))
+    lines = [f"{'':36} {'ours us':>9} {'websockets us':>14} {'ratio':>6}  ({size} B frames)"]
+    for row in rows:
+        lines.append(
+            f"{row['name']:36} {row['ours_us']:9.3f} {row['websockets_us']:14.3f} "
+            f"{row['ratio']:6.2f}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100,000 frames each way")
-    args = parser.parse_args()
-    n = 100_000 if args.quick else 1_000_000
-    size = len(client_frame(cm.media_text(0)))
-    print(f"{n} frames each way, {size} bytes a client media frame")
-    print(f"{'':36} {'ours us':>9} {'websockets us':>14} {'ratio':>6}")
-    for row in run(n):
-        print(
-            f"{row['name']:36} {row['ours_us']:9.3f} {row['websockets_us']:14.3f} "
-            f"{row['ratio']:6.2f}"
-        )
+    print(format_table(run(quick=parser.parse_args().quick)))
 
 
 if __name__ == "__main__":
