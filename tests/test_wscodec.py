@@ -14,11 +14,13 @@ from voice_runtime.transports.wscodec import (
     FrameParser,
     ProtocolError,
     accept_key,
+    accept_response,
     close_payload,
     frame_header,
     handshake_problem,
     parse_close,
     parse_request,
+    refusal_response,
     unmask,
 )
 
@@ -156,6 +158,13 @@ def test_the_upgrade_handshake() -> None:
     assert req.target == "/voice?x=1" and handshake_problem(req) is None
     # The worked example of RFC 6455 section 1.3.
     assert accept_key(req.get(b"sec-websocket-key") or b"") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    accepted = accept_response(b"dGhlIHNhbXBsZSBub25jZQ==", [(b"server", b"x")], "audio")
+    assert accepted.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in accepted
+    assert accepted.endswith(b"sec-websocket-protocol: audio\r\n\r\n")
+    refused = refusal_response(403, [], b"no")
+    assert refused.startswith(b"HTTP/1.1 403 Forbidden\r\n") and refused.endswith(b"\r\n\r\nno")
+    assert b"content-length: 2\r\n" in refused and b"connection: close\r\n" in refused
     old = parse_request(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade")
     assert handshake_problem(old) == (426, "unsupported Sec-WebSocket-Version (13 is required)")
     with pytest.raises(ProtocolError):

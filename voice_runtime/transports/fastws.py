@@ -46,13 +46,13 @@ from voice_runtime.transports.wscodec import (
     FrameParser,
     ProtocolError,
     Request,
-    accept_key,
+    accept_response,
     close_payload,
     frame_header,
     handshake_problem,
-    http_response,
     parse_close,
     parse_request,
+    refusal_response,
     unmask,
 )
 
@@ -273,13 +273,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         head = list(self.default_headers) + (headers or [])
-        names = {name.lower() for name, _ in head}
-        if b"content-type" not in names:
-            head.append((b"content-type", b"text/plain; charset=utf-8"))
-        if b"content-length" not in names:
-            head.append((b"content-length", str(len(body)).encode()))
-        head.append((b"connection", b"close"))
-        self.transport.write(http_response(status, head, body))
+        self.transport.write(refusal_response(status, head, body))
 
     # ------------------------------------------------------------------ frames in
 
@@ -511,18 +505,10 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._close_transport()
 
     def _accept(self, message: dict[str, Any]) -> None:
-        headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", accept_key(self._key)),
-        ]
-        headers += list(self.default_headers)
+        headers = list(self.default_headers)
         headers += [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
-        subprotocol = message.get("subprotocol")
-        if subprotocol:
-            headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
         self.accepted = True
-        self.transport.write(http_response(101, headers))
+        self.transport.write(accept_response(self._key, headers, message.get("subprotocol")))
         self._schedule_ping()
 
     async def send(self, message: dict[str, Any]) -> None:

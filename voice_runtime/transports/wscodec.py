@@ -32,12 +32,14 @@ __all__ = [
     "ProtocolError",
     "Request",
     "accept_key",
+    "accept_response",
     "close_payload",
     "frame_header",
     "handshake_problem",
     "http_response",
     "parse_close",
     "parse_request",
+    "refusal_response",
     "unmask",
 ]
 
@@ -161,6 +163,33 @@ def handshake_problem(req: Request) -> tuple[int, str] | None:
 def accept_key(key: bytes) -> bytes:
     """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key``."""
     return base64.b64encode(hashlib.sha1(key + GUID).digest())
+
+
+def accept_response(
+    key: bytes, headers: list[tuple[bytes, bytes]], subprotocol: str | None = None
+) -> bytes:
+    """The 101 response accepting an upgrade whose ``Sec-WebSocket-Key`` was ``key``."""
+    head = [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", accept_key(key)),
+        *headers,
+    ]
+    if subprotocol:
+        head.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+    return http_response(101, head)
+
+
+def refusal_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A response refusing an upgrade; the connection closes after it."""
+    head = list(headers)
+    names = {name.lower() for name, _ in head}
+    if b"content-type" not in names:
+        head.append((b"content-type", b"text/plain; charset=utf-8"))
+    if b"content-length" not in names:
+        head.append((b"content-length", str(len(body)).encode()))
+    head.append((b"connection", b"close"))
+    return http_response(status, head, body)
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
