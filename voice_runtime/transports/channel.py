@@ -17,7 +17,6 @@ outbound messages, one write where the backend allows), ``writable``/``wait_writ
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ logger = logging.getLogger(__name__)
 # A close that waits for pending sends gives up after this long (the peer stopped reading).
 CLOSE_WAIT_S = 5.0
 # StarletteChannel: not writable while this many messages wait for the writer task.
-_HIGH_WATER = 64
+_HIGH_WATER = 256
 
 
 @runtime_checkable
@@ -114,7 +113,7 @@ class StarletteChannel:
 
     def __init__(self, websocket: Any) -> None:
         self.ws = websocket
-        self._out: collections.deque[str] = collections.deque()
+        self._out: list[str] = []
         self._wake: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -179,20 +178,21 @@ class StarletteChannel:
 
     async def _write(self) -> None:
         assert self._wake is not None and self._drained is not None
-        out, ws = self._out, self.ws
+        send = self.ws.send_text
         while True:
-            while out:
+            while self._out:
+                batch, self._out = self._out, []
                 try:
-                    await ws.send_text(out[0])
+                    for text in batch:
+                        await send(text)
                 except Exception:
                     # A failed send means the far end is gone.
                     logger.info("send failed; treating the call as ended")
                     self._failed = True
-                    out.clear()
+                    self._out = []
                     self._drained.set()
                     self._ended(1006)
                     return
-                out.popleft()
             self._drained.set()
             if self._close_code is not None:
                 return
