@@ -116,10 +116,7 @@ def _serve_ours(args: argparse.Namespace) -> None:
                 pacer = pacer_var.get()
                 release = pacer.release if pacer is not None else 0.0
                 due = max(self.session.bench_put_t, release)  # type: ignore[attr-defined]
-                if self._fast is None:  # sent already
-                    probe.out_lat_ms.append((time.monotonic() - due) * 1e3)
-                else:  # batched: timed at the flush
-                    self.bench_due.append(due)
+                self.bench_due.append(due)  # batched: timed at the flush
             return ok
 
         async def _flush(self) -> bool:

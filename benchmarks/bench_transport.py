@@ -184,7 +184,12 @@ async def _ours_stack() -> dict[str, Any]:
     register_voice_websocket(app, session, options=StreamOptions(lead_ms=1e9))
     cm.load_agent_audio(session.put_outbound_sync)
     counter = cm.InboundCounter(session)
-    result = await cm.measure_stack(app, VoiceWebSocketProtocol, lambda: counter.got)
+    # A call-minute arrives here in well under a second: lift the per-connection frame budget
+    # (issue 12), which would rightly close a real peer that sent frames this fast.
+    from voice_runtime.transports.guard import ConnectionLimits
+
+    protocol = VoiceWebSocketProtocol.with_limits(ConnectionLimits(ws_frames_per_s=0))
+    result = await cm.measure_stack(app, protocol, lambda: counter.got)
     counter.task.cancel()
     return result
 

@@ -26,6 +26,7 @@ from fastapi import FastAPI, WebSocket
 
 from voice_runtime._callbacks import CallbackRunner
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
+from voice_runtime.call_wiring import CallWiring
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
@@ -41,7 +42,7 @@ from voice_runtime.transports.security import (
     require_public_url,
     trusted_networks,
 )
-from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions, _rest_hangup
+from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions
 from voice_runtime.urls import http_base
 from voice_runtime.watchdog import LoopWatchdog
 from voice_runtime.webhooks import ENDED_STATUSES as ENDED_STATUSES
@@ -407,20 +408,28 @@ class VoiceServer(WebhookRoutes):
         expected = route.call_sid if route is not None else None
         try:
             await websocket.accept()
-            call = MediaStreamCall(
-                websocket,
-                session,
-                options=self.stream_options,
-                hangup=_rest_hangup(self.hangup_regions),
-                on_start=self._call_started,
-                check_start=lambda start: self._check_start(session, start, expected),
-            )
-            await call.run()
-            if not call.started and call.refused is None:
-                self._refused.allow("no_start")  # counted; the call logged it
+            await self._run_call(websocket, session, expected)
         finally:
             self.registry.ended(session)
             self.registry.release()
+
+    async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
+        wiring = CallWiring(session, self.hangup_regions)
+        call = MediaStreamCall(
+            websocket,
+            session,
+            options=self.stream_options,
+            hangup=wiring.hangup,
+            on_start=wiring.on_start(self._call_started),
+            check_start=lambda start: self._check_start(session, start, expected),
+            on_end=wiring.finish,
+        )
+        try:
+            await call.run()
+        finally:
+            await wiring.finish()
+        if not call.started and call.refused is None:
+            self._refused.allow("no_start")  # counted; the call logged it
 
     def _check_start(self, session: VoiceSession, start: Any, expected: str | None) -> str | None:
         reason = self.registry.claim_call(session, start.call_sid, start.stream_sid, expected)

@@ -19,15 +19,11 @@ Use it with ``uvicorn.Config(app, ws=VoiceWebSocketProtocol)`` or, on the comman
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
-import hashlib
 import logging
-import math
 import random
 import struct
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,150 +34,48 @@ from uvicorn.protocols.utils import (
     is_ssl,
 )
 
-from voice_runtime import errors
 from voice_runtime.transports.guard import ConnectionLimits, abort, note
-
-try:
-    from websockets.speedups import apply_mask as _apply_mask
-except ImportError:  # pragma: no cover - websockets ships the C extension on all our platforms
-    _apply_mask = None
+from voice_runtime.transports.wscodec import (
+    MAX_FRAGMENTS,
+    MAX_REQUEST,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameParser,
+    ProtocolError,
+    Request,
+    WebSocketProtocolError,
+    accept_response,
+    close_payload,
+    frame_header,
+    handshake_problem,
+    parse_close,
+    parse_request,
+    refusal_response,
+    unmask,
+)
 
 __all__ = [
     "EXTENSION",
+    "MAX_FRAGMENTS",
     "ProtocolError",
     "VoiceWebSocketProtocol",
     "WebSocketProtocolError",
+    "frame_header",
     "unmask",
 ]
 
 logger = logging.getLogger("uvicorn.error")
 
 EXTENSION = "voice_runtime.fastws"
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
-# Close codes a peer may send (RFC 6455 section 7.4); 1005/1006/1015 never go on the wire.
-_VALID_CLOSE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
-_MAX_REQUEST = 16 * 1024
-# A message may come in at most this many frames: tiny (even empty) fragments would otherwise
-# grow a list without bound while staying under the size limit.
-MAX_FRAGMENTS = 1024
 # Pull mode only: stop reading the socket while this many messages wait for the app.
 _PAUSE_AT = 64
 _RESUME_AT = 16
 # On server shutdown a connection whose bytes have not left by then is aborted: the drain
 # already gave the calls their time.
 SHUTDOWN_GRACE_S = 1.0
-
-
-class WebSocketProtocolError(errors.ProtocolError):
-    """The peer broke RFC 6455 (or its frame budget); ``code`` is the close code to answer with.
-
-    ``kind`` names the event in :func:`~voice_runtime.transports.guard.connection_stats`.
-    """
-
-    def __init__(self, code: int, reason: str, kind: str = "protocol_error") -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.kind = kind
-
-
-# The 0.2.0 name, kept importable (a ProtocolError of voice_runtime.errors too).
-ProtocolError = WebSocketProtocolError
-
-
-def unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR ``payload`` with the 4-byte client ``mask`` (RFC 6455 section 5.3)."""
-    if _apply_mask is not None:
-        return _apply_mask(payload, mask)
-    n = len(payload)
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-
-
-def frame_header(opcode: int, length: int) -> bytes:
-    """The header of one unmasked, final server frame carrying ``length`` bytes."""
-    if length < 126:
-        return bytes((0x80 | opcode, length))
-    if length < 65536:
-        return struct.pack("!BBH", 0x80 | opcode, 126, length)
-    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
-
-
-def _close_payload(code: int, reason: str = "") -> bytes:
-    # At most 123 bytes, cut on a character boundary: a split UTF-8 sequence is a 1007 error.
-    raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return struct.pack("!H", code) + raw
-
-
-def _http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    lines = [f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")]
-    lines += [name + b": " + value + b"\r\n" for name, value in headers]
-    lines.append(b"\r\n")
-    return b"".join(lines) + body
-
-
-class _Request:
-    """The parsed upgrade request."""
-
-    __slots__ = ("headers", "method", "target")
-
-    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]]) -> None:
-        self.method = method
-        self.target = target
-        self.headers = headers
-
-    def get(self, name: bytes) -> bytes | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-
-def _parse_request(raw: bytes) -> _Request:
-    head = raw.decode("latin-1")
-    lines = head.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ProtocolError(400, "malformed request line")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ProtocolError(400, "malformed header line")
-        headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
-    return _Request(parts[0], parts[1], headers)
-
-
-def _handshake_problem(req: _Request) -> tuple[int, str] | None:
-    """What is wrong with an upgrade request, as (HTTP status, reason), or None."""
-    if req.method != "GET":
-        return 405, "websocket upgrades use GET"
-    upgrade = (req.get(b"upgrade") or b"").lower()
-    if b"websocket" not in [t.strip() for t in upgrade.split(b",")]:
-        return 400, "missing Upgrade: websocket"
-    connection = (req.get(b"connection") or b"").lower()
-    if b"upgrade" not in [t.strip() for t in connection.split(b",")]:
-        return 400, "missing Connection: Upgrade"
-    if req.get(b"sec-websocket-version") != b"13":
-        return 426, "unsupported Sec-WebSocket-Version (13 is required)"
-    key = req.get(b"sec-websocket-key")
-    try:
-        ok = key is not None and len(base64.b64decode(key, validate=True)) == 16
-    except ValueError:
-        ok = False
-    if not ok:
-        return 400, "invalid Sec-WebSocket-Key"
-    return None
 
 
 class VoiceWebSocketProtocol(asyncio.Protocol):
@@ -224,17 +118,19 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.ping_interval: float | None = config.ws_ping_interval
         self.ping_timeout: float | None = config.ws_ping_timeout
         self.close_timeout = self.limits.close_timeout_s
-        rate = self.limits.ws_frames_per_s
-        self._frame_rate = rate
-        # Token bucket of inbound frames, refilled lazily when it runs dry.
-        self._tokens: float = float(self.limits.ws_frame_burst) if rate > 0 else math.inf
-        self._refilled_at = self.loop.time()
+        # The sans-I/O codec parses frames; this class does the I/O, ASGI and timers.
+        self._parser = FrameParser(
+            self._deliver,
+            self._control,
+            max_size=self.max_size,
+            frame_rate=self.limits.ws_frames_per_s,
+            frame_burst=self.limits.ws_frame_burst,
+            clock=self.loop.time,
+        )
 
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.scope: dict[str, Any] = {}
         self._request = b""
-        self._buf = bytearray()  # the start of a frame that is not whole yet
-        self._need = 0  # how long _buf must get before parsing is worth trying again
         self._key = b""
         # open: handshake parsed; accepted: 101 sent; close_sent: our close frame went out.
         self.handshake_done = False
@@ -245,9 +141,6 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.disconnect_code = 1006
         self.disconnect_reason = ""
         self._denial: tuple[int, list[tuple[bytes, bytes]], list[bytes]] | None = None
-        self._fragments: list[bytes] = []
-        self._fragment_op = 0
-        self._fragment_size = 0
 
         self._events: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -312,17 +205,8 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             return
         if self.close_received or self.transport.is_closing():
             return
-        buf = self._buf
-        if buf:
-            # A frame arriving in many small reads is gathered in place (linear, not quadratic)
-            # and parsed once it is whole.
-            buf += data
-            if len(buf) < self._need:
-                return
-            data = bytes(buf)
-            self._buf = bytearray()
         try:
-            self._parse_frames(data)
+            self._parser.feed(data)
         except ProtocolError as exc:
             self._fail(exc.code, exc.reason, exc.kind)
 
@@ -332,18 +216,18 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._request += data
         end = self._request.find(b"\r\n\r\n")
         if end < 0:
-            if len(self._request) > _MAX_REQUEST:
+            if len(self._request) > MAX_REQUEST:
                 self._reject_now(431, "request headers too large")
             return
         raw, rest = self._request[:end], self._request[end + 4 :]
         self._request = b""
         self.handshake_done = True
         try:
-            req = _parse_request(raw)
+            req = parse_request(raw)
         except ProtocolError as exc:
             self._reject_now(exc.code, exc.reason)
             return
-        problem = _handshake_problem(req)
+        problem = handshake_problem(req)
         if problem is not None:
             self._reject_now(*problem)
             return
@@ -356,7 +240,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         if rest:
             self.data_received(rest)
 
-    def _build_scope(self, req: _Request) -> dict[str, Any]:
+    def _build_scope(self, req: Request) -> dict[str, Any]:
         path, _, query = req.target.partition("?")
         subprotocols: list[str] = []
         for name, value in req.headers:
@@ -391,110 +275,14 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         head = list(self.default_headers) + (headers or [])
-        names = {name.lower() for name, _ in head}
-        if b"content-type" not in names:
-            head.append((b"content-type", b"text/plain; charset=utf-8"))
-        if b"content-length" not in names:
-            head.append((b"content-length", str(len(body)).encode()))
-        head.append((b"connection", b"close"))
-        self.transport.write(_http_response(status, head, body))
+        self.transport.write(refusal_response(status, head, body))
 
     # ------------------------------------------------------------------ frames in
 
-    def _parse_frames(self, data: bytes) -> None:
-        i = 0
-        end = len(data)
-        max_size = self.max_size
-        tokens = self._tokens
-        try:
-            while end - i >= 2:
-                b0 = data[i]
-                b1 = data[i + 1]
-                length = b1 & 0x7F
-                head = 2
-                if length == 126:
-                    if end - i < 4:
-                        self._need = 4
-                        break
-                    length = (data[i + 2] << 8) | data[i + 3]
-                    head = 4
-                elif length == 127:
-                    if end - i < 10:
-                        self._need = 10
-                        break
-                    length = int.from_bytes(data[i + 2 : i + 10], "big")
-                    head = 10
-                if not b1 & 0x80:
-                    raise ProtocolError(1002, "client frames must be masked")
-                if b0 & 0x70:
-                    raise ProtocolError(1002, "reserved bits set without an extension")
-                opcode = b0 & 0x0F
-                if length > max_size or (
-                    opcode == OP_CONT and self._fragment_size + length > max_size
-                ):
-                    raise ProtocolError(1009, f"message over {max_size} bytes")
-                start = i + head + 4
-                stop = start + length
-                if stop > end:
-                    self._need = stop - i
-                    break
-                tokens -= 1
-                if tokens < 0:
-                    tokens = self._refill(tokens)
-                payload = unmask(data[start:stop], data[start - 4 : start]) if length else b""
-                i = stop
-                fin = b0 & 0x80
-                if opcode in (OP_TEXT, OP_BINARY):
-                    if self._fragment_op:
-                        raise ProtocolError(1002, "new message inside a fragmented one")
-                    if fin:
-                        self._deliver(opcode, payload)
-                    else:
-                        self._fragment_op = opcode
-                        self._fragments = [payload]
-                        self._fragment_size = length
-                elif opcode == OP_CONT:
-                    if not self._fragment_op:
-                        raise ProtocolError(1002, "continuation frame without a message")
-                    if len(self._fragments) >= MAX_FRAGMENTS:
-                        raise ProtocolError(1009, f"message in over {MAX_FRAGMENTS} fragments")
-                    self._fragments.append(payload)
-                    self._fragment_size += length
-                    if fin:
-                        op, parts = self._fragment_op, self._fragments
-                        self._fragment_op, self._fragments, self._fragment_size = 0, [], 0
-                        self._deliver(op, b"".join(parts))
-                elif opcode in _CONTROL_OPS:
-                    if not fin or length > 125:
-                        raise ProtocolError(1002, "fragmented or oversized control frame")
-                    self._control(opcode, payload)
-                    if self.close_received:
-                        return
-                else:
-                    raise ProtocolError(1002, f"unknown opcode {opcode:#x}")
-                if self.transport.is_closing():
-                    return
-            if i < end:
-                if end - i < 2:
-                    self._need = 2
-                self._buf = bytearray(data[i:])
-        finally:
-            self._tokens = tokens
-
-    def _refill(self, tokens: float) -> float:
-        """Add the tokens earned since the last refill; ProtocolError when still in debt."""
-        now = self.loop.time()
-        tokens = min(
-            float(self.limits.ws_frame_burst), tokens + (now - self._refilled_at) * self._frame_rate
-        )
-        self._refilled_at = now
-        if tokens < 0:
-            raise ProtocolError(1008, "too many frames", "frame_budget")
-        return tokens
-
-    def _deliver(self, opcode: int, payload: bytes) -> None:
+    def _deliver(self, opcode: int, payload: bytes) -> bool:
+        """Hand one message to the app; False once parsing should stop (closing)."""
         if self.close_sent:
-            return  # past our close: the app asked for no more messages
+            return not self.transport.is_closing()  # past our close: no more messages
         if opcode == OP_TEXT:
             try:
                 text = payload.decode("utf-8")
@@ -503,16 +291,18 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             on_text = self._on_text
             if on_text is not None:
                 on_text(text)
-                return
-            self._push({"type": "websocket.receive", "text": text})
+            else:
+                self._push({"type": "websocket.receive", "text": text})
         else:
             on_bytes = self._on_bytes
             if on_bytes is not None:
                 on_bytes(payload)
-                return
-            self._push({"type": "websocket.receive", "bytes": payload})
+            else:
+                self._push({"type": "websocket.receive", "bytes": payload})
+        return not self.transport.is_closing()
 
-    def _control(self, opcode: int, payload: bytes) -> None:
+    def _control(self, opcode: int, payload: bytes) -> bool:
+        """Answer a ping, note a pong, or complete a close; False once parsing should stop."""
         if opcode == OP_PING:
             # A peer that pings but does not read gets no pongs while our write buffer is
             # over its high-water mark (RFC 6455 lets us answer only the latest ping).
@@ -529,20 +319,12 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
                     self._schedule_ping()
         else:
             self._peer_closed(payload)
+            return False
+        return not self.transport.is_closing()
 
     def _peer_closed(self, payload: bytes) -> None:
         self.close_received = True
-        if len(payload) == 1:
-            raise ProtocolError(1002, "one-byte close payload")
-        code, reason = 1005, ""
-        if payload:
-            code = struct.unpack("!H", payload[:2])[0]
-            if code not in _VALID_CLOSE and not 3000 <= code <= 4999:
-                raise ProtocolError(1002, f"invalid close code {code}")
-            try:
-                reason = payload[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                raise ProtocolError(1007, "close reason is not valid UTF-8") from None
+        code, reason = parse_close(payload)
         self.disconnect_code, self.disconnect_reason = code, reason
         if not self.close_sent:
             # Echo the code (an empty close is answered with an empty one).
@@ -684,7 +466,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
 
     def _send_close(self, code: int, reason: str = "") -> None:
         self.close_sent = True
-        payload = _close_payload(code, reason)
+        payload = close_payload(code, reason)
         self.transport.write(frame_header(OP_CLOSE, len(payload)) + payload)
         self._resume_reading()  # the peer's reply must get through
         if self._close_timer is None and not self.transport.is_closing():
@@ -725,19 +507,10 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._close_transport()
 
     def _accept(self, message: dict[str, Any]) -> None:
-        digest = hashlib.sha1(self._key + _GUID).digest()
-        headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", base64.b64encode(digest)),
-        ]
-        headers += list(self.default_headers)
+        headers = list(self.default_headers)
         headers += [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
-        subprotocol = message.get("subprotocol")
-        if subprotocol:
-            headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
         self.accepted = True
-        self.transport.write(_http_response(101, headers))
+        self.transport.write(accept_response(self._key, headers, message.get("subprotocol")))
         self._schedule_ping()
 
     async def send(self, message: dict[str, Any]) -> None:
