@@ -141,7 +141,8 @@ class DuckSessionCall:
 
     def _started(self, data: dict[str, Any]) -> None:
         session = self.session
-        body = data.get("start") if isinstance(data.get("start"), dict) else {}
+        raw = data.get("start")
+        body: dict[str, Any] = raw if isinstance(raw, dict) else {}
         stream_sid = data.get("streamSid") or body.get("streamSid")
         self._stream_sid = stream_sid if isinstance(stream_sid, str) else ""
         session.call_sid = body.get("callSid")

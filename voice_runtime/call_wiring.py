@@ -111,7 +111,7 @@ async def start_stt(stt: Any, inbound: Any, call_sid: Any) -> None:
 
 async def stop_stt(session: Any, built_here: bool) -> None:
     """Stop the session's STT (bounded); drop it when it was built for this call."""
-    stt = getattr(session, "stt", None)
+    stt: Any = getattr(session, "stt", None)
     if not callable(getattr(stt, "stop", None)):
         return
     try:

@@ -60,7 +60,9 @@ class SileroVad:
         self.window_samples = int(self._model.window_size_samples)
         self._window = np.zeros(self.window_samples, dtype=np.float32)
         # A ctypes view sharing memory with _window: the model reads it without a copy.
-        self._window_c = (ctypes.c_float * self.window_samples).from_buffer(self._window)
+        self._window_c = (ctypes.c_float * self.window_samples).from_buffer(
+            self._window  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+        )
         self._fill = 0
 
     @property

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from voice_runtime.offline.espeak import EspeakEngine
+    from voice_runtime.offline.piper import PiperEngine
 
 OFFLINE_INSTALL_HINT = 'pip install "voice-runtime[offline]"'
 
@@ -45,7 +50,7 @@ def synthesize_ulaw(text: str, voice: str = "piper") -> bytes:
     return pcm16_to_ulaw(resample(audio, rate, 8000).tobytes())
 
 
-def tts_engine(voice: str = "piper") -> object:
+def tts_engine(voice: str = "piper") -> PiperEngine | EspeakEngine:
     """The offline TTS engine for a voice name: "piper" (natural) or "espeak" (formant)."""
     if voice == "piper":
         from voice_runtime.offline.piper import PiperEngine

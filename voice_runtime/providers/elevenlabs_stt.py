@@ -269,7 +269,7 @@ class PersistentSttSession(ReconnectingStt):
         try:
             ws = await connect(
                 self.url,
-                additional_headers={"xi-api-key": self._api_key},
+                additional_headers={"xi-api-key": self._api_key or ""},
                 logger=_WS_LOGGER,
                 open_timeout=self.connect_timeout,
                 max_size=2**22,

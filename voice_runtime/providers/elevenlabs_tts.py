@@ -326,7 +326,7 @@ class ElevenLabsTTS:
         forbid_on_loop(getattr(session, "loop", None), "ElevenLabsTTS.speak")
         if not text.strip():
             return nothing_to_say(text, session)
-        chunks = self.stream(text)
+        chunks: Any = self.stream(text)  # a generator: closed below
         try:
             return play_chunks(
                 text,

@@ -87,9 +87,20 @@ def _specs(tools: Any) -> tuple[ToolSpec, ...]:
 class RealtimeAgent(Protocol):
     """One speech-to-speech session with a vendor (see the module docstring for the rules)."""
 
-    provider: str
-    supports_truncate: bool
-    options: AgentOptions
+    @property
+    def options(self) -> AgentOptions:
+        """What the session was configured with (instructions, voice, tools, greeting)."""
+        ...
+
+    @property
+    def provider(self) -> str:
+        """The vendor's slug (``openai``, ``gemini``, ...)."""
+        ...
+
+    @property
+    def supports_truncate(self) -> bool:
+        """True when the vendor can be told how much of an item the caller heard."""
+        ...
 
     @property
     def closed(self) -> bool:

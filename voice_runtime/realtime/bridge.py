@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -540,7 +541,7 @@ class AgentBridge:
             return  # the same call announced twice
         task = asyncio.create_task(self._run_tool(call), name=f"vr-rt-tool-{call.name}")
         self._tool_tasks[call.call_id] = task
-        task.add_done_callback(lambda t, cid=call.call_id: self._forget_tool(cid, t))
+        task.add_done_callback(functools.partial(self._forget_tool, call.call_id))
 
     def _forget_tool(self, call_id: str, task: asyncio.Task[Any]) -> None:
         if self._tool_tasks.get(call_id) is task:

@@ -18,7 +18,7 @@ import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from voice_runtime.errors import ConfigurationError, ProviderConnectionError, ProviderError
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
@@ -173,17 +173,17 @@ class FallbackAgent:
         return self._active
 
     @property
-    def provider(self) -> str:  # type: ignore[override]
+    def provider(self) -> str:
         """The active agent's provider slug (``fallback`` before start)."""
         return self._active.provider if self._active is not None else "fallback"
 
     @property
-    def supports_truncate(self) -> bool:  # type: ignore[override]
+    def supports_truncate(self) -> bool:
         """Whether the active agent can truncate."""
         return bool(self._active is not None and self._active.supports_truncate)
 
     @property
-    def options(self) -> AgentOptions:  # type: ignore[override]
+    def options(self) -> AgentOptions:
         """The active agent's options."""
         return self._active.options if self._active is not None else AgentOptions()
 
@@ -227,14 +227,19 @@ class FallbackAgent:
             candidate = self._candidates[index]
             try:
                 agent = (
-                    candidate() if callable(candidate) and not _is_agent(candidate) else candidate
+                    cast(RealtimeAgent, candidate)
+                    if _is_agent(candidate) or not callable(candidate)
+                    else candidate()
                 )
             except (ConfigurationError, ProviderError) as exc:
                 self._record(name, exc)
                 continue
             if greeting_override:
                 with contextlib.suppress(AttributeError, TypeError):
-                    agent.options = agent.options.replace(greeting=self.failover_greeting)
+                    # Vendor agents keep options in a plain attribute (the protocol only
+                    # promises to read it); read-only ones are skipped.
+                    options = agent.options.replace(greeting=self.failover_greeting)
+                    setattr(agent, "options", options)  # noqa: B010
             try:
                 await agent.start()
             except (ConfigurationError, ProviderError, OSError) as exc:

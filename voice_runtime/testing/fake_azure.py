@@ -407,12 +407,12 @@ class FakeSpeechSdk:
         mod.CancellationReason = CancellationReason  # type: ignore[attr-defined]
         mod.CancellationErrorCode = CancellationErrorCode  # type: ignore[attr-defined]
         mod.SpeechSynthesisOutputFormat = SpeechSynthesisOutputFormat  # type: ignore[attr-defined]
-        mod.SpeechRecognizer = lambda speech_config, audio_config: _Recognizer(
+        mod.SpeechRecognizer = lambda speech_config, audio_config: _Recognizer(  # type: ignore[attr-defined]
             self, speech_config, audio_config
-        )  # type: ignore[attr-defined]
-        mod.SpeechSynthesizer = lambda speech_config, audio_config=None: _Synthesizer(
+        )
+        mod.SpeechSynthesizer = lambda speech_config, audio_config=None: _Synthesizer(  # type: ignore[attr-defined]
             self, speech_config, audio_config
-        )  # type: ignore[attr-defined]
+        )
         return mod
 
     def install(self, monkeypatch: Any) -> FakeSpeechSdk:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import uvicorn
 
 from voice_runtime.serving import uvicorn_config
 from voice_runtime.testing._serve import bind_free_socket
+
+
+class _TestServer(uvicorn.Server):
+    """A uvicorn server that leaves signals alone: Ctrl-C still stops the test run."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Install no signal handlers (uvicorn would in the main thread)."""
+        yield
+
 
 T = TypeVar("T")
 
@@ -47,8 +57,7 @@ class ServerThread(_Base):
         self.host = host
         self._sock = bind_free_socket(host)
         self.port = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = _TestServer(uvicorn_config(app, log_level=log_level, **config))
         self._thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -133,8 +142,7 @@ async def serve_in_loop(
     ``config``: more ``uvicorn.Config`` settings (``ws="auto"`` for uvicorn's websockets).
     """
     sock = bind_free_socket(host)
-    server = uvicorn.Server(uvicorn_config(app, log_level=log_level, **config))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _TestServer(uvicorn_config(app, log_level=log_level, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="voice-test-uvicorn")
     try:
         while not server.started:

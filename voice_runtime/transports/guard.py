@@ -156,7 +156,7 @@ def close_within(transport: asyncio.Transport, bound: float) -> asyncio.TimerHan
     return asyncio.get_running_loop().call_later(bound, abort, transport)
 
 
-def abort(transport: asyncio.BaseTransport) -> None:
+def abort(transport: asyncio.WriteTransport) -> None:
     """Abort a transport whose close did not complete in time, and count it."""
     note("close_timeout", "connection aborted: its close did not complete in time")
     transport.abort()

@@ -234,7 +234,8 @@ class MediaStreamParser:
         if event == "stop":
             self._check_sid(data)
             self.stopped = True
-            body = data.get("stop") if isinstance(data.get("stop"), dict) else {}
+            raw_stop = data.get("stop")
+            body = raw_stop if isinstance(raw_stop, dict) else {}
             return Stop(body.get("callSid"), body.get("accountSid"), _seq(data))
         if event == "connected":
             return Connected(str(data.get("protocol", "Call")), str(data.get("version", "")))
@@ -302,7 +303,8 @@ class MediaStreamParser:
         params = (
             {str(k): str(v) for k, v in params_raw.items()} if isinstance(params_raw, dict) else {}
         )
-        fmt_raw = body.get("mediaFormat") if isinstance(body.get("mediaFormat"), dict) else {}
+        raw_fmt = body.get("mediaFormat")
+        fmt_raw: dict[str, Any] = raw_fmt if isinstance(raw_fmt, dict) else {}
         fmt = MediaFormat(
             encoding=str(fmt_raw.get("encoding", "audio/x-mulaw")),
             sample_rate=_opt_int(fmt_raw.get("sampleRate")) or 8000,

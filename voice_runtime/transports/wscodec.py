@@ -27,7 +27,7 @@ from voice_runtime import errors
 try:
     from websockets.speedups import apply_mask as _apply_mask
 except ImportError:  # pragma: no cover - websockets ships the C extension on all our platforms
-    _apply_mask = None
+    _apply_mask = None  # type: ignore[assignment]
 
 __all__ = [
     "FrameParser",

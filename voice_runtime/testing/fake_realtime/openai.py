@@ -209,7 +209,12 @@ class FakeOpenAIRealtime(FakeRealtimeServer):
         )
         await self._send(conn, {"type": "input_audio_buffer.committed", "item_id": item_id})
         conn.state["buffer_ms"] = 0.0
-        user_item = {"id": item_id, "type": "message", "role": "user", "content": []}
+        user_item: dict[str, Any] = {
+            "id": item_id,
+            "type": "message",
+            "role": "user",
+            "content": [],
+        }
         await self._send(conn, {"type": "conversation.item.added", "item": user_item})
         await self._user_transcript(conn, item_id)
         td = conn.state.get("turn_detection") or {}
