@@ -45,6 +45,36 @@ def test_split_modules_stay_small(name: str) -> None:
         assert lines <= 600, f"{path.relative_to(Path(voice_runtime.__file__).parent)}: {lines}"
 
 
+MAX_LINES = 600
+# Temporary allowance, capped so the file cannot grow: session.py is being cut down to the
+# consumer facade (issue 14) on another branch. Remove this entry when that work merges.
+_OVER_ALLOWED = {"session.py": 800}
+
+
+def test_no_module_of_the_package_is_over_600_lines() -> None:
+    root = Path(voice_runtime.__file__).parent
+    over: dict[str, int] = {}
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > _OVER_ALLOWED.get(name, MAX_LINES):
+            over[name] = lines
+    assert over == {}, f"modules over {MAX_LINES} lines: {over}"
+    assert all((root / name).is_file() for name in _OVER_ALLOWED)
+
+
+def test_split_modules_keep_their_old_names() -> None:
+    from voice_runtime.providers import base, stt_base
+    from voice_runtime.realtime import agent_bridge, bridge, bridge_types
+    from voice_runtime.transports import fastws, fastws_asgi
+
+    for old, new in ((base, stt_base), (bridge, agent_bridge), (bridge, bridge_types)):
+        assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)
+    assert fastws.EXTENSION is fastws_asgi.EXTENSION
+    for module in (base, bridge, fastws):
+        assert all(hasattr(module, n) for n in module.__all__)
+
+
 def test_server_keeps_every_name_it_had() -> None:
     from voice_runtime import calls, server, webhooks
 

@@ -14,6 +14,9 @@ writes its frames straight to the transport.
 Use it with ``uvicorn.Config(app, ws=VoiceWebSocketProtocol)`` or, on the command line,
 ``uvicorn app:app --ws voice_runtime.transports.fastws:VoiceWebSocketProtocol``;
 :func:`voice_runtime.serving.serve_forever` and the test servers use it by default.
+
+The frames are parsed by the sans-I/O codec in :mod:`~voice_runtime.transports.wscodec`; the
+ASGI scope, ``send`` and the app task are in :mod:`~voice_runtime.transports.fastws_asgi`.
 """
 
 from __future__ import annotations
@@ -25,15 +28,8 @@ import random
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote
 
-from uvicorn.protocols.utils import (
-    ClientDisconnected,
-    get_local_addr,
-    get_remote_addr,
-    is_ssl,
-)
-
+from voice_runtime.transports.fastws_asgi import EXTENSION, asgi_send, build_scope, run_app
 from voice_runtime.transports.guard import ConnectionLimits, abort, note
 from voice_runtime.transports.wscodec import (
     MAX_FRAGMENTS,
@@ -45,7 +41,6 @@ from voice_runtime.transports.wscodec import (
     OP_TEXT,
     FrameParser,
     ProtocolError,
-    Request,
     WebSocketProtocolError,
     accept_response,
     close_payload,
@@ -69,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger("uvicorn.error")
 
-EXTENSION = "voice_runtime.fastws"
 # Pull mode only: stop reading the socket while this many messages wait for the app.
 _PAUSE_AT = 64
 _RESUME_AT = 16
@@ -232,37 +226,13 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
             self._reject_now(*problem)
             return
         self._key = req.get(b"sec-websocket-key") or b""
-        self.scope = self._build_scope(req)
+        self.scope = build_scope(self, req)
         self._events.append({"type": "websocket.connect"})
-        task = self.loop.create_task(self._run_asgi())
+        task = self.loop.create_task(run_app(self))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         if rest:
             self.data_received(rest)
-
-    def _build_scope(self, req: Request) -> dict[str, Any]:
-        path, _, query = req.target.partition("?")
-        subprotocols: list[str] = []
-        for name, value in req.headers:
-            if name == b"sec-websocket-protocol":
-                subprotocols += [t.strip() for t in value.decode("latin-1").split(",") if t.strip()]
-        root = self.config.root_path
-        return {
-            "type": "websocket",
-            "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
-            "http_version": "1.1",
-            "scheme": "wss" if is_ssl(self.transport) else "ws",
-            "server": get_local_addr(self.transport),
-            "client": get_remote_addr(self.transport),
-            "root_path": root,
-            "path": root + unquote(path),
-            "raw_path": root.encode("ascii") + path.encode("latin-1"),
-            "query_string": query.encode("latin-1"),
-            "headers": req.headers,
-            "subprotocols": subprotocols,
-            "state": self.app_state.copy(),
-            "extensions": {"websocket.http.response": {}, EXTENSION: {"stream": self}},
-        }
 
     def _reject_now(self, status: int, reason: str) -> None:
         note("refused_upgrade", "WebSocket upgrade refused", status=status, reason=reason)
@@ -506,6 +476,10 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self._disconnected(1006)
         self._close_transport()
 
+    async def send(self, message: dict[str, Any]) -> None:
+        """ASGI send."""
+        await asgi_send(self, message)
+
     def _accept(self, message: dict[str, Any]) -> None:
         headers = list(self.default_headers)
         headers += [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
@@ -513,86 +487,7 @@ class VoiceWebSocketProtocol(asyncio.Protocol):
         self.transport.write(accept_response(self._key, headers, message.get("subprotocol")))
         self._schedule_ping()
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """ASGI send."""
-        kind = message["type"]
-        if not self._writable and not self.disconnected:
-            await self.wait_writable()
-        if self.disconnected and self.accepted:
-            raise ClientDisconnected()
-        if self._denial is not None:
-            if kind != "websocket.http.response.body":
-                raise RuntimeError(f"expected 'websocket.http.response.body', got {kind!r}")
-            self._denial[2].append(message.get("body", b""))
-            if not message.get("more_body", False):
-                status, headers, parts = self._denial
-                self._denial = None
-                self.close_sent = True
-                self._write_response(status, b"".join(parts), headers)
-                self._disconnected(1006)
-                self._close_transport()
-            return
-        if not self.accepted:
-            if self.disconnected or self.close_sent:
-                raise ClientDisconnected()
-            if kind == "websocket.accept":
-                self._accept(message)
-            elif kind == "websocket.close":
-                self._deny_with_403()
-            elif kind == "websocket.http.response.start":
-                status = int(message["status"])
-                if not 100 <= status < 600:
-                    raise RuntimeError(f"invalid HTTP status {status}")
-                headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or []]
-                self._denial = (status, headers, [])
-            else:
-                raise RuntimeError(
-                    "expected 'websocket.accept', 'websocket.close' or "
-                    f"'websocket.http.response.start', got {kind!r}"
-                )
-            return
-        if self.close_sent:
-            raise RuntimeError(f"unexpected ASGI message {kind!r} after 'websocket.close'")
-        if kind == "websocket.send":
-            data = message.get("bytes")
-            if data is not None:
-                self.send_bytes(data)
-            else:
-                self.send_text(message.get("text") or "")
-        elif kind == "websocket.close":
-            self._send_close(int(message.get("code") or 1000), message.get("reason") or "")
-            self._disconnected(int(message.get("code") or 1000))
-        else:
-            raise RuntimeError(f"expected 'websocket.send' or 'websocket.close', got {kind!r}")
-
-    # ------------------------------------------------------------------ app task, keepalive
-
-    async def _run_asgi(self) -> None:
-        close_code = 1000
-        try:
-            result = await self.app(self.scope, self.receive, self.send)
-        except ClientDisconnected:
-            pass
-        except BaseException:
-            logger.exception("Exception in ASGI application")
-            close_code = 1011  # the peer must not take an app crash for a normal end
-            if not self.accepted and self._denial is None and not self.close_sent:
-                self.close_sent = True
-                self._write_response(500, b"Internal Server Error")
-        else:
-            if not self.accepted and not self.close_sent:
-                logger.error("ASGI callable returned without completing the websocket handshake")
-                self.close_sent = True
-                self._write_response(500, b"Internal Server Error")
-            elif result is not None:
-                logger.error("ASGI callable should return None, but returned %r", result)
-        code = self.disconnect_code
-        if self.accepted and not self.close_sent and not self.disconnected:
-            self._send_close(close_code)
-            code = close_code  # what a direct-channel on_close hears, as the peer does
-        if self._close_timer is None:
-            self._close_transport()
-        self._disconnected(code)
+    # ------------------------------------------------------------------ keepalive
 
     def _schedule_ping(self) -> None:
         interval = self.ping_interval

@@ -1,0 +1,71 @@
+"""The realtime bridge's values: its options, its result, truncations and transcript lines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from voice_runtime.realtime.events import AgentError, Usage
+
+__all__ = ["BridgeOptions", "BridgeResult", "TranscriptLine", "Truncation"]
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """How the bridge behaves.
+
+    * ``mark_every_ms``: the position-mark granularity the bridge asks for; the transport
+      marks at most once per message it sends (40 ms by default), so the truncation point is
+      known to the finer of the two (0 leaves the transport's periodic position marks).
+      Sessions without a playback ledger (duck types) get a mark after every piece of this
+      length, as before.
+    * ``hangup_on_fatal``: end the call (after queued audio plays) when the agent dies.
+    * ``hangup_quiet_s`` / ``hangup_max_wait_s``: after ``end_call``, wait for the agent's
+      goodbye (its next turn end, or this long without new audio; at most the max) before
+      ending the call once that audio has played.
+    """
+
+    mark_every_ms: float = 20.0
+    hangup_on_fatal: bool = True
+    start_agent: bool = True
+    close_agent: bool = True
+    hangup_quiet_s: float = 2.0
+    hangup_max_wait_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """One barge-in truncation sent to the vendor."""
+
+    item_id: str
+    audio_end_ms: int
+    played_ms: float
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    """A transcript for ``on_transcript``: who spoke, the text, and whether it is final."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    final: bool
+    item_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BridgeResult:
+    """How a bridged call went.
+
+    ``bad_messages`` counts the vendor messages the agent dropped as unusable, by reason.
+    """
+
+    provider: str
+    reason: str  # call_ended, agent_closed, agent_failed, rejected
+    duration_s: float
+    usage: Usage
+    error: AgentError | None = None
+    barge_ins: int = 0
+    truncations: tuple[Truncation, ...] = ()
+    tool_calls: int = 0
+    bad_messages: Mapping[str, int] = field(default_factory=dict)
