@@ -245,6 +245,8 @@ async def test_dtmf_reaches_callback_and_iterators() -> None:
     for d in "12#":
         s.signal_dtmf(d)
     s.signal_disconnected()
+    # On the loop thread on_dtmf runs off the loop, in order (issue 12 item 5).
+    assert await s.port.callbacks.drain()
     assert seen == ["1", "2", "#"]
     assert [d async for d in s.dtmf()] == ["1", "2", "#"]
 

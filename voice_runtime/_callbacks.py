@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,12 @@ from typing import Any
 
 from voice_runtime.errors import VoiceRuntimeError
 
-__all__ = ["CallbackRunner", "CallbacksBusyError", "is_async_callable"]
+__all__ = ["CallbackLane", "CallbackRunner", "CallbacksBusyError", "is_async_callable"]
+
+logger = logging.getLogger(__name__)
+
+# How long the end of a call waits for its session's callbacks still running.
+DRAIN_TIMEOUT_S = 5.0
 
 
 class CallbacksBusyError(VoiceRuntimeError):
@@ -41,9 +47,18 @@ class CallbackRunner:
     ``run`` starts a new pool.
     """
 
-    def __init__(self, *, workers: int = 8, max_pending: int = 64, name: str = "vr-callback"):
+    def __init__(
+        self,
+        *,
+        workers: int = 8,
+        max_pending: int = 64,
+        name: str = "vr-callback",
+        loop_executor: bool = False,
+    ):
         if workers < 1 or max_pending < 1:
             raise ValueError("workers and max_pending must be at least 1")
+        # With loop_executor the loop's default executor runs sync callbacks (no own pool).
+        self.loop_executor = loop_executor
         self.workers = workers
         self.max_pending = max_pending
         self.name = name
@@ -52,7 +67,9 @@ class CallbackRunner:
         self._pool_lock = threading.Lock()
         self._lanes: dict[Hashable, asyncio.Future[None]] = {}
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.loop_executor:
+            return None
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
@@ -115,3 +132,68 @@ class CallbackRunner:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CallbackLane:
+    """One session's user callbacks fired from the loop thread: off the loop, in order.
+
+    :meth:`fire` returns at once; the callback runs on :attr:`runner` (the server's, once it
+    serves the session; until then a runner on the loop's default executor) in the lane of
+    this session, so its callbacks never overlap and keep their order.
+    """
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self.runner: CallbackRunner | None = None
+        self._fallback: CallbackRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+
+    def _runner(self) -> CallbackRunner:
+        if self.runner is not None:
+            return self.runner
+        if self._fallback is None:
+            self._fallback = CallbackRunner(loop_executor=True, max_pending=256)
+        return self._fallback
+
+    @property
+    def in_flight(self) -> int:
+        """Callbacks fired and not yet finished."""
+        return len(self._tasks)
+
+    def fire(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
+        """Run ``fn(*args)`` in this lane; a failure is logged (loop thread only)."""
+        task = asyncio.get_running_loop().create_task(
+            self._run(fn, args, what), name=f"vr-{what}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """Run ``fn(*args)`` in this lane and return its result; a failure is logged (None)."""
+        return await self._run(fn, args, what)
+
+    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
+        try:
+            return await self._runner().run(fn, *args, key=self.key)
+        except CallbacksBusyError:
+            self.dropped += 1
+            logger.warning(
+                "user callback dropped: too many in flight",
+                extra={"callback": what, "dropped": self.dropped},
+            )
+        except Exception:
+            logger.exception("user callback failed", extra={"callback": what})
+        return None
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        """Wait until the callbacks fired so far have finished; False on timeout."""
+        if not self._tasks:
+            return True
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        if pending:
+            logger.warning(
+                "user callbacks still running at the end of the call",
+                extra={"pending": len(pending)},
+            )
+        return not pending

@@ -520,10 +520,7 @@ class VoiceSession:
         for waiter in waiters:
             self._resolve(waiter, "disconnected")
         if self.on_disconnected is not None:
-            try:
-                self.on_disconnected()
-            except Exception:
-                logger.exception("on_disconnected callback failed")
+            self._user_callback(self.on_disconnected, what="on_disconnected")
 
     def _finish_disconnect(self) -> None:
         self.port.push_inbound(None)
@@ -714,11 +711,7 @@ class VoiceSession:
                     extra={"call_sid": self.call_sid, "dropped": self.stats.dtmf_dropped},
                 )
         if self.on_dtmf is not None:
-            try:
-                self.on_dtmf(digit)
-            except Exception:
-                if self._log_limit.allow("on_dtmf_failed"):
-                    logger.exception("on_dtmf callback failed")
+            self._user_callback(self.on_dtmf, digit, what="on_dtmf")
 
     async def _next_dtmf(self) -> str | None:
         queue = self._dtmf_queue
@@ -748,13 +741,28 @@ class VoiceSession:
             yield digit
 
     def emit_event(self, event: SessionEvent) -> None:
-        """Deliver a lifecycle event to ``on_event`` (any thread; runs on the caller's thread)."""
-        if self.on_event is None:
+        """Deliver a lifecycle event to ``on_event`` (any thread; off the loop thread, in order)."""
+        if self.on_event is not None:
+            self._user_callback(self.on_event, event, what="on_event")
+
+    def _user_callback(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
+        """Run a user callback: on the loop thread it must not block the loop, so it goes to
+        the session's callback lane (a worker thread, or a task if async, in order); from any
+        other thread it runs inline, as 0.1.x callers of ``signal_disconnected`` expect."""
+        loop = self._loop
+        if loop is not None and running_loop() is loop:
+            self.port.callbacks.fire(fn, *args, what=what)
             return
         try:
-            self.on_event(event)
+            result = fn(*args)
         except Exception:
-            logger.exception("on_event callback failed", extra={"event": event.kind})
+            logger.exception("user callback failed", extra={"callback": what})
+            return
+        if asyncio.iscoroutine(result):
+            if loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(result, loop)
+            else:
+                result.close()
 
     # ------------------------------------------------------------------ monitoring
 

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from voice_runtime._callbacks import CallbackLane
 from voice_runtime._queues import _AudioQueue, _CountingQueue
 from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMark, PlaybackLedger
 
@@ -41,6 +42,8 @@ class StreamPort:
         self.session = session
         self.ledger = ledger
         self.wakeup = asyncio.Event()
+        #: The session's user callbacks fired on the loop thread (on_dtmf, on_event, ...).
+        self.callbacks = CallbackLane(id(session))
         self._clear_waiters: list[asyncio.Future[bool]] = []
         # A pacing sleep nudge() may end early: (its loop, loop time it may end from, future).
         self._nudgeable: tuple[asyncio.AbstractEventLoop, float, asyncio.Future[bool]] | None = None
