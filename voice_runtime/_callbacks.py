@@ -163,9 +163,7 @@ class CallbackLane:
 
     def fire(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
         """Run ``fn(*args)`` in this lane; a failure is logged (loop thread only)."""
-        task = asyncio.get_running_loop().create_task(
-            self._run(fn, args, what), name=f"vr-{what}"
-        )
+        task = asyncio.get_running_loop().create_task(self._run(fn, args, what), name=f"vr-{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
