@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from voice_runtime._sync import running_loop
 from voice_runtime.errors import VoiceRuntimeError
 
 __all__ = ["CallbackLane", "CallbackRunner", "CallbacksBusyError", "is_async_callable"]
@@ -65,6 +66,7 @@ class CallbackRunner:
         self.pending = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
         self._lanes: dict[Hashable, asyncio.Future[None]] = {}
 
     def _executor(self) -> ThreadPoolExecutor | None:
@@ -72,7 +74,9 @@ class CallbackRunner:
             return None
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+                self._pool = ThreadPoolExecutor(
+                    self.workers, thread_name_prefix=self.name, initializer=self._started
+                )
             return self._pool
 
     async def run(self, fn: Callable[..., Any], *args: Any, key: Hashable | None = None) -> Any:
@@ -126,6 +130,24 @@ class CallbackRunner:
             result = await result
         return result
 
+    def _started(self) -> None:
+        self._threads.add(threading.current_thread())
+
+    async def aclose(self, timeout: float = 2.0) -> bool:
+        """Shut the pool down and wait (bounded) until its idle threads have ended.
+
+        A callback still blocking holds its thread past ``timeout``; returns False then.
+        """
+        self.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(t.is_alive() for t in self._threads):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        self._threads.clear()
+        return True
+
     def shutdown(self) -> None:
         """Let the pool's threads end once their current callback returns."""
         with self._pool_lock:
@@ -160,6 +182,29 @@ class CallbackLane:
     def in_flight(self) -> int:
         """Callbacks fired and not yet finished."""
         return len(self._tasks)
+
+    def dispatch(
+        self, loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any, what: str
+    ) -> None:
+        """Run a user callback without blocking ``loop`` (the session's).
+
+        On the loop thread it is fired into this lane; from any other thread it runs inline
+        (0.1.x callers of ``signal_disconnected`` expect ``on_disconnected`` to have run when
+        it returns), a coroutine it returns going to the loop.
+        """
+        if loop is not None and running_loop() is loop:
+            self.fire(fn, *args, what=what)
+            return
+        try:
+            result = fn(*args)
+        except Exception:
+            logger.exception("user callback failed", extra={"callback": what})
+            return
+        if asyncio.iscoroutine(result):
+            if loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(result, loop)
+            else:
+                result.close()
 
     def fire(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
         """Run ``fn(*args)`` in this lane; a failure is logged (loop thread only)."""

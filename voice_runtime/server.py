@@ -222,7 +222,7 @@ class VoiceServer(WebhookRoutes):
 
     async def _on_shutdown(self) -> None:
         await self.drain()
-        self.callbacks.shutdown()
+        await self.callbacks.aclose()
 
     def check_config(self) -> None:
         """Raise ConfigurationError for a malformed public URL, or none with signatures on."""
