@@ -426,6 +426,8 @@ class VoiceServer(WebhookRoutes):
             self.registry.release()
 
     async def _new_session(self) -> VoiceSession:
+        if self.session_factory is VoiceSession:
+            return VoiceSession()  # the default factory runs no user code
         # session_factory is user code: it runs in a worker thread (or on the loop if async).
         session: VoiceSession = await self.callbacks.run(self.session_factory)
         return session
