@@ -44,7 +44,11 @@ from voice_runtime.errors import (
 )
 from voice_runtime.logutil import LogLimiter
 from voice_runtime.playback import OutboundClear, OutboundMark, PlaybackLedger
-from voice_runtime.stream_port import DTMF_MAXSIZE, StreamPort, run_fn  # noqa: F401 - kept importable
+from voice_runtime.stream_port import (
+    DTMF_MAXSIZE,  # noqa: F401 - was defined here in 0.2
+    StreamPort,
+    run_fn,
+)
 from voice_runtime.types import CallInfo, SessionEvent
 
 if TYPE_CHECKING:
