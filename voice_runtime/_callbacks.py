@@ -79,12 +79,25 @@ class CallbackRunner:
                 )
             return self._pool
 
-    async def run(self, fn: Callable[..., Any], *args: Any, key: Hashable | None = None) -> Any:
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        key: Hashable | None = None,
+        bounded: bool = True,
+    ) -> Any:
         """Run ``fn(*args)`` off the loop (or on it, if async); return its result.
 
-        Raises CallbacksBusyError when ``max_pending`` callbacks are already in flight, and
-        whatever ``fn`` raises.
+        Raises CallbacksBusyError when ``max_pending`` callbacks are already in flight (unless
+        ``bounded`` is False: a :class:`CallbackLane` bounds its own), and whatever ``fn``
+        raises.
         """
+        if not bounded:  # counted by its lane, not against the shared budget
+            return (
+                await self._invoke(fn, args)
+                if key is None
+                else await self._run_in_lane(key, fn, args)
+            )
         if self.pending >= self.max_pending:
             raise CallbacksBusyError("too many user callbacks in flight")
         self.pending += 1
@@ -162,10 +175,17 @@ class CallbackLane:
     :meth:`fire` returns at once; the callback runs on :attr:`runner` (the server's, once it
     serves the session; until then a runner on the loop's default executor) in the lane of
     this session, so its callbacks never overlap and keep their order.
+
+    One lane holds at most ``max_in_flight`` callbacks: past that, :meth:`fire` drops the
+    callback (counted in :attr:`dropped`, logged) unless it is ``essential``
+    (``on_disconnected``). Lanes do not draw on the runner's shared ``max_pending``, so a
+    caller flooding DTMF at a slow ``on_dtmf`` costs other calls' callbacks nothing (a lane
+    has at most one callback in the pool at a time).
     """
 
-    def __init__(self, key: Hashable) -> None:
+    def __init__(self, key: Hashable, *, max_in_flight: int = 32) -> None:
         self.key = key
+        self.max_in_flight = max_in_flight
         self.runner: CallbackRunner | None = None
         self._fallback: CallbackRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,7 +195,7 @@ class CallbackLane:
         if self.runner is not None:
             return self.runner
         if self._fallback is None:
-            self._fallback = CallbackRunner(loop_executor=True, max_pending=256)
+            self._fallback = CallbackRunner(loop_executor=True)
         return self._fallback
 
     @property
@@ -184,7 +204,12 @@ class CallbackLane:
         return len(self._tasks)
 
     def dispatch(
-        self, loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any, what: str
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        fn: Callable[..., Any],
+        *args: Any,
+        what: str,
+        essential: bool = False,
     ) -> None:
         """Run a user callback without blocking ``loop`` (the session's).
 
@@ -193,7 +218,7 @@ class CallbackLane:
         it returns), a coroutine it returns going to the loop.
         """
         if loop is not None and running_loop() is loop:
-            self.fire(fn, *args, what=what)
+            self.fire(fn, *args, what=what, essential=essential)
             return
         try:
             result = fn(*args)
@@ -206,8 +231,15 @@ class CallbackLane:
             else:
                 result.close()
 
-    def fire(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
+    def fire(self, fn: Callable[..., Any], *args: Any, what: str, essential: bool = False) -> None:
         """Run ``fn(*args)`` in this lane; a failure is logged (loop thread only)."""
+        if len(self._tasks) >= self.max_in_flight and not essential:
+            self.dropped += 1
+            logger.warning(
+                "user callback dropped: too many in flight",
+                extra={"callback": what, "dropped": self.dropped},
+            )
+            return
         task = asyncio.get_running_loop().create_task(self._run(fn, args, what), name=f"vr-{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -218,13 +250,7 @@ class CallbackLane:
 
     async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> Any:
         try:
-            return await self._runner().run(fn, *args, key=self.key)
-        except CallbacksBusyError:
-            self.dropped += 1
-            logger.warning(
-                "user callback dropped: too many in flight",
-                extra={"callback": what, "dropped": self.dropped},
-            )
+            return await self._runner().run(fn, *args, key=self.key, bounded=False)
         except Exception:
             logger.exception("user callback failed", extra={"callback": what})
         return None

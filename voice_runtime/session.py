@@ -374,7 +374,7 @@ class VoiceSession(TransportSide):
             self.port.finish_ended()
         self.port.marks.release_all("disconnected")
         if self.on_disconnected is not None:
-            self._user_callback(self.on_disconnected, what="on_disconnected")
+            self._user_callback(self.on_disconnected, what="on_disconnected", essential=True)
 
     @property
     def is_disconnected(self) -> bool:
@@ -475,9 +475,11 @@ class VoiceSession(TransportSide):
         if self.on_event is not None:
             self._user_callback(self.on_event, event, what="on_event")
 
-    def _user_callback(self, fn: Callable[..., Any], *args: Any, what: str) -> None:
+    def _user_callback(
+        self, fn: Callable[..., Any], *args: Any, what: str, essential: bool = False
+    ) -> None:
         """Run a user callback without blocking the loop (see ``CallbackLane.dispatch``)."""
-        self.port.callbacks.dispatch(self._loop, fn, *args, what=what)
+        self.port.callbacks.dispatch(self._loop, fn, *args, what=what, essential=essential)
 
     # ------------------------------------------------------------------ monitoring
 
