@@ -11,7 +11,9 @@ Knobs from the environment: ABUSE_MAX_CALLS (default 20), ABUSE_DRAIN_TIMEOUT (5
 ABUSE_START_TIMEOUT (stream start timeout, 10), ABUSE_LEAD_MS (how far ahead agent audio is
 sent, 120), ABUSE_PLAY_MS (agent audio every call plays, 0), ABUSE_SMS_BLOCK_MS (an ``on_sms``
 that blocks this long), ABUSE_SMS_GATE=1 (a sync ``on_sms`` that blocks until
-``POST /test/sms/release``; ``GET /test/sms`` counts them), ABUSE_WS_SNDBUF (the kernel send
+``POST /test/sms/release``; ``GET /test/sms`` counts them), ABUSE_CALLBACK_BLOCK_MS (sync
+``on_dtmf``/``on_event``/``on_disconnected`` that block this long; the record's ``callbacks``
+lists them in the order they ran), ABUSE_WS_SNDBUF (the kernel send
 buffer of each websocket, bytes), and the usual TWILIO_* / VOICE_* variables (signatures,
 public URL). A call whose ``start`` carries the parameter ``abuse_play_ms`` gets that much
 agent audio, and one with ``abuse_hangup_after_s`` is hung up by the app after that long.
@@ -39,6 +41,7 @@ from voice_runtime.transports.twilio_ws import StreamOptions
 
 PLAY_MS = int(os.environ.get("ABUSE_PLAY_MS", "0"))
 SMS_BLOCK_MS = os.environ.get("ABUSE_SMS_BLOCK_MS")
+CALLBACK_BLOCK_MS = os.environ.get("ABUSE_CALLBACK_BLOCK_MS")
 
 
 class _Counter:
@@ -111,6 +114,24 @@ def blocking_sms(sms: Any) -> None:
     time.sleep(float(SMS_BLOCK_MS or 0) / 1000)
 
 
+def blocking_callbacks_session() -> VoiceSession:
+    """A session whose sync callbacks block for ABUSE_CALLBACK_BLOCK_MS and log their order."""
+    log: list[str] = []
+    block_s = float(CALLBACK_BLOCK_MS or 0) / 1000
+
+    def note(entry: str) -> None:
+        time.sleep(block_s)
+        log.append(entry)
+
+    session = VoiceSession(
+        on_dtmf=note,
+        on_event=lambda event: note(event.kind),
+        on_disconnected=lambda: note("disconnected"),
+    )
+    session.callback_log = log  # type: ignore[attr-defined]
+    return session
+
+
 counter = _Counter()
 app = FastAPI()
 if os.environ.get("ABUSE_WS_SNDBUF"):
@@ -125,6 +146,7 @@ async def call_record(call_sid: str) -> dict[str, Any]:
     if session is not None:
         record["stats"] = dataclasses.asdict(session.stats)
         record["queued_bytes"] = sum(len(f) for f in session.inbound._queue if f)  # type: ignore[attr-defined]
+        record["callbacks"] = list(getattr(session, "callback_log", []))
     return record
 
 
@@ -203,6 +225,7 @@ voice = VoiceServer(
         if SMS_BLOCK_MS
         else None
     ),
+    session_factory=blocking_callbacks_session if CALLBACK_BLOCK_MS else VoiceSession,
     max_calls=int(os.environ.get("ABUSE_MAX_CALLS", "20")),
     drain_timeout=float(os.environ.get("ABUSE_DRAIN_TIMEOUT", "5")),
     stream_options=StreamOptions(

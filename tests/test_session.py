@@ -8,6 +8,7 @@ import logging
 import threading
 
 import pytest
+from conftest import wait_for
 
 from voice_runtime import session as session_mod
 from voice_runtime.errors import CallNotAnsweredError, LoopThreadError, NoEventLoopError
@@ -113,11 +114,12 @@ async def test_signal_disconnected_is_idempotent_and_releases_waiters() -> None:
     result: list[bool] = []
     t = threading.Thread(target=lambda: result.append(s.send_mark_and_wait("m", timeout=5)))
     t.start()
-    await asyncio.sleep(0.05)
+    assert await wait_for(lambda: len(s.port.marks) == 1)  # the worker waits on its mark
     s.signal_disconnected()
     s.signal_disconnected()
     await asyncio.to_thread(t.join, 5)
     assert result == [False]
+    assert await s.port.callbacks.drain()  # on_disconnected runs off the loop thread
     assert calls == [1]
     assert s.is_disconnected
     assert await s.inbound.get() is None
@@ -245,6 +247,8 @@ async def test_dtmf_reaches_callback_and_iterators() -> None:
     for d in "12#":
         s.signal_dtmf(d)
     s.signal_disconnected()
+    # On the loop thread on_dtmf runs off the loop, in order (issue 12 item 5).
+    assert await s.port.callbacks.drain()
     assert seen == ["1", "2", "#"]
     assert [d async for d in s.dtmf()] == ["1", "2", "#"]
 
@@ -253,7 +257,7 @@ async def test_iter_dtmf_from_a_worker_thread() -> None:
     s = VoiceSession()
     s.set_loop(asyncio.get_running_loop())
     task = asyncio.create_task(asyncio.to_thread(lambda: list(s.iter_dtmf(timeout=5))))
-    await asyncio.sleep(0.02)
+    assert await wait_for(lambda: s.port.dtmf_readers == 1)
     s.signal_dtmf("7")
     s.signal_dtmf("*")
     s.signal_disconnected()

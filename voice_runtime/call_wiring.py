@@ -151,14 +151,20 @@ class CallWiring:
         def started(session: Any) -> Any:
             stt, self._built_stt = build_stt(session)
             if stt is not None:
-                stt_ready(session, stt)
-                task = asyncio.create_task(
-                    start_stt(stt, session.inbound, session.call_sid), name="vr-stt-start"
-                )
+                task = asyncio.create_task(self._ready_then_start(stt), name="vr-stt-start")
                 self._tasks.append(task)
             return then(session) if then is not None else None
 
         return started
+
+    async def _ready_then_start(self, stt: Any) -> None:
+        # on_stt_ready runs off the loop (it is user code) and before the STT starts, so the
+        # handlers it attaches see the first transcript.
+        session = self.session
+        ready = getattr(session, "on_stt_ready", None)
+        if callable(ready):
+            await session.port.callbacks.call(ready, stt, what="on_stt_ready")
+        await start_stt(stt, session.inbound, session.call_sid)
 
     async def finish(self, _session: Any = None) -> None:
         """Stop the call's STT and every task the wiring started (once)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
-from voice_runtime._callbacks import CallbackRunner
+from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.call_wiring import CallWiring
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
@@ -222,7 +222,7 @@ class VoiceServer(WebhookRoutes):
 
     async def _on_shutdown(self) -> None:
         await self.drain()
-        self.callbacks.shutdown()
+        await self.callbacks.aclose()
 
     def check_config(self) -> None:
         """Raise ConfigurationError for a malformed public URL, or none with signatures on."""
@@ -306,7 +306,7 @@ class VoiceServer(WebhookRoutes):
         """Async twin of :meth:`place_call`."""
         from voice_runtime.transports import twilio_call
 
-        session, route = self._outbound_route(parameters)
+        session, route = self._outbound_route(parameters, await self._new_session())
         self._default_callbacks(options)
         call_sid = await twilio_call.initiate_outbound_call_async(
             phone,
@@ -318,10 +318,13 @@ class VoiceServer(WebhookRoutes):
         self._bind_outbound(session, route, call_sid)
         return session
 
-    def _outbound_route(self, parameters: Mapping[str, str] | None) -> tuple[VoiceSession, Route]:
+    def _outbound_route(
+        self, parameters: Mapping[str, str] | None, session: VoiceSession | None = None
+    ) -> tuple[VoiceSession, Route]:
         if self.draining:
             raise ConfigurationError("the server is draining and places no new calls")
-        session = self.session_factory()
+        if session is None:  # place_call: called from the user's thread, not the loop
+            session = self.session_factory()
         params = {"direction": "outbound", **dict(parameters or {})}
         return session, self.new_route(parameters=params, session=session)
 
@@ -400,12 +403,21 @@ class VoiceServer(WebhookRoutes):
             self._refuse("busy", "media stream refused: server is at max_calls")
             await _close_try_again_later(websocket)
             return
-        session = (
-            route.session
-            if route is not None and route.session is not None
-            else self.session_factory()
-        )
         expected = route.call_sid if route is not None else None
+        try:
+            session = (
+                route.session
+                if route is not None and route.session is not None
+                else await self._new_session()
+            )
+        except CallbacksBusyError:
+            self.registry.release()
+            self._refuse("callbacks_busy", "media stream refused: callbacks busy")
+            await _close_try_again_later(websocket)
+            return
+        except BaseException:
+            self.registry.release()
+            raise
         try:
             await websocket.accept()
             await self._run_call(websocket, session, expected)
@@ -413,7 +425,15 @@ class VoiceServer(WebhookRoutes):
             self.registry.ended(session)
             self.registry.release()
 
+    async def _new_session(self) -> VoiceSession:
+        if self.session_factory is VoiceSession:
+            return VoiceSession()  # the default factory runs no user code
+        # session_factory is user code: it runs in a worker thread (or on the loop if async).
+        session: VoiceSession = await self.callbacks.run(self.session_factory)
+        return session
+
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
+        session.port.callbacks.runner = self.callbacks
         wiring = CallWiring(session, self.hangup_regions)
         call = MediaStreamCall(
             websocket,

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from voice_runtime._callbacks import CallbackRunner
 from voice_runtime._compat import is_voice_session
 from voice_runtime._duck_call import DuckSessionCall
 from voice_runtime.call_wiring import rest_hangup
@@ -56,6 +57,11 @@ class SingleSessionServer(VoiceServer):
             stream_options=options,
             hangup_regions=hangup_regions,
         )
+        # No lifespan here to shut a pool down: the session's callbacks use the loop's executor.
+        self.callbacks = CallbackRunner(loop_executor=True)
+
+    async def _new_session(self) -> Any:
+        return self.session  # the one given session: no user code to run
 
     def _wrap_lifespan(self, app: FastAPI) -> None:
         # 0.1.x added no startup or shutdown work to the user's app.

@@ -15,18 +15,32 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from voice_runtime._queues import _AudioQueue, _CountingQueue
+from voice_runtime._callbacks import CallbackLane
+from voice_runtime._marks import MarkWaiters
+from voice_runtime._queues import SessionStats, _AudioQueue, _CountingQueue
+from voice_runtime._sync import Flag, running_loop
+from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMark, PlaybackLedger
 
 if TYPE_CHECKING:
+    from voice_runtime.contracts import SttProvider
     from voice_runtime.session import VoiceSession
     from voice_runtime.types import CallInfo
 
-__all__ = ["StreamPort"]
+__all__ = ["DTMF_MAXSIZE", "StreamPort"]
 
 logger = logging.getLogger(__name__)
+
+DTMF_MAXSIZE = 256
+
+_T = TypeVar("_T")
+
+
+async def run_fn(fn: Callable[[], _T]) -> _T:
+    """``fn()`` as a coroutine, so loop-side work can go through ``VoiceSession._blocking``."""
+    return fn()
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
@@ -41,6 +55,16 @@ class StreamPort:
         self.session = session
         self.ledger = ledger
         self.wakeup = asyncio.Event()
+        #: The session's user callbacks fired on the loop thread (on_dtmf, on_event, ...).
+        self.callbacks = CallbackLane(id(session))
+        #: The consumer's ``send_mark_and_wait`` waiters, by wire name.
+        self.marks = MarkWaiters()
+        self.dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
+        #: Readers waiting for a DTMF digit now (``dtmf()``, ``iter_dtmf()``); tests wait on it.
+        self.dtmf_readers = 0
+        # Tasks of this call (cancelled when it ends) and ones that outlive it (an STT stop).
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._bg_tasks: set[asyncio.Task[Any]] = set()
         self._clear_waiters: list[asyncio.Future[bool]] = []
         # A pacing sleep nudge() may end early: (its loop, loop time it may end from, future).
         self._nudgeable: tuple[asyncio.AbstractEventLoop, float, asyncio.Future[bool]] | None = None
@@ -105,6 +129,167 @@ class StreamPort:
     def count_bad(self, reason: str) -> int:
         """Count one unusable inbound message; return the new count."""
         return self.session.stats.count_bad(reason)
+
+    # ------------------------------------------------------------------ the session's hooks' work
+
+    def resolve_echo(self, name: str) -> None:
+        """Settle what an echoed mark stands for (``signal_mark_received``'s work)."""
+        session = self.session
+        stats = session.stats
+        stats.marks_echoed += 1
+        echo = self.ledger.echo(name)
+        if echo.kind != "user":
+            if echo.kind == "bad" or echo.generation < 0:
+                stats.unknown_marks += 1
+            if echo.kind == "end":
+                session._disconnect_requested.set()
+            return
+        waiter = self.marks.get(name)
+        if waiter is None:
+            stats.unknown_marks += 1
+            if session._log_limit.allow("unknown_mark"):
+                logger.warning(
+                    "unknown mark echoed",
+                    extra={
+                        "call_sid": session.call_sid,
+                        "mark": clip(name),
+                        "unknown_marks": stats.unknown_marks,
+                    },
+                )
+            return
+        waiter.resolve("played" if self.ledger.mark_played(waiter.mark) else "cleared")
+
+    def deliver_dtmf(self, digit: str) -> None:
+        """Queue a digit for the DTMF readers and fire ``on_dtmf`` (``signal_dtmf``'s work)."""
+        session = self.session
+        session.stats.dtmf_digits += 1
+        try:
+            self.dtmf_queue.put_nowait(digit)
+        except asyncio.QueueFull:
+            session.stats.dtmf_dropped += 1
+            if session._log_limit.allow("dtmf_dropped"):
+                logger.warning(
+                    "DTMF digit dropped: nobody reads the DTMF iterator",
+                    extra={"call_sid": session.call_sid, "dropped": session.stats.dtmf_dropped},
+                )
+        if session.on_dtmf is not None:
+            session._user_callback(session.on_dtmf, digit, what="on_dtmf")
+
+    async def next_dtmf(self) -> str | None:
+        """The caller's next digit; None once the call ended (left for every other reader)."""
+        queue = self.dtmf_queue
+        self.dtmf_readers += 1
+        try:
+            digit = await queue.get()
+        finally:
+            self.dtmf_readers -= 1
+        if digit is None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        return digit
+
+    def finish_ended(self) -> None:
+        """The loop side of the end of a call: end inbound, marks, DTMF readers and tasks."""
+        self.push_inbound(None)
+        self.ledger.marks.clear()
+        self.wakeup.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self.dtmf_queue.put_nowait(None)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def keep(self, task: asyncio.Task[Any], *, cancel_on_end: bool = True) -> None:
+        """Hold a reference to ``task``; with ``cancel_on_end`` the end of the call cancels it."""
+        holder = self._tasks if cancel_on_end else self._bg_tasks
+        holder.add(task)
+        task.add_done_callback(holder.discard)
+
+    def stop_stt_later(self, stt: SttProvider, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Stop a dropped STT on the loop without waiting (bounded; a failure is logged)."""
+        if loop is None or not loop.is_running():
+            logger.debug("STT dropped without stop: no running loop")
+        elif loop is running_loop():
+            self.keep(loop.create_task(_stop_stt(stt)), cancel_on_end=False)
+        else:
+            asyncio.run_coroutine_threadsafe(_stop_stt(stt), loop)
+
+    def drain_inbound(self) -> int:
+        """Drop queued caller audio, keeping the end-of-call sentinel; return how many."""
+        inbound = self.session.inbound
+        n = 0
+        while True:
+            try:
+                item = inbound.get_nowait()
+            except asyncio.QueueEmpty:
+                return n
+            if item is None:
+                inbound.put_nowait(None)
+                return n
+            n += 1
+
+    def reset_session(self) -> None:
+        """``VoiceSession.reset``'s work (any thread): release marks, drop the STT, clear the
+        flags and intents, then reset the queues on the loop (here if it does not answer)."""
+        session = self.session
+        self.marks.release_all("disconnected", forget=True)
+        stt, session.stt = session.stt, None
+        loop = session._loop
+        if stt is not None:
+            self.stop_stt_later(stt, loop)
+        session._ws_connected = Flag()
+        session._disconnected = Flag()
+        session._settled = Flag()
+        session.stream_sid = None
+        session.call_info = None
+        session._pending_disconnect = False
+        if loop is not None and loop.is_running() and running_loop() is not loop:
+            with contextlib.suppress(TimeoutError):
+                if session._blocking("reset", run_fn(self._reset_call_done), 2.0, False, grace=0):
+                    return
+        self.reset_call()
+
+    def _reset_call_done(self) -> bool:
+        self.reset_call()
+        return True
+
+    def reset_call(self) -> None:
+        """Forget the previous call's queues, positions, stats and wakeups (reset's work)."""
+        session = self.session
+        session._disconnect_requested = asyncio.Event()
+        self.ledger.reset()
+        session.stats = SessionStats()
+        session._log_limit = LogLimiter()
+        self.reset()
+        self.bind_outbound()
+        for q in (session.inbound, session.outbound):
+            while True:
+                try:
+                    q.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+        self.dtmf_queue = asyncio.Queue(DTMF_MAXSIZE)
+        logger.info("session reset for the next call")
+
+    def bind_outbound(self) -> None:
+        """Count what goes into the session's outbound queue (when it is ours)."""
+        out = self.session.outbound
+        if isinstance(out, _CountingQueue):
+            out.on_put = self._on_outbound_put
+
+    def _on_outbound_put(self, item: bytes) -> None:
+        self.ledger.queued_ms += len(item) / 8.0
+        self.wakeup.set()
+
+    def queue_mark(self, mark: OutboundMark) -> None:
+        """Queue ``mark`` behind the agent audio queued so far."""
+        out = self.session.outbound
+        self.ledger.queue_mark(mark, out.put_count if isinstance(out, _CountingQueue) else 0)
+        self.wakeup.set()
+
+    def queue_end_mark(self) -> None:
+        """Queue the mark that ends the call once the audio before it was heard."""
+        if not self.session.is_disconnected:
+            self.queue_mark(self.ledger.end_mark())
 
     # ------------------------------------------------------------------ queues
 
@@ -288,12 +473,9 @@ class StreamPort:
         live = session.stream_sid is not None and not session._disconnected.is_set()
         for mark in self.ledger.clear(send=live):
             if mark.name.startswith(END_PREFIX):
-                session._set_disconnect_requested()
-                continue
-            with session._marks_lock:
-                waiter = session._pending_marks.get(mark.name)
-            if waiter is not None:
-                session._resolve(waiter, "cleared")
+                session._disconnect_requested.set()
+            else:
+                self.marks.resolve(mark.name, "cleared")
         self.clear_requested()
 
     async def sleep_unless_cleared(self, seconds: float, *, early: float = 0.0) -> bool:
@@ -357,3 +539,10 @@ class StreamPort:
 
     def __repr__(self) -> str:
         return f"StreamPort(call_sid={self.session.call_sid!r})"
+
+
+async def _stop_stt(stt: SttProvider) -> None:
+    try:
+        await asyncio.wait_for(stt.stop(), 5.0)
+    except Exception:
+        logger.warning("STT stop failed during reset", exc_info=True)

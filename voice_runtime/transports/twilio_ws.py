@@ -401,6 +401,8 @@ class MediaStreamCall:
             except Exception:
                 logger.exception("call end hook failed", extra={"call_sid": session.call_sid})
         await cancel_and_wait(self._tasks)
+        # The user callbacks this call fired (on_dtmf, on_disconnected, ...) end with it.
+        await self.port.callbacks.drain()
         logger.info(
             "media stream finished",
             extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
