@@ -6,7 +6,6 @@ httpx's MockTransport stands in for the network.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import base64
 import json
@@ -161,29 +160,3 @@ async def test_call_wiring_builds_starts_and_drops_the_stt_of_each_call() -> Non
         assert made[-1].stopped and session.stt is None
         assert [t for t in asyncio.all_tasks() if t.get_name().startswith("vr-")] == []
     assert len(made) == 2
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
-
-
-def test_transports_import_nothing_from_the_server_layer() -> None:
-    server_layer = {
-        "voice_runtime.server",
-        "voice_runtime.serving",
-        "voice_runtime.call_wiring",
-        "voice_runtime.single_session",
-        "voice_runtime._duck_call",
-    }
-    bad = {
-        path.name: sorted(_imports(path) & server_layer)
-        for path in (PACKAGE / "transports").rglob("*.py")
-        if _imports(path) & server_layer
-    }
-    assert bad == {}
