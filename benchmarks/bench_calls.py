@@ -83,16 +83,23 @@ def _serve_ours(args: argparse.Namespace) -> None:
             super().__post_init__()
             self.bench_puts: collections.deque[float] = collections.deque()
             self.bench_put_t = 0.0
+            # The transport queues and takes agent audio through session.port: time it there.
+            port = self.port
+            on_put, take = port._on_outbound_put, port.next_outbound
 
-        def _on_outbound_put(self, item: bytes) -> None:
-            super()._on_outbound_put(item)
-            self.bench_puts.append(time.monotonic())
+            def timed_put(item: bytes) -> None:
+                on_put(item)
+                self.bench_puts.append(time.monotonic())
 
-        async def next_outbound(self) -> Any:
-            item = await super().next_outbound()
-            if isinstance(item, bytes) and self.bench_puts:
-                self.bench_put_t = self.bench_puts.popleft()
-            return item
+            async def timed_take() -> Any:
+                item = await take()
+                if isinstance(item, bytes) and self.bench_puts:
+                    self.bench_put_t = self.bench_puts.popleft()
+                return item
+
+            port._on_outbound_put = timed_put  # type: ignore[method-assign]
+            port.next_outbound = timed_take  # type: ignore[method-assign]
+            port.bind_outbound()  # the session bound the untimed hook at construction
 
     base_pacer = twilio_ws._Pacer
 
