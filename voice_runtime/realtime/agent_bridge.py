@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 # The name these logs had before the bridge class moved out of realtime/bridge.py.
 logger = logging.getLogger("voice_runtime.realtime.bridge")
 
+# The piece length a session without a playback ledger gets a position mark after.
+DUCK_MARK_EVERY_MS = 20.0
+
 MARK_NAME = "vr-rt"
 MARK_TIMEOUT_S = 3600.0
 _MAX_INTERRUPTED = 64
@@ -125,7 +128,9 @@ class AgentBridge:
         self._turn_end = asyncio.Event()
         self._last_audio_at = 0.0
         self._provider = ""
-        self._step = int(self.options.mark_every_ms * 8) if self.options.mark_every_ms > 0 else 0
+        every = self.options.mark_every_ms
+        # Duck-typed sessions have no ledger: the bridge marks pieces of this length itself.
+        self._step = int((DUCK_MARK_EVERY_MS if every is None else every) * 8)
 
     @property
     def provider(self) -> str:
@@ -171,8 +176,9 @@ class AgentBridge:
                     SessionStarted(session.call_sid, self.provider, time.time()),
                 )
             ledger = getattr(session, "playback", None)
-            if isinstance(ledger, PlaybackLedger) and self._step:
-                ledger.request_granularity(self.options.mark_every_ms)
+            if isinstance(ledger, PlaybackLedger):
+                if self.options.mark_every_ms:
+                    ledger.request_granularity(self.options.mark_every_ms)
                 self._step = 0  # the transport marks; audio goes out whole
             uplink = self._spawn(self._uplink(), "vr-rt-uplink")
             downlink = self._spawn(self._downlink(stream), "vr-rt-downlink")

@@ -15,18 +15,19 @@ __all__ = ["BridgeOptions", "BridgeResult", "TranscriptLine", "Truncation"]
 class BridgeOptions:
     """How the bridge behaves.
 
-    * ``mark_every_ms``: the position-mark granularity the bridge asks for; the transport
-      marks at most once per message it sends (40 ms by default), so the truncation point is
-      known to the finer of the two (0 leaves the transport's periodic position marks).
+    * ``mark_every_ms``: None (default) keeps the transport's position marks (every 100 ms of
+      audio, one owner and one granularity for every call: about 35 messages a second), so a
+      truncation point is known to 100 ms; a smaller value asks the transport for finer marks
+      (at most one per message it sends, 40 ms by default) at the cost of more messages.
       Sessions without a playback ledger (duck types) get a mark after every piece of this
-      length, as before.
+      length (20 ms when None), as before.
     * ``hangup_on_fatal``: end the call (after queued audio plays) when the agent dies.
     * ``hangup_quiet_s`` / ``hangup_max_wait_s``: after ``end_call``, wait for the agent's
       goodbye (its next turn end, or this long without new audio; at most the max) before
       ending the call once that audio has played.
     """
 
-    mark_every_ms: float = 20.0
+    mark_every_ms: float | None = None
     hangup_on_fatal: bool = True
     start_agent: bool = True
     close_agent: bool = True
