@@ -55,20 +55,22 @@ class _Call:
         self.loop = asyncio.get_running_loop()
         self.first_audio_at: float | None = None
         self.clear_at: float | None = None
-        sent, cleared = session.note_audio_sent, session.note_clear_sent
+        # The transport reports what it sent to session.port: time it there.
+        port = session.port
+        sent, cleared = port.sent, port.clear_sent
 
-        def note_audio_sent(nbytes: int) -> None:
+        def note_audio_sent(chunk: bytes) -> str | None:
             if self.first_audio_at is None:
                 self.first_audio_at = self.loop.time()
-            sent(nbytes)
+            return sent(chunk)
 
         def note_clear_sent() -> None:
             if self.clear_at is None:
                 self.clear_at = self.loop.time()
             cleared()
 
-        session.note_audio_sent = note_audio_sent  # type: ignore[method-assign]
-        session.note_clear_sent = note_clear_sent  # type: ignore[method-assign]
+        port.sent = note_audio_sent  # type: ignore[method-assign]
+        port.clear_sent = note_clear_sent  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
