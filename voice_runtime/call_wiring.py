@@ -21,6 +21,7 @@ from typing import Any
 from voice_runtime._compat import maybe_await
 from voice_runtime._sync import cancel_and_wait
 from voice_runtime.errors import MissingCredentialError
+from voice_runtime.logutil import describe_error
 
 __all__ = ["CallWiring", "build_stt", "hangup_call_now", "rest_hangup", "start_stt"]
 
@@ -99,7 +100,9 @@ async def start_stt(stt: Any, inbound: Any, call_sid: Any) -> None:
     try:
         await maybe_await(stt.start(inbound))
     except Exception as exc:
-        logger.exception("STT failed to start", extra={"call_sid": call_sid})
+        logger.exception(
+            "STT failed to start: %s", describe_error(exc), extra={"call_sid": call_sid}
+        )
         on_error = getattr(stt, "on_error", None)
         if callable(on_error):
             reason = "auth_error" if isinstance(exc, MissingCredentialError) else "start_failed"

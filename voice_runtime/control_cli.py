@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from voice_runtime.config import settings
 from voice_runtime.errors import CallNotAnsweredError, ConfigurationError, VoiceRuntimeError
@@ -130,7 +131,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.trust_proxy is not None:
             voice.trust_forwarded_headers = args.trust_proxy
         serve_forever(
-            voice, host=args.host, port=args.port, log_level=args.log_level, limits=limits
+            voice,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            limits=limits,
+            log_format=args.log_format,
         )
     except (ConfigurationError, ValueError) as exc:
         return _fail(str(exc))
@@ -228,6 +234,43 @@ def _cmd_sms(args: argparse.Namespace) -> int:
     return 0
 
 
+def tunnel_check(url: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """Fetch ``{url}/health``; (True, summary) when a voice-runtime server answered it."""
+    import httpx
+
+    base = url.strip().rstrip("/")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False, f"{url!r} is not an http(s):// URL"
+    health = base + "/health"
+    try:
+        response = httpx.get(health, timeout=timeout, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        return False, f"could not reach {health}: {type(exc).__name__}: {exc}"
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if (
+        response.status_code == 200
+        and isinstance(body, dict)
+        and body.get("status") == "ok"
+        and "live_calls" in body
+    ):
+        note = "" if parts.scheme == "https" else " (plain http: Twilio needs https://)"
+        return True, f"OK: {health} reached a voice-runtime server{note}"
+    return False, (
+        f"{health} answered HTTP {response.status_code} but not as a voice-runtime server "
+        "(is the tunnel pointing at the port `voice-runtime serve` listens on?)"
+    )
+
+
+def _cmd_tunnel_check(args: argparse.Namespace) -> int:
+    ok, message = tunnel_check(args.url, args.timeout)
+    print(message if ok else f"error: {message}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> None:
     """Add ``serve``, ``call`` and ``sms`` to the ``voice-runtime`` command."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -277,7 +320,18 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         help="serve /voice without a route token even while signatures are enforced (e.g. "
         "for TwiML from call --twiml-only; a captured signature of it can be replayed)",
     )
-    serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="level of every logger: uvicorn's, voice_runtime's and the app's (default info)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text lines ending in [CallSid/StreamSid], or one JSON object per line",
+    )
     limits = serve.add_argument_group("connection limits (see the README security notes)")
     limits.add_argument(
         "--header-timeout",
@@ -330,6 +384,16 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "allowed, 0 for no limit (default 500)",
     )
     serve.set_defaults(func=_cmd_serve)
+
+    check = subparsers.add_parser(
+        "tunnel-check",
+        help="check that a public URL (a tunnel's) reaches a running voice-runtime server",
+        description="Fetch URL/health through the public URL (the tunnel or proxy Twilio will "
+        "use) and say whether a voice-runtime server answered. Exit 0 when it did, 1 if not.",
+    )
+    check.add_argument("url", help="the public base URL, e.g. https://abc.trycloudflare.com")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    check.set_defaults(func=_cmd_tunnel_check)
 
     call = subparsers.add_parser(
         "call",

@@ -8,13 +8,24 @@ attacker-supplied string before it goes into a message or an ``extra=`` field.
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
     "MAX_LOGGED_CHARS",
+    "CallContextFilter",
+    "JsonFormatter",
+    "call_log_context",
+    "configure_logging",
+    "describe_error",
+    "set_call_context",
     "LogLimiter",
     "PeerTextFilter",
     "clip",
@@ -40,6 +51,12 @@ def clip(value: Any, limit: int = MAX_LOGGED_CHARS) -> str:
     # Escaping can only lengthen the text; clip again so the bound holds.
     escaped = text.encode("unicode_escape").decode("ascii")
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: message"`` for a log line's text, the message clipped (it may quote a peer)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {clip(text)}" if text else type(exc).__name__
 
 
 class LogLimiter:
@@ -153,3 +170,104 @@ def guard_server_logs() -> None:
         target = logging.getLogger(name)
         if not any(isinstance(f, PeerTextFilter) for f in target.filters):
             target.addFilter(PeerTextFilter())
+
+
+# The call a log line belongs to; set in each call's tasks and handler threads, so every
+# record made there (the package's and the user's) names its call.
+_call_context: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "voice_runtime_call", default=("", "")
+)
+
+
+def set_call_context(call_sid: str | None, stream_sid: str | None = None) -> None:
+    """Name the current task's (or thread's) call for every later log record in it."""
+    _call_context.set((call_sid or "", stream_sid or ""))
+
+
+@contextmanager
+def call_log_context(call_sid: str | None, stream_sid: str | None = None) -> Iterator[None]:
+    """Log records made inside the block carry ``call_sid`` and ``stream_sid``."""
+    token = _call_context.set((call_sid or "", stream_sid or ""))
+    try:
+        yield
+    finally:
+        _call_context.reset(token)
+
+
+class CallContextFilter(logging.Filter):
+    """Adds ``call_sid``/``stream_sid`` (of the call being served, or "") and ``call`` (a
+    ``" [CA…/MZ…]"`` suffix for format strings) to every record; never drops one.
+
+    Put it on a handler so records of every logger that reach the handler get it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Attach the call context (keeping fields a caller passed in ``extra=``)."""
+        call_sid, stream_sid = _call_context.get()
+        call_sid = getattr(record, "call_sid", None) or call_sid
+        stream_sid = getattr(record, "stream_sid", None) or stream_sid
+        record.call_sid = call_sid
+        record.stream_sid = stream_sid
+        ids = "/".join(x for x in (call_sid, stream_sid) if x)
+        record.call = f" [{ids}]" if ids else ""
+        return True
+
+
+# LogRecord attributes that are not extra= fields.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "call",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, call context, extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a single line of JSON."""
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(call)s"
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler:
+    """Log every logger (ours, uvicorn's, the app's) at ``level`` to stderr as text or JSON.
+
+    Returns the installed root handler; uvicorn's own handlers are dropped so each line is
+    written once, in one format.
+    """
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    if fmt not in ("text", "json"):
+        raise ValueError(f"unknown log format {fmt!r} (text or json)")
+    handler = logging.StreamHandler()
+    handler.addFilter(CallContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_voice_runtime", False):
+            root.removeHandler(old)
+    handler._voice_runtime = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+        lg.setLevel(numeric)
+    return handler

@@ -30,7 +30,13 @@ from voice_runtime.call_wiring import CallWiring
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
-from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.logutil import (
+    LogLimiter,
+    call_log_context,
+    clip,
+    describe_error,
+    set_call_context,
+)
 from voice_runtime.providers import TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -475,6 +481,7 @@ class VoiceServer(WebhookRoutes):
 
     async def _run_async_handler(self, session: VoiceSession) -> None:
         assert self.on_call is not None
+        set_call_context(session.call_sid, session.stream_sid)
         handler = asyncio.ensure_future(self.on_call(session))
         ended = asyncio.ensure_future(session.wait_until_disconnected_async())
         try:
@@ -488,9 +495,12 @@ class VoiceServer(WebhookRoutes):
             with contextlib.suppress(BaseException):
                 await handler
             if handler.done() and not handler.cancelled() and handler.exception() is not None:
+                exc = handler.exception()
+                assert exc is not None
                 logger.error(
-                    "call handler failed",
-                    exc_info=handler.exception(),
+                    "call handler failed: %s",
+                    describe_error(exc),
+                    exc_info=exc,
                     extra={"call_sid": session.call_sid},
                 )
         finally:
@@ -499,10 +509,16 @@ class VoiceServer(WebhookRoutes):
 
     def _run_sync_handler(self, session: VoiceSession) -> None:
         assert self.on_call is not None
-        try:
-            self.on_call(session)
-        except Exception:
-            logger.exception("call handler failed", extra={"call_sid": session.call_sid})
+        # A pool thread serves many calls: the context is this call's only while it runs.
+        with call_log_context(session.call_sid, session.stream_sid):
+            try:
+                self.on_call(session)
+            except Exception as exc:
+                logger.exception(
+                    "call handler failed: %s",
+                    describe_error(exc),
+                    extra={"call_sid": session.call_sid},
+                )
 
     # ------------------------------------------------------------------ webhooks
     # The webhook and health handlers are inherited from voice_runtime.webhooks.WebhookRoutes.

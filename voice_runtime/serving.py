@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from voice_runtime.config import settings
-from voice_runtime.logutil import guard_server_logs
+from voice_runtime.logutil import configure_logging, guard_server_logs
 from voice_runtime.transports.guard import ConnectionLimits, connection_cap, guarded_http_protocol
 
 if TYPE_CHECKING:
@@ -133,7 +133,12 @@ def uvicorn_config(
 
 
 def _uvicorn_config(
-    voice: VoiceServer, host: str, port: int, log_level: str, limits: ConnectionLimits | None
+    voice: VoiceServer,
+    host: str,
+    port: int,
+    log_level: str,
+    limits: ConnectionLimits | None,
+    **extra: Any,
 ) -> uvicorn.Config:
     # uvicorn's own X-Forwarded-* handling is off: VoiceServer honours those headers itself,
     # only from its trusted proxy networks (it needs the real peer address to tell).
@@ -145,6 +150,7 @@ def _uvicorn_config(
         proxy_headers=False,
         limits=limits,
         max_calls=voice.max_calls,
+        **extra,
     )
 
 
@@ -155,16 +161,23 @@ def serve_forever(
     port: int | None = None,
     log_level: str = "info",
     limits: ConnectionLimits | None = None,
+    log_format: str | None = None,
 ) -> None:
     """Serve ``voice`` until SIGTERM/SIGINT, then drain live calls and return (blocking).
 
     ``port`` defaults to VOICE_SERVER_PORT. A second signal stops at once. Raises
     ConfigurationError before binding when signatures are enforced and no public URL is set.
     ``limits``: connection timeouts and limits (default :class:`ConnectionLimits()`).
+    ``log_format`` ("text" or "json"): log every logger at ``log_level`` to stderr in that
+    format, each line with its call's SIDs (None: uvicorn's logging setup, as before).
     """
     voice.check_config()
     port = settings().voice_server_port if port is None else port
-    config = _uvicorn_config(voice, host, port, log_level, limits)
+    extra: dict[str, Any] = {}
+    if log_format is not None:
+        configure_logging(log_level, log_format)
+        extra["log_config"] = None
+    config = _uvicorn_config(voice, host, port, log_level, limits, **extra)
     _DrainingUvicorn(config, voice).run()
 
 

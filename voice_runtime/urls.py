@@ -6,12 +6,34 @@ A public base URL (``https://example.com``) and the websocket URL Twilio or a ve
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["http_base", "http_scheme", "to_http", "to_ws", "ws_base", "ws_scheme"]
+__all__ = [
+    "http_base",
+    "http_scheme",
+    "is_local_host",
+    "to_http",
+    "to_ws",
+    "ws_base",
+    "ws_scheme",
+]
 
 _TO_WS = {"http": "ws", "https": "wss"}
 _TO_HTTP = {"ws": "http", "wss": "https"}
+
+
+def is_local_host(host: str | None) -> bool:
+    """True for ``localhost`` (and ``*.localhost``), 127.0.0.0/8 and ::1."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def ws_scheme(scheme: str) -> str:

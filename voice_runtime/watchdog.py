@@ -95,7 +95,8 @@ class LoopWatchdog:
             return
         self._last_log = now
         logger.warning(
-            "event loop blocked: every call's audio was delayed",
+            "event loop blocked for %d ms: every call's audio was delayed",
+            round(lag * 1000.0),
             extra={
                 "lag_ms": round(lag * 1000.0, 1),
                 "threshold_ms": round(self.threshold * 1000.0, 1),

@@ -28,7 +28,7 @@ from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.calls import CallRegistry, make_route
 from voice_runtime.errors import MissingStreamUrlError
-from voice_runtime.logutil import LogLimiter
+from voice_runtime.logutil import LogLimiter, log_limited
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
     SignaturePolicy,
@@ -38,6 +38,7 @@ from voice_runtime.transports.security import (
 )
 from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.types import SessionEvent
+from voice_runtime.urls import is_local_host
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,18 @@ class WebhookRoutes:
             return self._public_base()
         except MissingStreamUrlError:
             # Only reachable with signatures off: enforced ones need a configured URL.
-            return request_base_url(request, self._policy())
+            policy = self._policy()
+            if not policy.trusted_proxies and not is_local_host(request.url.hostname):
+                # Behind a tunnel the Host is public but the scheme is the tunnel's plain
+                # http: guessing gives Twilio a URL it may not reach.
+                log_limited(
+                    logger,
+                    "no_public_url",
+                    "answering a webhook for a public host without a public URL: set "
+                    "VOICE_PUBLIC_URL (or serve --public-url) to the https:// URL Twilio "
+                    "calls, or trust_forwarded_headers (serve --trust-proxy) for a proxy",
+                )
+            return request_base_url(request, policy)
 
     async def _emit(self, session: VoiceSession, event: SessionEvent) -> None:
         """Deliver ``event`` to ``on_event`` off the loop, in order per session."""

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
+from voice_runtime.logutil import clip
+
 # The name these logs had before the STT half moved out of providers/base.py.
 logger = logging.getLogger("voice_runtime.providers.base")
 
@@ -316,7 +318,7 @@ class ReconnectingStt(abc.ABC):
     def _give_up(self, reason: str) -> None:
         self.failed = True
         self._buffer.clear()
-        self._logger.error("STT gave up", extra={"reason": reason})
+        self._logger.error("STT gave up: %s", clip(reason), extra={"reason": reason})
         self._emit(self.on_error, reason)
 
     def _emit(self, callback: Callable[[str], None] | None, text: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
-from voice_runtime.logutil import LogLimiter
+from voice_runtime.logutil import LogLimiter, describe_error
 from voice_runtime.playback import PlaybackLedger, Segment
 from voice_runtime.realtime.agent import RealtimeAgent
 from voice_runtime.realtime.bridge_types import (
@@ -162,7 +162,9 @@ class AgentBridge:
                         provider=self.provider,
                     )
                     logger.warning(
-                        "realtime agent could not start",
+                        "realtime agent %s could not start: %s",
+                        self.provider,
+                        describe_error(exc),
                         extra={"call_sid": session.call_sid, "provider": self.provider},
                     )
                     await self._deliver(self.error)

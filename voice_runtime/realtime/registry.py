@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, cast
 
 from voice_runtime.errors import ConfigurationError, ProviderConnectionError, ProviderError
+from voice_runtime.logutil import clip, describe_error
 from voice_runtime.realtime.agent import AgentOptions, RealtimeAgent
 from voice_runtime.realtime.events import AgentError, AgentEvent, AgentFailover, SessionClosed
 
@@ -256,7 +257,9 @@ class FallbackAgent:
         retry = " (retryable)" if getattr(exc, "retryable", False) else ""
         self.failures.append((name, f"{type(exc).__name__}{retry}: {exc}"))
         logger.warning(
-            "realtime provider could not start; trying the next",
+            "realtime provider %s could not start: %s; trying the next",
+            clip(name),
+            describe_error(exc),
             extra={"provider": name, "error": type(exc).__name__},
         )
 

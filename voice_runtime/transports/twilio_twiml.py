@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from voice_runtime.transports.xml_text import xml_safe
-from voice_runtime.urls import ws_scheme
+from voice_runtime.urls import is_local_host, ws_scheme
 
 if TYPE_CHECKING:
     from twilio.twiml.voice_response import VoiceResponse
@@ -43,6 +43,10 @@ def _ws_base(stream_url: str) -> str:
     if parts.query or parts.fragment:
         # Twilio drops query strings from <Stream url>; data belongs in parameters=.
         raise ValueError("stream_url must not carry a query or fragment; use parameters=")
+    if scheme == "ws" and not is_local_host(parts.hostname):
+        # Twilio dials only wss://; an http:// public URL (a tunnel's, or a proxy that ends
+        # TLS) still means wss:// outside local testing.
+        scheme = "wss"
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from voice_runtime._sync import cancel_and_wait
-from voice_runtime.logutil import LogLimiter, log_limiter
+from voice_runtime.logutil import LogLimiter, log_limiter, set_call_context
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
 from voice_runtime.transports.channel import FrameChannel, channel_for
@@ -154,6 +155,9 @@ class MediaStreamCall:
         self._log_limit = LogLimiter()
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = False
+        self._started_at: float | None = None
+        # Why the call ended, for the "call ended" line (the first reason seen wins).
+        self._reason: str | None = None
         self._batch: list[str] = []
         self._max_bytes = self.options.max_message_bytes
         # The only object the stream talks to for frames and outbound items.
@@ -168,10 +172,14 @@ class MediaStreamCall:
         no_start = loop.call_later(self.options.start_timeout_s, self._no_start)
         try:
             await self._receive_loop()
-        except Exception:
-            logger.exception("media stream failed", extra={"call_sid": session.call_sid})
+        except Exception as exc:
+            set_call_context(session.call_sid, session.stream_sid)
+            logger.exception(
+                "media stream failed: %s", type(exc).__name__, extra={"call_sid": session.call_sid}
+            )
         finally:
             no_start.cancel()
+            set_call_context(session.call_sid, session.stream_sid)
             await self._cleanup()
 
     def _no_start(self) -> None:
@@ -232,6 +240,7 @@ class MediaStreamCall:
             port.dtmf(event.digit)  # type: ignore[union-attr]
         elif kind is proto.Stop:
             logger.info("stream stopped by the far end", extra={"call_sid": port.call_sid})
+            self._reason = self._reason or "the caller hung up (stream stop)"
             return False
         port.nudge()
         return True
@@ -255,17 +264,22 @@ class MediaStreamCall:
             reason = self._check_start(start)
             if reason is not None:
                 self.refused = reason
+                self._reason = "start refused"
                 self.port.count_bad("start_refused")
                 self._end_code = 1008
                 return False
         session = self.session
+        # Every record from here on (and in the tasks spawned below, the call handler's
+        # included) names this call.
+        set_call_context(start.call_sid, start.stream_sid)
+        self._started_at = time.monotonic()
         # A previous call on this session that ended without reset() is reset first.
         self.port.started(
             start.stream_sid,
             start.call_info(),
             mark_every_ms=self.options.position_mark_every_ms,
         )
-        logger.info("media stream started", extra={"call_sid": start.call_sid})
+        logger.info("call started", extra={"call_sid": start.call_sid})
         self._spawn(self._send_loop(), "vr-send")
         self._spawn(self._watch_disconnect(), "vr-disconnect")
         if self._on_start is not None:
@@ -374,11 +388,17 @@ class MediaStreamCall:
         if self._hangup is not None and port.call_sid:
             try:
                 ended = await self._hangup(port.call_sid)
-            except Exception:
-                logger.warning("REST hangup failed; closing the stream instead", exc_info=True)
+            except Exception as exc:
+                logger.warning(
+                    "REST hangup failed (%s); closing the stream instead",
+                    type(exc).__name__,
+                    exc_info=True,
+                )
                 ended = False
             if ended and await port.wait_ended(REST_CLOSE_WAIT_S):
+                self._reason = self._reason or "the app hung up (REST)"
                 return
+        self._reason = self._reason or "the app hung up"
         logger.info("closing the media stream to end the call", extra={"call_sid": port.call_sid})
         await self._close(1000)
 
@@ -403,8 +423,11 @@ class MediaStreamCall:
         await cancel_and_wait(self._tasks)
         # The user callbacks this call fired (on_dtmf, on_disconnected, ...) end with it.
         await self.port.callbacks.drain()
+        duration = 0.0 if self._started_at is None else time.monotonic() - self._started_at
         logger.info(
-            "media stream finished",
+            "call ended after %.1f s: %s",
+            duration,
+            self._reason or ("the connection closed" if self._started_at else "never started"),
             extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
         )
 
