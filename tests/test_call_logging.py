@@ -183,3 +183,11 @@ async def test_tunnel_check_says_whether_it_reached_the_server(
         assert code == 1 and "not as a voice-runtime server" in out.err
     code, out = await asyncio.to_thread(_tunnel_check, f"http://127.0.0.1:{free_port()}", capsys)
     assert code == 1 and "could not reach" in out.err and "ConnectError" in out.err
+
+
+def test_a_peer_chosen_sid_is_clipped_in_the_context() -> None:
+    record = logging.LogRecord("voice_runtime.x", logging.INFO, "f", 1, "line", None, None)
+    with call_log_context("CA" + "x" * 5000, "MZ\n" + "y" * 5000):
+        CallContextFilter().filter(record)
+    assert len(record.call_sid) <= 64 and len(record.stream_sid) <= 64  # type: ignore[attr-defined]
+    assert "\n" not in record.call  # type: ignore[attr-defined]

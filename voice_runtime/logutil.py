@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -181,13 +182,14 @@ _call_context: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
 
 def set_call_context(call_sid: str | None, stream_sid: str | None = None) -> None:
     """Name the current task's (or thread's) call for every later log record in it."""
-    _call_context.set((call_sid or "", stream_sid or ""))
+    # The SIDs come from the peer's start frame: clipped like any peer text.
+    _call_context.set((clip(call_sid or ""), clip(stream_sid or "")))
 
 
 @contextmanager
 def call_log_context(call_sid: str | None, stream_sid: str | None = None) -> Iterator[None]:
     """Log records made inside the block carry ``call_sid`` and ``stream_sid``."""
-    token = _call_context.set((call_sid or "", stream_sid or ""))
+    token = _call_context.set((clip(call_sid or ""), clip(stream_sid or "")))
     try:
         yield
     finally:
@@ -247,8 +249,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(call)s"
 def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler:
     """Log every logger (ours, uvicorn's, the app's) at ``level`` to stderr as text or JSON.
 
-    Returns the installed root handler; uvicorn's own handlers are dropped so each line is
-    written once, in one format.
+    Returns the installed root handler. Console handlers already on the root logger and
+    uvicorn's own are dropped so each line is written once, in one format; other handlers
+    stay and get the call context too.
     """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -260,9 +263,12 @@ def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
-        if getattr(old, "_voice_runtime", False):
+        # Console handlers (the CLI's basicConfig, a previous call) are replaced so each
+        # line is written once; others (files, the app's own) stay and get the call context.
+        if type(old) is logging.StreamHandler and old.stream in (sys.stderr, sys.stdout):
             root.removeHandler(old)
-    handler._voice_runtime = True  # type: ignore[attr-defined]
+        elif not any(isinstance(f, CallContextFilter) for f in old.filters):
+            old.addFilter(CallContextFilter())
     root.addHandler(handler)
     root.setLevel(numeric)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
