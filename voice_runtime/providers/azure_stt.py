@@ -41,6 +41,7 @@ from typing import Any
 
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
+from voice_runtime.logutil import clip, describe_error
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 
@@ -209,7 +210,7 @@ class AzurePersistentStt(ReconnectingStt):
         """Open a recognizer, feed it until it ends, tear it down; return why it ended."""
         kind, reason = await self._recognize_once()
         if kind == "fatal" and not self._stopping:
-            logger.warning("Azure STT recognition lost", extra={"reason": reason})
+            logger.warning("Azure STT recognition lost: %s", clip(reason), extra={"reason": reason})
         return kind, reason
 
     async def _recognize_once(self) -> tuple[EndKind, str]:
@@ -225,7 +226,11 @@ class AzurePersistentStt(ReconnectingStt):
             raise
         except Exception as exc:
             opening.add_done_callback(_stop_late)
-            logger.warning("Azure STT failed to start", extra={"error": type(exc).__name__})
+            logger.warning(
+                "Azure STT failed to start: %s",
+                describe_error(exc),
+                extra={"error": type(exc).__name__},
+            )
             return "fatal", f"start_failed: {type(exc).__name__}"
         if self._ended.done():
             # Canceled before the start call returned.
@@ -328,7 +333,7 @@ class AzurePersistentStt(ReconnectingStt):
         elif kind == "canceled":
             reason, code, _details = args
             if reason == "Error":
-                logger.warning("Azure STT canceled", extra={"error_code": code})
+                logger.warning("Azure STT canceled: %s", clip(code), extra={"error_code": code})
                 terminal = code in TERMINAL_CODES
                 self._finish_current("terminal" if terminal else "fatal", code or "error")
             elif reason == "EndOfStream":

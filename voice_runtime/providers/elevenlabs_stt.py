@@ -45,7 +45,7 @@ from typing import Any
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import ProviderConnectionError
-from voice_runtime.logutil import redacting_ws_logger
+from voice_runtime.logutil import clip, redacting_ws_logger
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import HEALTHY_AFTER_S, EndKind, ReconnectingStt
 from voice_runtime.urls import ws_base
@@ -243,7 +243,9 @@ class PersistentSttSession(ReconnectingStt):
         except _ConnectFailed as exc:
             if exc.terminal:
                 return "terminal", exc.reason
-            logger.warning("ElevenLabs STT connect failed", extra={"reason": exc.reason})
+            logger.warning(
+                "ElevenLabs STT connect failed: %s", clip(exc.reason), extra={"reason": exc.reason}
+            )
             return "fatal", exc.reason
         opened = time.monotonic()
         sender = asyncio.create_task(self._send_loop(ws), name="elevenlabs-stt-send")
@@ -259,7 +261,9 @@ class PersistentSttSession(ReconnectingStt):
         if self._input_ended:
             return "end_of_input", reason  # the last connection of the call
         if end == "fatal" and not self._stopping:
-            logger.warning("ElevenLabs STT connection lost", extra={"reason": reason})
+            logger.warning(
+                "ElevenLabs STT connection lost: %s", clip(reason), extra={"reason": reason}
+            )
         return end, reason
 
     async def _connect(self) -> Any:
@@ -306,10 +310,16 @@ class PersistentSttSession(ReconnectingStt):
                     logger.warning("unreadable message from ElevenLabs STT")
                     continue
                 if kind in TERMINAL_ERRORS:
-                    logger.error("ElevenLabs STT terminal error", extra={"vendor_error": kind})
+                    logger.error(
+                        "ElevenLabs STT terminal error: %s",
+                        clip(kind),
+                        extra={"vendor_error": kind},
+                    )
                     return "terminal", kind
                 if kind in FATAL_ERRORS:
-                    logger.warning("ElevenLabs STT fatal error", extra={"vendor_error": kind})
+                    logger.warning(
+                        "ElevenLabs STT fatal error: %s", clip(kind), extra={"vendor_error": kind}
+                    )
                     return "fatal", kind
                 self._handle(kind, data)
         except ConnectionClosed:
