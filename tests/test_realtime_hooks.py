@@ -323,7 +323,7 @@ def test_registry_slugs_lookup_and_custom_providers(monkeypatch: pytest.MonkeyPa
 
 
 async def test_fallback_skips_a_provider_without_credentials(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
@@ -338,6 +338,10 @@ async def test_fallback_skips_a_provider_without_credentials(
         assert agent.provider == "openai" and fake.connections == 1
         assert agent.failures[0][0] == "gemini"
         assert "GEMINI_API_KEY" in agent.failures[0][1]
+        # The reason is in the line's text, where a default log format shows it.
+        (line,) = [r.getMessage() for r in caplog.records if "could not start" in r.getMessage()]
+        assert line.startswith("realtime provider gemini could not start: MissingCredentialError")
+        assert "GEMINI_API_KEY" in line
         await agent.close()
         await agent.close()
         assert agent.closed

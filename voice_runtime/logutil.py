@@ -55,9 +55,16 @@ def clip(value: Any, limit: int = MAX_LOGGED_CHARS) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``"TypeName: message"`` for a log line's text, the message clipped (it may quote a peer)."""
+    """``"TypeName: message"`` for a log line's text, the message clipped (it may quote a peer).
+
+    Configuration errors are the package's own sentences (which variable to set): they are
+    clipped at 200 characters instead of 64 so the remedy stays readable.
+    """
+    from voice_runtime.errors import ConfigurationError
+
     text = str(exc)
-    return f"{type(exc).__name__}: {clip(text)}" if text else type(exc).__name__
+    limit = 200 if isinstance(exc, ConfigurationError) else MAX_LOGGED_CHARS
+    return f"{type(exc).__name__}: {clip(text, limit)}" if text else type(exc).__name__
 
 
 class LogLimiter:
