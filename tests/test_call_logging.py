@@ -135,6 +135,20 @@ def test_served_app_logs_calls_as_json_at_info() -> None:
     assert any(line["logger"].startswith("uvicorn") for line in lines)
 
 
+def test_served_app_logs_each_call_line_once_as_text_by_default() -> None:
+    call_sid, stream_sid = sids()
+    with ServedApp(args=["--log-level", "info"]) as app:
+        with ws_connect(app.ws_url + "/voice") as ws:
+            ws.send(start_frame(call_sid, stream_sid))
+            ws.send(json.dumps({"event": "stop", "streamSid": stream_sid}))
+        assert app.stop() == 0
+    ids = f"[{call_sid}/{stream_sid}]"
+    assert app.output.count("call started") == 1
+    assert f"INFO voice_runtime.transports.twilio_ws: call started {ids}" in app.output
+    (ended,) = [line for line in app.output.splitlines() if "call ended after" in line]
+    assert ended.endswith(f"the caller hung up (stream stop) {ids}")
+
+
 @pytest.mark.parametrize(
     ("base", "expected"),
     [

@@ -323,7 +323,7 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
     serve.add_argument(
         "--log-level",
         default="info",
-        choices=("critical", "error", "warning", "info", "debug"),
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
         help="level of every logger: uvicorn's, voice_runtime's and the app's (default info)",
     )
     serve.add_argument(
