@@ -50,6 +50,8 @@ __all__ = [
     "nothing_to_say",
     "play_chunks",
     "play_chunks_async",
+    "speak_async",
+    "speak_in_thread",
     "words_heard",
 ]
 
@@ -157,7 +159,7 @@ def _wait_heard(session: VoiceSession, stop_event: threading.Event | None, timeo
     loop = session.loop
     if stop_event is None or loop is None:
         return session.send_mark_and_wait("tts_complete", timeout=timeout)
-    forbid_on_loop(loop, "speak")
+    forbid_on_loop(loop, "speak", "speak_async")
     try:
         fut = asyncio.run_coroutine_threadsafe(
             session.send_mark_and_wait_async("tts_complete", timeout), loop
@@ -311,3 +313,62 @@ async def play_chunks_async(
     if session.is_disconnected:
         return result.build(call_disconnected=True)
     return result.build(interrupted=not played)
+
+
+async def speak_in_thread(
+    speak: Callable[..., dict[str, Any]],
+    text: str,
+    session: VoiceSession,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Await a blocking ``speak(text, session, stop_event)`` run in a thread of its own.
+
+    Synthesis SDKs block, so the speech runs off the loop; its own thread (not the shared
+    executor) means many calls speaking at once never queue behind each other. Cancelling
+    the awaiting task stops the speech (its queued audio is cleared) and does not wait.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+    stop = stop_event if stop_event is not None else threading.Event()
+
+    def deliver(result: dict[str, Any] | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result or {})
+
+    def run() -> None:
+        try:
+            result, exc = speak(text, session, stop), None
+        except BaseException as err:  # handed to the awaiting task, not lost in this thread
+            result, exc = None, err
+        try:
+            loop.call_soon_threadsafe(deliver, result, exc)
+        except RuntimeError:  # the loop is closed: nobody awaits the result any more
+            pass
+
+    threading.Thread(target=run, name="vr-speak", daemon=True).start()
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+async def speak_async(
+    tts: Any,
+    text: str,
+    session: VoiceSession,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Speak with any TTS provider from a coroutine: its ``speak_async`` when it has one.
+
+    A 0.1.x-style provider with only a blocking ``speak`` runs it in a thread of its own.
+    """
+    native = getattr(tts, "speak_async", None)
+    if callable(native):
+        result: dict[str, Any] = await native(text, session, stop_event)
+        return result
+    return await speak_in_thread(tts.speak, text, session, stop_event)
