@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._compat import is_voice_session, number
@@ -49,7 +49,6 @@ __all__ = [
     "backoff_delay",
     "nothing_to_say",
     "play_chunks",
-    "play_chunks_async",
     "speak_async",
     "speak_in_thread",
     "words_heard",
@@ -275,44 +274,6 @@ def _play_duck_typed(
     except TimeoutError:
         logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
     return result.build()
-
-
-async def play_chunks_async(
-    text: str,
-    session: VoiceSession,
-    chunks: AsyncIterable[bytes],
-    stop_event: asyncio.Event | threading.Event | None = None,
-    *,
-    on_error: Callable[[str], None] | None = None,
-    provider: str = "tts",
-    mark_timeout: float = MARK_TIMEOUT_S,
-) -> dict[str, Any]:
-    """Async twin of :func:`play_chunks` for providers that synthesise on the event loop."""
-    result = SpeakResult(text, session)
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
-    try:
-        async for chunk in chunks:
-            if stop_event is not None and stop_event.is_set():
-                session.request_clear_buffer()
-                return result.build(interrupted=True)
-            if session.is_disconnected:
-                return result.build(call_disconnected=True)
-            if chunk:
-                result.add_audio(len(chunk))
-                await session.put_outbound(chunk)
-    except Exception as exc:
-        return _report_error(result, exc, on_error, provider)
-    if stop_event is not None and stop_event.is_set():
-        session.request_clear_buffer()
-        return result.build(interrupted=True)
-    try:
-        played = await session.send_mark_and_wait_async("tts_complete", timeout=mark_timeout)
-    except TimeoutError:
-        return result.build()
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
-    return result.build(interrupted=not played)
 
 
 async def speak_in_thread(
