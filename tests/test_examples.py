@@ -26,7 +26,13 @@ def test_examples_run_against_fake_twilio() -> None:
             env=clean_env(),
             cwd=EXAMPLES.parent,
         )
-        for name in ("outbound_call.py", "inbound_app.py", "send_sms.py", "subclass_session.py")
+        for name in (
+            "outbound_call.py",
+            "inbound_app.py",
+            "send_sms.py",
+            "subclass_session.py",
+            "listen_app.py",
+        )
     }
     results = {}
     try:
@@ -46,6 +52,10 @@ def test_examples_run_against_fake_twilio() -> None:
     assert "hung up over REST: True" in results["inbound_app.py"][1]
     assert '"status": "queued"' in results["send_sms.py"][1]
     assert results["subclass_session.py"][1].count("record: CA") == 2
+    # The server's offline STT understood the simulated caller (an async handler, no thread).
+    assert "the bot heard: i would like to change my delivery address" in (
+        results["listen_app.py"][1].lower()
+    )
 
 
 def test_examples_import_only_public_modules() -> None:

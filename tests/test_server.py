@@ -443,6 +443,7 @@ async def test_drain_lets_calls_finish_their_sentence_then_says_goodbye(
 
     server = VoiceServer(
         on_call=on_call,
+        stt=MockStt,  # listen() needs an STT (issue 15); this one never commits anything
         goodbye="Goodbye.",
         goodbye_tts=goodbye,
         drain_timeout=4.0,

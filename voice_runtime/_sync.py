@@ -18,10 +18,15 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def forbid_on_loop(loop: asyncio.AbstractEventLoop | None, method: str) -> None:
-    """Raise LoopThreadError when called on ``loop``'s own thread (a blocking wait would hang)."""
+def forbid_on_loop(
+    loop: asyncio.AbstractEventLoop | None, method: str, twin: str | None = None
+) -> None:
+    """Raise LoopThreadError when called on ``loop``'s own thread (a blocking wait would hang).
+
+    ``twin`` names the awaitable method to use there instead (the error text shows it).
+    """
     if loop is not None and running_loop() is loop:
-        raise LoopThreadError(method)
+        raise LoopThreadError(method, twin)
 
 
 class Flag:

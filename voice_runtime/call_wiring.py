@@ -8,7 +8,8 @@ frames. When a stream starts, :class:`CallWiring` builds the session's STT from
 on ``session.control``; its ``hangup`` ends a call over the Twilio REST API (through
 ``twilio_ws.hangup_call``, the 0.1.x patch point). After the call it stops the STT and drops
 one built from the factory, so the next call gets a new one. ``VoiceServer`` and
-``register_voice_websocket`` both use it.
+``register_voice_websocket`` both use it; ``VoiceServer(stt=...)`` reaches every session
+through :func:`stt_factory_for` and the ``stt_factory`` argument here.
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from typing import Any
 
 from voice_runtime._compat import maybe_await
 from voice_runtime._sync import cancel_and_wait
-from voice_runtime.errors import MissingCredentialError
+from voice_runtime.errors import ConfigurationError, MissingCredentialError
 from voice_runtime.logutil import describe_error
 
-__all__ = ["CallWiring", "build_stt", "hangup_call_now", "rest_hangup", "start_stt"]
+__all__ = [
+    "CallWiring",
+    "build_stt",
+    "hangup_call_now",
+    "rest_hangup",
+    "start_stt",
+    "stt_factory_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,25 @@ def rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
         return True
 
     return hangup
+
+
+def stt_factory_for(stt: str | Callable[[], Any] | None) -> Callable[[], Any] | None:
+    """A factory of STT providers from a provider name (see ``create_stt``) or a factory.
+
+    An unknown name fails here, when the server is built, not on the first call.
+    """
+    if stt is None or callable(stt):
+        return stt
+    if not isinstance(stt, str):
+        raise ConfigurationError("stt must be a provider name, a factory or None")
+    from voice_runtime.stt import get_stt_class
+
+    cls = get_stt_class(stt)
+
+    def create() -> Any:
+        return cls()
+
+    return create
 
 
 def build_stt(session: Any) -> tuple[Any, bool]:
@@ -137,8 +164,17 @@ class CallWiring:
     ``MediaStreamCall``; await :meth:`finish` again after its ``run()`` (a no-op by then).
     """
 
-    def __init__(self, session: Any, hangup_regions: Any = None) -> None:
+    def __init__(
+        self,
+        session: Any,
+        hangup_regions: Any = None,
+        *,
+        stt_factory: Callable[[], Any] | None = None,
+    ) -> None:
         self.session = session
+        # The server's STT, unless the session brings its own (its STT or its factory).
+        if stt_factory is not None and session.stt is None and session.stt_factory is None:
+            session.stt_factory = stt_factory
         self.hangup = rest_hangup(hangup_regions)
         self._built_stt = False
         self._finished = False

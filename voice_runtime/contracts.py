@@ -15,6 +15,9 @@ Every provider (vendors, offline engines, mocks) follows the same behaviour:
   returns when the caller has heard it (the ``tts_complete`` mark, up to 30 s). The result
   dict always has ``last_spoken``, ``interrupted``, ``call_disconnected``, ``heard_ms`` and
   ``audio_ms``; ``error`` is added only when synthesis failed (``on_error`` is called too).
+  ``speak_async`` (optional, :class:`AsyncTtsProvider`) is its awaitable twin with the same
+  result; :func:`voice_runtime.providers.base.speak_async` speaks with any provider from a
+  coroutine and runs a provider without one (0.1.x style) in a thread of its own.
 * Call control (``session.control``): hang up, transfer, DTMF and recording of the live call;
   sync methods block, each has an ``*_async`` twin.
 """
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
-__all__ = ["CallControlProtocol", "SttProvider", "TtsProvider"]
+__all__ = ["AsyncTtsProvider", "CallControlProtocol", "SttProvider", "TtsProvider"]
 
 
 @runtime_checkable
@@ -66,6 +69,20 @@ class TtsProvider(Protocol):
         stop_event: threading.Event | None = ...,
     ) -> dict[str, Any]:
         """Speak ``text`` on the call; return the result dict described in the module doc."""
+        ...
+
+
+@runtime_checkable
+class AsyncTtsProvider(TtsProvider, Protocol):
+    """A TTS provider that can also be awaited (every built-in one; optional for others)."""
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = ...,
+    ) -> dict[str, Any]:
+        """Awaitable twin of :meth:`speak`: the same audio and the same result dict."""
         ...
 
 

@@ -2,12 +2,14 @@
 
 It wires the session's STT (whenever the transport builds it) to a transcript queue and
 keeps the STT's echo discard in step with the agent's speech. Sync methods run in the
-consumer's thread; they raise :class:`~voice_runtime.errors.CallHangupError` when the call
+consumer's thread; ``say_async`` / ``listen_async`` / ``hangup_async`` are their twins for an
+``async def`` handler. Both raise :class:`~voice_runtime.errors.CallHangupError` when the call
 ends while they wait.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -17,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_runtime._compat import is_voice_session
-from voice_runtime.errors import CallHangupError
+from voice_runtime.errors import CallHangupError, ConfigurationError
 from voice_runtime.providers import SttProvider, TtsProvider
+from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
 
 logger = logging.getLogger(__name__)
+
+LISTEN_POLL_S = 0.02  # how often listen_async looks for a transcript (no thread is held)
 
 __all__ = ["Conversation", "Turn"]
 
@@ -98,8 +103,7 @@ class Conversation:
             except Exception:
                 logger.exception("on_turn callback failed")
 
-    def say(self, text: str) -> dict[str, Any]:
-        """Speak and return when the caller heard it, or was interrupted (the TTS result dict)."""
+    def _before_say(self) -> SttProvider | None:
         if self.session.is_disconnected:
             raise CallHangupError()
         if self.barge_in is not None:
@@ -109,6 +113,11 @@ class Conversation:
         stt = self._stt
         if stt is not None:
             stt.set_speaking(True)
+        return stt
+
+    def say(self, text: str) -> dict[str, Any]:
+        """Speak and return when the caller heard it, or was interrupted (the TTS result dict)."""
+        stt = self._before_say()
         try:
             result = self.tts.speak(text, self.session, self.stop_event)
         finally:
@@ -117,8 +126,38 @@ class Conversation:
         self._record("agent", result.get("last_spoken", text))
         return result
 
+    async def say_async(self, text: str) -> dict[str, Any]:
+        """Awaitable twin of :meth:`say` for ``async def`` handlers (the loop keeps running)."""
+        stt = self._before_say()
+        try:
+            result = await speak_async(self.tts, text, self.session, self.stop_event)
+        finally:
+            if stt is not None:
+                stt.set_speaking(False)
+        self._record("agent", result.get("last_spoken", text))
+        return result
+
+    def _require_stt(self) -> None:
+        """Fail at once when nothing can ever be heard (instead of after the timeout)."""
+        session = self.session
+        if (
+            self._stt is None
+            and getattr(session, "stt", None) is None
+            and getattr(session, "stt_factory", None) is None
+        ):
+            raise ConfigurationError(
+                "listen() needs speech recognition, and this call has none: pass stt= to "
+                "VoiceServer (for example VoiceServer(stt='offline')) or set "
+                "session.stt_factory"
+            )
+
     def listen(self, timeout: float = 15.0) -> str | None:
-        """Return the caller's next utterance, or None when nothing was said in time."""
+        """Return the caller's next utterance, or None when nothing was said in time.
+
+        Raises :class:`~voice_runtime.errors.ConfigurationError` at once when the call has
+        no STT.
+        """
+        self._require_stt()
         deadline = time.monotonic() + timeout
         while True:
             if self.session.is_disconnected and self._heard.empty():
@@ -141,3 +180,26 @@ class Conversation:
             self.session.request_disconnect(after_playback=True)
         else:
             self.session.request_disconnect()  # the 0.1.x call, for other session objects
+
+    async def listen_async(self, timeout: float = 15.0) -> str | None:
+        """Awaitable twin of :meth:`listen` for ``async def`` handlers."""
+        self._require_stt()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                text = self._heard.get_nowait()
+            except queue.Empty:
+                if self.session.is_disconnected:
+                    raise CallHangupError() from None
+                if time.monotonic() >= deadline:
+                    return None
+                await asyncio.sleep(LISTEN_POLL_S)
+                continue
+            if text is None:
+                raise CallHangupError()
+            self._record("caller", text)
+            return text
+
+    async def hangup_async(self) -> None:
+        """Awaitable twin of :meth:`hangup` (it never blocks; this keeps handlers uniform)."""
+        self.hangup()

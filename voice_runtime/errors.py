@@ -92,11 +92,15 @@ class NoEventLoopError(SessionError):
 class LoopThreadError(SessionError):
     """A blocking call was made on the event-loop thread, where it would deadlock."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, twin: str | None = None) -> None:
         self.method = method
+        self.twin = twin
+        instead = f"use its async twin {twin}() instead" if twin else "call it from a worker thread"
+        if twin:
+            instead += ", or call it from a worker thread"
         super().__init__(
             f"{method}() blocks and was called on the event-loop thread, where it would "
-            f"deadlock; await its async twin instead, or call it from a worker thread"
+            f"deadlock; {instead}"
         )
 
 

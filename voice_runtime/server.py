@@ -26,7 +26,7 @@ from fastapi import FastAPI, WebSocket
 
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
-from voice_runtime.call_wiring import CallWiring
+from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
@@ -37,7 +37,7 @@ from voice_runtime.logutil import (
     describe_error,
     set_call_context,
 )
-from voice_runtime.providers import TtsProvider
+from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
     IPNetwork,
@@ -131,6 +131,7 @@ class VoiceServer(WebhookRoutes):
         max_webhook_bytes: int = MAX_WEBHOOK_BYTES,
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
+        stt: str | Callable[[], SttProvider] | None = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -139,6 +140,8 @@ class VoiceServer(WebhookRoutes):
         if public_url is not None:
             check_public_url(public_url)
         self.on_call = on_call
+        # Every call's STT: a provider name (create_stt) or a factory; a session's own wins.
+        self.stt_factory = stt_factory_for(stt)
         self.session_factory = session_factory
         self.path = "/" + path.strip("/")
         self.webhook_prefix = "/" + webhook_prefix.strip("/")
@@ -440,7 +443,7 @@ class VoiceServer(WebhookRoutes):
 
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
         session.port.callbacks.runner = self.callbacks
-        wiring = CallWiring(session, self.hangup_regions)
+        wiring = CallWiring(session, self.hangup_regions, stt_factory=self.stt_factory)
         call = MediaStreamCall(
             websocket,
             session,

@@ -65,6 +65,8 @@ OUTBOUND_MAXSIZE = 3000
 OUTBOUND_MAX_BYTES = 2 << 20  # about 4.4 minutes of agent audio queued ahead of playback
 # A blocking wrapper waits this much beyond the async twin's own timeout before giving up.
 _BLOCKING_GRACE_S = 1.0
+# What a coroutine awaits instead of each blocking method (named in LoopThreadError).
+_ASYNC_TWINS = {"send_mark_and_wait": "send_mark_and_wait_async", "iter_dtmf": "dtmf"}
 
 # 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
 ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
@@ -183,7 +185,7 @@ class VoiceSession(TransportSide):
         """
         try:
             loop = self._require_loop(method)
-            forbid_on_loop(loop, method)
+            forbid_on_loop(loop, method, _ASYNC_TWINS.get(method))
         except BaseException:
             coro.close()
             raise
@@ -341,7 +343,7 @@ class VoiceSession(TransportSide):
         Also raises CallNotAnsweredError at once when the call ends before its stream
         connects (busy, no answer, failed: the server's status callback reports it).
         """
-        forbid_on_loop(self._loop, "wait_for_ws_connect")
+        forbid_on_loop(self._loop, "wait_for_ws_connect", "wait_for_ws_connect_async")
         self._settled.wait(timeout)
         if not self._ws_connected.is_set():
             raise CallNotAnsweredError(timeout)
@@ -383,7 +385,7 @@ class VoiceSession(TransportSide):
 
     def wait_until_disconnected(self, timeout: float | None = None) -> bool:
         """Block until the call ends; False on timeout."""
-        forbid_on_loop(self._loop, "wait_until_disconnected")
+        forbid_on_loop(self._loop, "wait_until_disconnected", "wait_until_disconnected_async")
         return self._disconnected.wait(timeout)
 
     async def wait_until_disconnected_async(self, timeout: float | None = None) -> bool:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio import tone_ulaw
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakResult, play_chunks
+from voice_runtime.providers.base import SpeakResult, play_chunks, speak_in_thread
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -78,3 +78,12 @@ class MockTts:
             on_error=self.on_error,
             provider="mock",
         )
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
+        return await speak_in_thread(self.speak, text, session, stop_event)

@@ -34,7 +34,7 @@ from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, 
 from voice_runtime.errors import ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import nothing_to_say, play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks, speak_in_thread
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -239,7 +239,7 @@ class AzureTTS:
         stop_event: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
-        forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak")
+        forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak", "AzureTTS.speak_async")
         if not text.strip():
             return nothing_to_say(text, session)
         require_credential(self._key, CREDENTIAL_VARIABLES["azure"], what=_KEY_WHAT)
@@ -264,6 +264,15 @@ class AzureTTS:
             chunks.close()
             if synth is not None:
                 self._release(synth)
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
+        return await speak_in_thread(self.speak, text, session, stop_event)
 
 
 def _raise(exc: BaseException) -> Iterator[bytes]:

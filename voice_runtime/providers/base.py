@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._compat import is_voice_session, number
@@ -49,7 +49,8 @@ __all__ = [
     "backoff_delay",
     "nothing_to_say",
     "play_chunks",
-    "play_chunks_async",
+    "speak_async",
+    "speak_in_thread",
     "words_heard",
 ]
 
@@ -157,7 +158,7 @@ def _wait_heard(session: VoiceSession, stop_event: threading.Event | None, timeo
     loop = session.loop
     if stop_event is None or loop is None:
         return session.send_mark_and_wait("tts_complete", timeout=timeout)
-    forbid_on_loop(loop, "speak")
+    forbid_on_loop(loop, "speak", "speak_async")
     try:
         fut = asyncio.run_coroutine_threadsafe(
             session.send_mark_and_wait_async("tts_complete", timeout), loop
@@ -275,39 +276,60 @@ def _play_duck_typed(
     return result.build()
 
 
-async def play_chunks_async(
+async def speak_in_thread(
+    speak: Callable[..., dict[str, Any]],
     text: str,
     session: VoiceSession,
-    chunks: AsyncIterable[bytes],
-    stop_event: asyncio.Event | threading.Event | None = None,
-    *,
-    on_error: Callable[[str], None] | None = None,
-    provider: str = "tts",
-    mark_timeout: float = MARK_TIMEOUT_S,
+    stop_event: threading.Event | None = None,
 ) -> dict[str, Any]:
-    """Async twin of :func:`play_chunks` for providers that synthesise on the event loop."""
-    result = SpeakResult(text, session)
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
+    """Await a blocking ``speak(text, session, stop_event)`` run in a thread of its own.
+
+    Synthesis SDKs block, so the speech runs off the loop; its own thread (not the shared
+    executor) means many calls speaking at once never queue behind each other. Cancelling
+    the awaiting task stops the speech (its queued audio is cleared) and does not wait.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+    stop = stop_event if stop_event is not None else threading.Event()
+
+    def deliver(result: dict[str, Any] | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result or {})
+
+    def run() -> None:
+        try:
+            result, exc = speak(text, session, stop), None
+        except BaseException as err:  # handed to the awaiting task, not lost in this thread
+            result, exc = None, err
+        try:
+            loop.call_soon_threadsafe(deliver, result, exc)
+        except RuntimeError:  # the loop is closed: nobody awaits the result any more
+            pass
+
+    threading.Thread(target=run, name="vr-speak", daemon=True).start()
     try:
-        async for chunk in chunks:
-            if stop_event is not None and stop_event.is_set():
-                session.request_clear_buffer()
-                return result.build(interrupted=True)
-            if session.is_disconnected:
-                return result.build(call_disconnected=True)
-            if chunk:
-                result.add_audio(len(chunk))
-                await session.put_outbound(chunk)
-    except Exception as exc:
-        return _report_error(result, exc, on_error, provider)
-    if stop_event is not None and stop_event.is_set():
-        session.request_clear_buffer()
-        return result.build(interrupted=True)
-    try:
-        played = await session.send_mark_and_wait_async("tts_complete", timeout=mark_timeout)
-    except TimeoutError:
-        return result.build()
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
-    return result.build(interrupted=not played)
+        return await fut
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+async def speak_async(
+    tts: Any,
+    text: str,
+    session: VoiceSession,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Speak with any TTS provider from a coroutine: its ``speak_async`` when it has one.
+
+    A 0.1.x-style provider with only a blocking ``speak`` runs it in a thread of its own.
+    """
+    native = getattr(tts, "speak_async", None)
+    if callable(native):
+        result: dict[str, Any] = await native(text, session, stop_event)
+        return result
+    return await speak_in_thread(tts.speak, text, session, stop_event)

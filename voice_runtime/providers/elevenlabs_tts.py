@@ -46,7 +46,7 @@ from voice_runtime.errors import (
     is_retryable_status,
 )
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import nothing_to_say, play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks, speak_in_thread
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -323,7 +323,9 @@ class ElevenLabsTTS:
         Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
         chunk. Returns the shared result dict; empty text returns at once.
         """
-        forbid_on_loop(getattr(session, "loop", None), "ElevenLabsTTS.speak")
+        forbid_on_loop(
+            getattr(session, "loop", None), "ElevenLabsTTS.speak", "ElevenLabsTTS.speak_async"
+        )
         if not text.strip():
             return nothing_to_say(text, session)
         chunks: Any = self.stream(text)  # a generator: closed below
@@ -339,3 +341,12 @@ class ElevenLabsTTS:
             )
         finally:
             chunks.close()
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
+        return await speak_in_thread(self.speak, text, session, stop_event)

@@ -120,7 +120,7 @@ def attach_agent_sync(
         raise NoEventLoopError(
             "attach_agent_sync() needs the session's event loop: call wait_for_ws_connect() first"
         )
-    forbid_on_loop(loop, "attach_agent_sync")
+    forbid_on_loop(loop, "attach_agent_sync", "attach_agent")
 
     async def _run() -> BridgeResult:
         real = agent() if callable(agent) and not hasattr(agent, "push_audio") else agent
