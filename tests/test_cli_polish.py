@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +175,52 @@ def test_simulate_signs_presses_keys_and_hides_marks(
     assert digits[:2] == ["4", "#"]
     assert sids[0] == "CA" + "1" * 32
     assert " mark " not in out and " mark " in verbose
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [([""], "needs some text"), (["a", "b", "c"], "at most 2 --line")],
+)
+def test_demo_refuses_lines_it_cannot_use(
+    capsys: pytest.CaptureFixture[str], lines: list[str], expected: str
+) -> None:
+    argv = ["demo", "--engine", "mock", "--no-record"]
+    for line in lines:
+        argv += ["--line", line]
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_demo_offline_without_the_extra_prints_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)
+    assert main(["demo", "--engine", "offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "voice-runtime[offline]"' in err
+
+
+def test_demo_timeout_bounds_the_whole_run(capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    main(["demo", "--engine", "mock", "--no-record", "--timeout", "1"])
+    # The full call lasts about 10 s of audio; the bound cuts it at 1 s plus teardown.
+    assert time.monotonic() - started < 5
+    assert "--timeout of 1 s reached" in capsys.readouterr().out
+
+
+def test_demo_quiet_writes_no_recording_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--engine", "mock", "--quiet", "--fast"]) == 0
+    out = capsys.readouterr().out
+    assert "demo ok" in out and "recording" not in out
+    assert not list(tmp_path.iterdir())
+    assert main(["demo", "--engine", "mock", "--fast", "--record", "call.wav"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "call.wav").is_file()
+    assert "Recording (caller left, agent right): call.wav" in out
+    assert "Latency (mock engines, not speech)" in out

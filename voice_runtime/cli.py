@@ -29,23 +29,41 @@ def _env_help(names: Sequence[str]) -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from voice_runtime.demo import DEFAULT_LINES, run_demo
+    from voice_runtime.offline import OFFLINE_INSTALL_HINT, require_offline
 
+    lines = tuple(args.line) if args.line else DEFAULT_LINES
+    if any(not line.strip() for line in lines):
+        print("error: --line needs some text to say", file=sys.stderr)
+        return 2
+    if len(lines) > len(DEFAULT_LINES):
+        print(
+            f"error: the demo agent asks {len(DEFAULT_LINES)} questions; "
+            f"give at most {len(DEFAULT_LINES)} --line",
+            file=sys.stderr,
+        )
+        return 2
+    if args.timeout <= 0:
+        print("error: --timeout must be more than 0 seconds", file=sys.stderr)
+        return 2
     engine = args.engine
-    if engine == "auto":
+    if engine in ("auto", "offline"):
         try:
-            from voice_runtime.offline import require_offline
-
             require_offline("faster_whisper")
             engine = "offline"
         except ImportError:
+            if engine == "offline":
+                print(f"error: the offline engines are not installed: {OFFLINE_INSTALL_HINT}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
             print(
-                'offline engines not installed (pip install "voice-runtime[offline]"); '
+                f"offline engines not installed ({OFFLINE_INSTALL_HINT}); "
                 "running the demo on the mock engines",
                 file=sys.stderr,
             )
             engine = "mock"
-    lines = tuple(args.line) if args.line else DEFAULT_LINES
-    record = None if args.no_record else Path(args.record)
+    # --quiet writes no file unless --record asks for one.
+    wanted = args.record or (None if args.quiet else "demo_call.wav")
+    record = None if args.no_record or wanted is None else Path(wanted)
     result = run_demo(
         engine=engine,
         lines=lines,
@@ -57,7 +75,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.quiet:
         said = sum(1 for t in result.turns if t.speaker == "agent")
         heard = sum(1 for t in result.turns if t.speaker == "caller")
-        print(f"demo ok: {said} agent turns, {heard} caller turns, {result.seconds:.1f} s")
+        written = f"; recording: {result.recording}" if result.recording is not None else ""
+        print(f"demo ok: {said} agent turns, {heard} caller turns, {result.seconds:.1f} s{written}")
     return 0 if any(t.speaker == "caller" for t in result.turns) else 1
 
 
@@ -242,13 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--line",
         action="append",
         metavar="TEXT",
-        help="a line the caller says (repeat for several; default: two lines)",
+        help="a line the caller says (up to two: the agent asks two questions)",
     )
     demo.add_argument(
         "--record",
-        default="demo_call.wav",
         metavar="PATH",
-        help="where to write the stereo recording (default demo_call.wav)",
+        help="where to write the stereo recording (default demo_call.wav; none with --quiet)",
     )
     demo.add_argument("--no-record", action="store_true", help="do not write a recording")
     demo.add_argument("-q", "--quiet", action="store_true", help="print one summary line only")
