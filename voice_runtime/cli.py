@@ -14,6 +14,7 @@ from typing import Any
 import websockets
 
 from voice_runtime.config import ENV_VARS
+from voice_runtime.errors import VoiceRuntimeError
 
 __all__ = ["main"]
 
@@ -80,7 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if any(t.speaker == "caller" for t in result.turns) else 1
 
 
-class _SimulateError(Exception):
+class _SimulateError(VoiceRuntimeError):
     """A ``simulate`` problem reported as one line, without a traceback."""
 
 
