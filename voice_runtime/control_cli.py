@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,6 +100,29 @@ def _parameters(pairs: Sequence[str] | None) -> dict[str, str]:
     return params
 
 
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+
+
+def check_e164(number: str) -> str:
+    """Return ``number`` if it is E.164 (``+`` and 2-15 digits), else raise ConfigurationError."""
+    if not _E164.fullmatch(number):
+        raise ConfigurationError(
+            "the number must be E.164, like +14155550123 (+, country code, digits)"
+        )
+    return number
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {port}")
+    return port
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -176,6 +200,7 @@ def _end_when_answered(session: VoiceSession) -> None:
 
 def _cmd_call(args: argparse.Namespace) -> int:
     try:
+        check_e164(args.number)
         params = _parameters(args.param)
         cfg = settings()
         public_url = args.public_url or cfg.voice_public_url or cfg.voice_stream_url
@@ -204,6 +229,7 @@ def _cmd_call(args: argparse.Namespace) -> int:
             try:
                 session.wait_for_ws_connect(args.answer_timeout)
             except CallNotAnsweredError:
+                _cancel(session.call_sid)
                 print("call not answered", file=sys.stderr)
                 return 1
             print("call answered")
@@ -216,10 +242,23 @@ def _cmd_call(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def _cancel(call_sid: str | None) -> None:
+    """End a call still ringing at ``--answer-timeout`` so it does not ring on unattended."""
+    if not call_sid:
+        return
+    from voice_runtime.transports.twilio_control import update_call
+
+    try:
+        update_call(call_sid, status="canceled")
+    except (VoiceRuntimeError, ValueError) as exc:
+        print(f"could not cancel the call: {exc}", file=sys.stderr)
+
+
 def _cmd_sms(args: argparse.Namespace) -> int:
     from voice_runtime.transport import get_sms_transport
 
     try:
+        check_e164(args.number)
         result = get_sms_transport().send_sms(
             args.number,
             args.text,
@@ -297,7 +336,7 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "--session-factory", metavar="MODULE:NAME", help="make each call's session with this"
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default VOICE_SERVER_PORT, 8080)")
+    serve.add_argument("--port", type=port_number, help="port (default VOICE_SERVER_PORT, 8080)")
     serve.add_argument(
         "--public-url", help="public base URL Twilio reaches this server at (VOICE_PUBLIC_URL)"
     )
@@ -410,7 +449,7 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
     call.add_argument("--app-dir", default=".", help="look for MODULE here first (default .)")
     call.add_argument("--public-url", help="public base URL of this server (VOICE_PUBLIC_URL)")
     call.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    call.add_argument("--port", type=int, help="port (default VOICE_SERVER_PORT, 8080)")
+    call.add_argument("--port", type=port_number, help="port (default VOICE_SERVER_PORT, 8080)")
     call.add_argument(
         "--param", action="append", metavar="NAME=VALUE", help="a <Parameter> of the stream"
     )

@@ -174,7 +174,14 @@ class VoiceServer(WebhookRoutes):
         # handler delays every call's audio, and the warning says so.
         self.watchdog = watchdog or LoopWatchdog()
         self._streams = 0
-        self.app = app or FastAPI(title="voice_runtime", lifespan=self._lifespan)
+        # No /docs, /redoc or /openapi.json: a phone endpoint need not publish its API map.
+        self.app = app or FastAPI(
+            title="voice_runtime",
+            lifespan=self._lifespan,
+            docs_url=None,
+            redoc_url=None,
+            openapi_url=None,
+        )
         if app is not None:
             self._wrap_lifespan(app)
         self._install(self.app)

