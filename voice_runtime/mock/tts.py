@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio import tone_ulaw
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakResult, play_chunks, speak_in_thread
+from voice_runtime.providers.base import SpeakAsyncInThread, SpeakResult, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -23,7 +23,7 @@ CHUNK_MS = 100.0
 __all__ = ["MockTts"]
 
 
-class MockTts:
+class MockTts(SpeakAsyncInThread):
     """Records spoken text in ``.spoken`` and sends a soft tone (about 60 ms per character)."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True, needs_network=False)
@@ -78,12 +78,3 @@ class MockTts:
             on_error=self.on_error,
             provider="mock",
         )
-
-    async def speak_async(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
-        return await speak_in_thread(self.speak, text, session, stop_event)

@@ -34,7 +34,7 @@ from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, 
 from voice_runtime.errors import ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import nothing_to_say, play_chunks, speak_in_thread
+from voice_runtime.providers.base import SpeakAsyncInThread, nothing_to_say, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -87,7 +87,7 @@ class _Synth:
             target.put(item)
 
 
-class AzureTTS:
+class AzureTTS(SpeakAsyncInThread):
     """Streams Azure neural speech (Raw8Khz8BitMonoMULaw) into a call."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -264,15 +264,6 @@ class AzureTTS:
             chunks.close()
             if synth is not None:
                 self._release(synth)
-
-    async def speak_async(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
-        return await speak_in_thread(self.speak, text, session, stop_event)
 
 
 def _raise(exc: BaseException) -> Iterator[bytes]:

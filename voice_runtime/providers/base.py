@@ -45,6 +45,7 @@ __all__ = [
     "EndKind",
     "EchoGate",
     "ReconnectingStt",
+    "SpeakAsyncInThread",
     "SpeakResult",
     "backoff_delay",
     "nothing_to_say",
@@ -333,3 +334,17 @@ async def speak_async(
         result: dict[str, Any] = await native(text, session, stop_event)
         return result
     return await speak_in_thread(tts.speak, text, session, stop_event)
+
+
+class SpeakAsyncInThread:
+    """Gives a provider whose ``speak`` blocks its awaitable twin, ``speak_async``."""
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Awaitable twin of ``speak`` (the loop keeps running while the caller listens)."""
+        speak: Callable[..., dict[str, Any]] = self.speak  # type: ignore[attr-defined]
+        return await speak_in_thread(speak, text, session, stop_event)

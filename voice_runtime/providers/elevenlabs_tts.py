@@ -46,7 +46,7 @@ from voice_runtime.errors import (
     is_retryable_status,
 )
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import nothing_to_say, play_chunks, speak_in_thread
+from voice_runtime.providers.base import SpeakAsyncInThread, nothing_to_say, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -152,7 +152,7 @@ def _error_detail(body: Any) -> str:
     return ""
 
 
-class ElevenLabsTTS:
+class ElevenLabsTTS(SpeakAsyncInThread):
     """Streams ElevenLabs speech (``ulaw_8000``) into a call through one reused SDK client."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -341,12 +341,3 @@ class ElevenLabsTTS:
             )
         finally:
             chunks.close()
-
-    async def speak_async(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
-        return await speak_in_thread(self.speak, text, session, stop_event)

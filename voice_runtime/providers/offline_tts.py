@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from voice_runtime.audio import StreamResampler, pcm16_to_ulaw
 from voice_runtime.offline import tts_engine
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import play_chunks, speak_in_thread
+from voice_runtime.providers.base import SpeakAsyncInThread, play_chunks
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["OfflineTts"]
 
 
-class OfflineTts:
+class OfflineTts(SpeakAsyncInThread):
     """Local TTS: ``voice="espeak"`` (fast formant voice) or ``"piper"`` (natural voice).
 
     Audio is resampled to 8 kHz and μ-law encoded chunk by chunk as the engine produces it,
@@ -64,12 +64,3 @@ class OfflineTts:
             on_error=self.on_error,
             provider=f"offline-{self.voice}",
         )
-
-    async def speak_async(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Awaitable twin of :meth:`speak` (the loop keeps running while the caller listens)."""
-        return await speak_in_thread(self.speak, text, session, stop_event)
