@@ -38,6 +38,7 @@ from voice_runtime.logutil import (
     set_call_context,
 )
 from voice_runtime.providers import SttProvider, TtsProvider
+from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
     IPNetwork,
@@ -49,6 +50,7 @@ from voice_runtime.transports.security import (
     trusted_networks,
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions
+from voice_runtime.types import SessionEvent
 from voice_runtime.urls import http_base
 from voice_runtime.watchdog import LoopWatchdog
 from voice_runtime.webhooks import ENDED_STATUSES as ENDED_STATUSES
@@ -88,6 +90,12 @@ class VoiceServer(WebhookRoutes):
     A ``start`` whose call SID another stream holds, or that differs from the call SID its
     route was issued for, is closed with 1008. ``refusals`` counts every refusal by reason.
 
+    When ``on_call`` raises, or returns while the call is still up, the call ends: the
+    audio already queued plays first, then the server hangs up (no dead air). After a raise
+    the error is logged once with its traceback, ``SessionEvent("handler_failed", ...)`` is
+    emitted, and ``error_message`` (when set) is spoken by ``error_tts``, or by
+    ``goodbye_tts`` when ``error_tts`` is None, before the hang-up.
+
     ``allow_unrouted_streams``: None (default) serves ``{path}`` without a route token only
     while signatures are not enforced (a signed upgrade of that fixed URL could be replayed).
 
@@ -125,6 +133,8 @@ class VoiceServer(WebhookRoutes):
         drain_timeout: float = 30.0,
         goodbye: str = "We have to end this call now. Please call again. Goodbye.",
         goodbye_tts: TtsProvider | None = None,
+        error_message: str | None = None,
+        error_tts: TtsProvider | None = None,
         stream_options: StreamOptions | None = None,
         hangup_regions: Any = None,
         watchdog: LoopWatchdog | None = None,
@@ -157,6 +167,8 @@ class VoiceServer(WebhookRoutes):
         self.drain_timeout = drain_timeout
         self.goodbye = goodbye
         self.goodbye_tts = goodbye_tts
+        self.error_message = error_message
+        self.error_tts = error_tts
         self.stream_options = stream_options or StreamOptions()
         self.hangup_regions = hangup_regions
         self.max_webhook_bytes = max_webhook_bytes
@@ -492,6 +504,7 @@ class VoiceServer(WebhookRoutes):
     async def _run_async_handler(self, session: VoiceSession) -> None:
         assert self.on_call is not None
         set_call_context(session.call_sid, session.stream_sid)
+        generation = session.generation
         handler = asyncio.ensure_future(self.on_call(session))
         ended = asyncio.ensure_future(session.wait_until_disconnected_async())
         try:
@@ -504,15 +517,15 @@ class VoiceServer(WebhookRoutes):
                 handler.cancel()
             with contextlib.suppress(BaseException):
                 await handler
-            if handler.done() and not handler.cancelled() and handler.exception() is not None:
+            exc = None
+            if handler.done() and not handler.cancelled():
                 exc = handler.exception()
-                assert exc is not None
-                logger.error(
-                    "call handler failed: %s",
-                    describe_error(exc),
-                    exc_info=exc,
-                    extra={"call_sid": session.call_sid},
-                )
+            if isinstance(exc, Exception):
+                self._handler_failed(session, exc)
+                tts = self._error_speaker()
+                if tts is not None and not session.is_disconnected:
+                    await self._speak_error_async(tts, session)
+            self._end_after_handler(session, generation)
         finally:
             ended.cancel()
             handler.cancel()
@@ -521,14 +534,53 @@ class VoiceServer(WebhookRoutes):
         assert self.on_call is not None
         # A pool thread serves many calls: the context is this call's only while it runs.
         with call_log_context(session.call_sid, session.stream_sid):
+            generation = session.generation
             try:
                 self.on_call(session)
             except Exception as exc:
-                logger.exception(
-                    "call handler failed: %s",
-                    describe_error(exc),
-                    extra={"call_sid": session.call_sid},
-                )
+                self._handler_failed(session, exc)
+                tts = self._error_speaker()
+                if tts is not None and not session.is_disconnected:
+                    try:
+                        tts.speak(self.error_message or "", session)
+                    except Exception as tts_exc:
+                        logger.warning(
+                            "error message could not be spoken: %s", describe_error(tts_exc)
+                        )
+            self._end_after_handler(session, generation)
+
+    def _handler_failed(self, session: VoiceSession, exc: BaseException) -> None:
+        logger.error(
+            "call handler failed: %s",
+            describe_error(exc),
+            exc_info=exc,
+            extra={"call_sid": session.call_sid},
+        )
+        # Only the error type: its message may quote what the caller said or their number.
+        session.emit_event(
+            SessionEvent(
+                "handler_failed",
+                {"error": type(exc).__name__, "call_sid": session.call_sid},
+            )
+        )
+
+    def _error_speaker(self) -> TtsProvider | None:
+        if not self.error_message:
+            return None
+        return self.error_tts if self.error_tts is not None else self.goodbye_tts
+
+    async def _speak_error_async(self, tts: TtsProvider, session: VoiceSession) -> None:
+        try:
+            # Bounded: a stalled TTS must not keep the caller on a silent line.
+            await asyncio.wait_for(speak_async(tts, self.error_message or "", session), 10.0)
+        except Exception as exc:
+            logger.warning("error message could not be spoken: %s", describe_error(exc))
+
+    def _end_after_handler(self, session: VoiceSession, generation: int) -> None:
+        # A handler that is done while the stream is up would leave the caller in dead air:
+        # hang up once the audio it queued has been heard.
+        if not session.is_disconnected:
+            session.request_disconnect(generation, after_playback=True)
 
     # ------------------------------------------------------------------ webhooks
     # The webhook and health handlers are inherited from voice_runtime.webhooks.WebhookRoutes.
