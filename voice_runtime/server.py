@@ -24,21 +24,15 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from voice_runtime import calls as _handlers
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
-from voice_runtime.logutil import (
-    LogLimiter,
-    call_log_context,
-    clip,
-    describe_error,
-    set_call_context,
-)
+from voice_runtime.logutil import LogLimiter, call_log_context, clip, set_call_context
 from voice_runtime.providers import SttProvider, TtsProvider
-from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
     IPNetwork,
@@ -50,7 +44,6 @@ from voice_runtime.transports.security import (
     trusted_networks,
 )
 from voice_runtime.transports.twilio_ws import MediaStreamCall, StreamOptions
-from voice_runtime.types import SessionEvent
 from voice_runtime.urls import http_base
 from voice_runtime.watchdog import LoopWatchdog
 from voice_runtime.webhooks import ENDED_STATUSES as ENDED_STATUSES
@@ -90,11 +83,9 @@ class VoiceServer(WebhookRoutes):
     A ``start`` whose call SID another stream holds, or that differs from the call SID its
     route was issued for, is closed with 1008. ``refusals`` counts every refusal by reason.
 
-    When ``on_call`` raises, or returns while the call is still up, the call ends: the
-    audio already queued plays first, then the server hangs up (no dead air). After a raise
-    the error is logged once with its traceback, ``SessionEvent("handler_failed", ...)`` is
-    emitted, and ``error_message`` (when set) is spoken by ``error_tts``, or by
-    ``goodbye_tts`` when ``error_tts`` is None, before the hang-up.
+    When ``on_call`` raises or returns while the call is up, its queued audio plays, then the
+    call ends; a raise is logged, emitted as ``SessionEvent("handler_failed")`` and first
+    speaks ``error_message`` with ``error_tts`` (or ``goodbye_tts``) when both are set.
 
     ``allow_unrouted_streams``: None (default) serves ``{path}`` without a route token only
     while signatures are not enforced (a signed upgrade of that fixed URL could be replayed).
@@ -517,15 +508,8 @@ class VoiceServer(WebhookRoutes):
                 handler.cancel()
             with contextlib.suppress(BaseException):
                 await handler
-            exc = None
-            if handler.done() and not handler.cancelled():
-                exc = handler.exception()
-            if isinstance(exc, Exception):
-                self._handler_failed(session, exc)
-                tts = self._error_speaker()
-                if tts is not None and not session.is_disconnected:
-                    await self._speak_error_async(tts, session)
-            self._end_after_handler(session, generation)
+            exc = handler.exception() if handler.done() and not handler.cancelled() else None
+            await _handlers.finish_async(session, generation, exc, self._error_speaker())
         finally:
             ended.cancel()
             handler.cancel()
@@ -535,52 +519,16 @@ class VoiceServer(WebhookRoutes):
         # A pool thread serves many calls: the context is this call's only while it runs.
         with call_log_context(session.call_sid, session.stream_sid):
             generation = session.generation
+            exc: Exception | None = None
             try:
                 self.on_call(session)
-            except Exception as exc:
-                self._handler_failed(session, exc)
-                tts = self._error_speaker()
-                if tts is not None and not session.is_disconnected:
-                    try:
-                        tts.speak(self.error_message or "", session)
-                    except Exception as tts_exc:
-                        logger.warning(
-                            "error message could not be spoken: %s", describe_error(tts_exc)
-                        )
-            self._end_after_handler(session, generation)
+            except Exception as error:
+                exc = error
+            _handlers.finish_sync(session, generation, exc, self._error_speaker())
 
-    def _handler_failed(self, session: VoiceSession, exc: BaseException) -> None:
-        logger.error(
-            "call handler failed: %s",
-            describe_error(exc),
-            exc_info=exc,
-            extra={"call_sid": session.call_sid},
-        )
-        # Only the error type: its message may quote what the caller said or their number.
-        session.emit_event(
-            SessionEvent(
-                "handler_failed",
-                {"error": type(exc).__name__, "call_sid": session.call_sid},
-            )
-        )
-
-    def _error_speaker(self) -> TtsProvider | None:
-        if not self.error_message:
-            return None
-        return self.error_tts if self.error_tts is not None else self.goodbye_tts
-
-    async def _speak_error_async(self, tts: TtsProvider, session: VoiceSession) -> None:
-        try:
-            # Bounded: a stalled TTS must not keep the caller on a silent line.
-            await asyncio.wait_for(speak_async(tts, self.error_message or "", session), 10.0)
-        except Exception as exc:
-            logger.warning("error message could not be spoken: %s", describe_error(exc))
-
-    def _end_after_handler(self, session: VoiceSession, generation: int) -> None:
-        # A handler that is done while the stream is up would leave the caller in dead air:
-        # hang up once the audio it queued has been heard.
-        if not session.is_disconnected:
-            session.request_disconnect(generation, after_playback=True)
+    def _error_speaker(self) -> tuple[str, TtsProvider] | None:
+        tts = self.error_tts if self.error_tts is not None else self.goodbye_tts
+        return (self.error_message, tts) if self.error_message and tts is not None else None
 
     # ------------------------------------------------------------------ webhooks
     # The webhook and health handlers are inherited from voice_runtime.webhooks.WebhookRoutes.
