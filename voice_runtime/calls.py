@@ -9,6 +9,7 @@ two).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import secrets
@@ -19,12 +20,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from voice_runtime.logutil import log_limiter
+from voice_runtime.logutil import describe_error, log_limiter
+from voice_runtime.providers import TtsProvider
+from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
+from voice_runtime.types import SessionEvent
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CallRegistry", "HandlerPool", "Route", "make_route"]
+__all__ = [
+    "CallRegistry",
+    "HandlerPool",
+    "Route",
+    "end_after_handler",
+    "finish_async",
+    "finish_sync",
+    "handler_failed",
+    "make_route",
+    "speak_error",
+    "speak_error_async",
+]
 
 
 @dataclass
@@ -326,6 +341,69 @@ class HandlerPool:
             except BaseException:
                 # Even SystemExit from a handler must not silently shrink the pool.
                 logger.exception("call handler failed", extra={"call_sid": session.call_sid})
+
+
+def handler_failed(session: VoiceSession, exc: BaseException) -> None:
+    """Log a failed ``on_call`` handler once with its traceback and emit ``handler_failed``."""
+    logger.error(
+        "call handler failed: %s",
+        describe_error(exc),
+        exc_info=exc,
+        extra={"call_sid": session.call_sid},
+    )
+    # Only the error type: its message may quote what the caller said or their number.
+    data = {"error": type(exc).__name__, "call_sid": session.call_sid}
+    session.emit_event(SessionEvent("handler_failed", data))
+
+
+def speak_error(tts: TtsProvider, text: str, session: VoiceSession) -> None:
+    """Speak the server's error message (blocking); a failing TTS is logged, not raised."""
+    try:
+        tts.speak(text, session)
+    except Exception as exc:
+        logger.warning("error message could not be spoken: %s", describe_error(exc))
+
+
+async def speak_error_async(tts: TtsProvider, text: str, session: VoiceSession) -> None:
+    """Async twin of :func:`speak_error`, bounded so a stalled TTS cannot hold the line."""
+    try:
+        await asyncio.wait_for(speak_async(tts, text, session), 10.0)
+    except Exception as exc:
+        logger.warning("error message could not be spoken: %s", describe_error(exc))
+
+
+def finish_sync(
+    session: VoiceSession,
+    generation: int,
+    exc: BaseException | None,
+    speaker: tuple[str, TtsProvider] | None,
+) -> None:
+    """After a sync handler: report its error, speak the error message, then hang up."""
+    if exc is not None:
+        handler_failed(session, exc)
+        if speaker is not None and not session.is_disconnected:
+            speak_error(speaker[1], speaker[0], session)
+    end_after_handler(session, generation)
+
+
+async def finish_async(
+    session: VoiceSession,
+    generation: int,
+    exc: BaseException | None,
+    speaker: tuple[str, TtsProvider] | None,
+) -> None:
+    """Async twin of :func:`finish_sync`."""
+    if exc is not None:
+        handler_failed(session, exc)
+        if speaker is not None and not session.is_disconnected:
+            await speak_error_async(speaker[1], speaker[0], session)
+    end_after_handler(session, generation)
+
+
+def end_after_handler(session: VoiceSession, generation: int) -> None:
+    """Hang up once the queued audio is heard: a finished handler must not leave dead air."""
+    if not session.is_disconnected:
+        session.request_disconnect(generation, after_playback=True)
 
 
 def _log_evicted(evicted: int) -> None:

@@ -24,19 +24,14 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from voice_runtime import calls as _handlers
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
-from voice_runtime.logutil import (
-    LogLimiter,
-    call_log_context,
-    clip,
-    describe_error,
-    set_call_context,
-)
+from voice_runtime.logutil import LogLimiter, call_log_context, clip, set_call_context
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -88,6 +83,10 @@ class VoiceServer(WebhookRoutes):
     A ``start`` whose call SID another stream holds, or that differs from the call SID its
     route was issued for, is closed with 1008. ``refusals`` counts every refusal by reason.
 
+    When ``on_call`` raises or returns while the call is up, its queued audio plays, then the
+    call ends; a raise is logged, emitted as ``SessionEvent("handler_failed")`` and first
+    speaks ``error_message`` with ``error_tts`` (or ``goodbye_tts``) when both are set.
+
     ``allow_unrouted_streams``: None (default) serves ``{path}`` without a route token only
     while signatures are not enforced (a signed upgrade of that fixed URL could be replayed).
 
@@ -125,6 +124,8 @@ class VoiceServer(WebhookRoutes):
         drain_timeout: float = 30.0,
         goodbye: str = "We have to end this call now. Please call again. Goodbye.",
         goodbye_tts: TtsProvider | None = None,
+        error_message: str | None = None,
+        error_tts: TtsProvider | None = None,
         stream_options: StreamOptions | None = None,
         hangup_regions: Any = None,
         watchdog: LoopWatchdog | None = None,
@@ -157,6 +158,8 @@ class VoiceServer(WebhookRoutes):
         self.drain_timeout = drain_timeout
         self.goodbye = goodbye
         self.goodbye_tts = goodbye_tts
+        self.error_message = error_message
+        self.error_tts = error_tts
         self.stream_options = stream_options or StreamOptions()
         self.hangup_regions = hangup_regions
         self.max_webhook_bytes = max_webhook_bytes
@@ -492,6 +495,7 @@ class VoiceServer(WebhookRoutes):
     async def _run_async_handler(self, session: VoiceSession) -> None:
         assert self.on_call is not None
         set_call_context(session.call_sid, session.stream_sid)
+        generation = session.generation
         handler = asyncio.ensure_future(self.on_call(session))
         ended = asyncio.ensure_future(session.wait_until_disconnected_async())
         try:
@@ -504,15 +508,8 @@ class VoiceServer(WebhookRoutes):
                 handler.cancel()
             with contextlib.suppress(BaseException):
                 await handler
-            if handler.done() and not handler.cancelled() and handler.exception() is not None:
-                exc = handler.exception()
-                assert exc is not None
-                logger.error(
-                    "call handler failed: %s",
-                    describe_error(exc),
-                    exc_info=exc,
-                    extra={"call_sid": session.call_sid},
-                )
+            exc = handler.exception() if handler.done() and not handler.cancelled() else None
+            await _handlers.finish_async(session, generation, exc, self._error_speaker())
         finally:
             ended.cancel()
             handler.cancel()
@@ -521,14 +518,17 @@ class VoiceServer(WebhookRoutes):
         assert self.on_call is not None
         # A pool thread serves many calls: the context is this call's only while it runs.
         with call_log_context(session.call_sid, session.stream_sid):
+            generation = session.generation
+            exc: Exception | None = None
             try:
                 self.on_call(session)
-            except Exception as exc:
-                logger.exception(
-                    "call handler failed: %s",
-                    describe_error(exc),
-                    extra={"call_sid": session.call_sid},
-                )
+            except Exception as error:
+                exc = error
+            _handlers.finish_sync(session, generation, exc, self._error_speaker())
+
+    def _error_speaker(self) -> tuple[str, TtsProvider] | None:
+        tts = self.error_tts if self.error_tts is not None else self.goodbye_tts
+        return (self.error_message, tts) if self.error_message and tts is not None else None
 
     # ------------------------------------------------------------------ webhooks
     # The webhook and health handlers are inherited from voice_runtime.webhooks.WebhookRoutes.
