@@ -163,13 +163,21 @@ class WebhookRoutes:
         self._refuse("draining" if self.draining else "busy", "incoming call refused")
         return Response(_twiml_busy(self.busy_message), media_type=TWIML)
 
-    async def _voice_webhook(self, request: Request) -> Response:
+    async def _call_form(self, request: Request) -> tuple[dict[str, str], str] | Response:
+        """The signed form of a call webhook and its CallSid, or the refusal to answer."""
         form = await self._form(request)
         if isinstance(form, Response):
             return form
         call_sid = form.get("CallSid", "")
         if not _is_sid(call_sid):
             return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        return form, call_sid
+
+    async def _voice_webhook(self, request: Request) -> Response:
+        signed = await self._call_form(request)
+        if isinstance(signed, Response):
+            return signed
+        form, call_sid = signed
         if self.draining or self.registry.reserved_count >= self.max_calls:
             # Refused before any user callback runs; the reservation below is the real check.
             return self._busy_answer()
@@ -227,12 +235,10 @@ class WebhookRoutes:
             await self.callbacks.run(session.emit_event, event, key=id(session))
 
     async def _status_webhook(self, request: Request) -> Response:
-        form = await self._form(request)
-        if isinstance(form, Response):
-            return form
-        call_sid = form.get("CallSid", "")
-        if not _is_sid(call_sid):
-            return self._refuse_webhook(400, "incomplete", "webhook refused: incomplete form")
+        signed = await self._call_form(request)
+        if isinstance(signed, Response):
+            return signed
+        form, call_sid = signed
         session = self.registry.by_call_sid(call_sid)
         if session is None:
             return Response(status_code=204)
