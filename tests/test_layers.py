@@ -16,6 +16,7 @@ SERVER_LAYER = (
     "voice_runtime.calls",
     "voice_runtime.webhooks",
     "voice_runtime.call_wiring",
+    "voice_runtime.call_lifecycle",
     "voice_runtime.single_session",
     "voice_runtime._duck_call",
 )
