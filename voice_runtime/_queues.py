@@ -86,6 +86,7 @@ class SessionStats:
     marks_echoed: int = 0
     unknown_marks: int = 0
     clears_sent: int = 0
+    clears_skipped: int = 0  # barge-in clears not made: uninterruptible audio was playing
     dtmf_digits: int = 0
     dtmf_dropped: int = 0
     bad_frames: dict[str, int] = field(default_factory=dict)

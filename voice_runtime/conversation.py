@@ -2,14 +2,23 @@
 
 It wires the session's STT (whenever the transport builds it) to a transcript queue and
 keeps the STT's echo discard in step with the agent's speech. Sync methods run in the
-consumer's thread; ``say_async`` / ``listen_async`` / ``hangup_async`` are their twins for an
-``async def`` handler. Both raise :class:`~voice_runtime.errors.CallHangupError` when the call
-ends while they wait.
+consumer's thread; ``say_async`` / ``listen_async`` / ``hangup_async`` /
+``gather_digits_async`` are their twins for an ``async def`` handler. They raise
+:class:`~voice_runtime.errors.CallHangupError` when the call ends while they wait.
+
+* ``say(text, interruptible=False)``: barge-in does not cut the line (a legal disclosure);
+  what the caller says over it is kept for the next ``listen()``.
+* ``idle_timeout=``: ``listen()`` re-prompts a silent caller and, after the last prompt, says
+  goodbye, hangs up once it was heard and raises :class:`~voice_runtime.errors.IdleHangupError`
+  (see :mod:`voice_runtime.idle`).
+* ``gather_digits(...)``: DTMF input with a prompt the first key stops (see
+  :mod:`voice_runtime.digits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -19,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_runtime._compat import is_voice_session
-from voice_runtime.errors import CallHangupError, ConfigurationError
+from voice_runtime.digits import Digits, PromptSpeaker, gather
+from voice_runtime.errors import CallHangupError, ConfigurationError, IdleHangupError
+from voice_runtime.idle import POLL_S, IdleClock, IdlePolicy
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
@@ -27,6 +38,7 @@ from voice_runtime.session import VoiceSession
 logger = logging.getLogger(__name__)
 
 LISTEN_POLL_S = 0.02  # how often listen_async looks for a transcript (no thread is held)
+LISTEN_TIMEOUT_S = 15.0  # listen()'s default limit when no idle policy is set
 
 __all__ = ["Conversation", "Turn"]
 
@@ -50,6 +62,7 @@ class Conversation:
         *,
         on_turn: Callable[[Turn], None] | None = None,
         barge_in: bool | Any = False,
+        idle_timeout: float | IdlePolicy | None = None,
     ) -> None:
         self.session = session
         self.tts = tts
@@ -67,6 +80,10 @@ class Conversation:
             self.barge_in = barge_in
         self._heard: queue.Queue[str | None] = queue.Queue()
         self._stt: SttProvider | None = None
+        #: The idle policy (``idle_timeout=`` seconds or an IdlePolicy); None: off.
+        self.idle = IdlePolicy.of(idle_timeout)
+        self.idle_prompts = 0  # prompts said since the caller last answered
+        self._clock = None if self.idle is None else IdleClock(session, self.idle)
         previous_ready = session.on_stt_ready
         previous_disc = session.on_disconnected
 
@@ -103,34 +120,47 @@ class Conversation:
             except Exception:
                 logger.exception("on_turn callback failed")
 
-    def _before_say(self) -> SttProvider | None:
+    def _before_say(self, interruptible: bool) -> tuple[SttProvider | None, threading.Event]:
         if self.session.is_disconnected:
             raise CallHangupError()
         if self.barge_in is not None:
             self.stop_event = self.barge_in.arm()
         else:
             self.stop_event.clear()
+        # An uninterruptible line gets a stop event barge-in never sets; barge-in still runs,
+        # so it releases the STT and what the caller says is kept for the next listen().
+        stop = self.stop_event if interruptible else threading.Event()
         stt = self._stt
         if stt is not None:
             stt.set_speaking(True)
-        return stt
+        return stt, stop
 
-    def say(self, text: str) -> dict[str, Any]:
-        """Speak and return when the caller heard it, or was interrupted (the TTS result dict)."""
-        stt = self._before_say()
+    def _protect(self, interruptible: bool) -> contextlib.AbstractContextManager[Any]:
+        if interruptible or not is_voice_session(self.session):
+            return contextlib.nullcontext()
+        return self.session.uninterruptible()
+
+    def say(self, text: str, *, interruptible: bool = True) -> dict[str, Any]:
+        """Speak and return when the caller heard it, or was interrupted (the TTS result dict).
+
+        With ``interruptible=False`` barge-in does not cut it off.
+        """
+        stt, stop = self._before_say(interruptible)
         try:
-            result = self.tts.speak(text, self.session, self.stop_event)
+            with self._protect(interruptible):
+                result = self.tts.speak(text, self.session, stop)
         finally:
             if stt is not None:
                 stt.set_speaking(False)
         self._record("agent", result.get("last_spoken", text))
         return result
 
-    async def say_async(self, text: str) -> dict[str, Any]:
+    async def say_async(self, text: str, *, interruptible: bool = True) -> dict[str, Any]:
         """Awaitable twin of :meth:`say` for ``async def`` handlers (the loop keeps running)."""
-        stt = self._before_say()
+        stt, stop = self._before_say(interruptible)
         try:
-            result = await speak_async(self.tts, text, self.session, self.stop_event)
+            with self._protect(interruptible):
+                result = await speak_async(self.tts, text, self.session, stop)
         finally:
             if stt is not None:
                 stt.set_speaking(False)
@@ -151,28 +181,92 @@ class Conversation:
                 "session.stt_factory"
             )
 
-    def listen(self, timeout: float = 15.0) -> str | None:
+    def _start_listening(self, timeout: float | None) -> float:
+        """Checks, the idle clock, and the deadline of one listen."""
+        self._require_stt()
+        if timeout is None:
+            timeout = LISTEN_TIMEOUT_S if self.idle is None else float("inf")
+        if self._clock is not None:
+            self._clock.attach()  # the silence counts from here, not from an earlier turn
+        return time.monotonic() + timeout
+
+    def _idle_line(self) -> str | None:
+        """The line to say when the caller has been silent too long (None: not yet)."""
+        clock, policy = self._clock, self.idle
+        if clock is None or policy is None or not clock.expired():
+            return None
+        last = self.idle_prompts >= policy.max_prompts
+        logger.info(
+            "caller idle: hanging up" if last else "caller idle: prompting",
+            extra={"call_sid": self.session.call_sid, "prompts": self.idle_prompts},
+        )
+        self.idle_prompts += 1
+        return policy.goodbye if last else policy.prompt
+
+    def _after_idle_line(self) -> None:
+        assert self.idle is not None and self._clock is not None
+        if self.idle_prompts > self.idle.max_prompts:
+            self.hangup()  # after the goodbye was heard: say() returned when it was
+            raise IdleHangupError()
+        self._clock.restart()
+
+    def _heard_text(self, text: str | None) -> str:
+        if text is None:
+            raise CallHangupError()
+        self.idle_prompts = 0
+        self._record("caller", text)
+        return text
+
+    def listen(self, timeout: float | None = None) -> str | None:
         """Return the caller's next utterance, or None when nothing was said in time.
 
-        Raises :class:`~voice_runtime.errors.ConfigurationError` at once when the call has
-        no STT.
+        ``timeout`` defaults to 15 s, or to no limit with an idle policy (which re-prompts
+        and finally hangs up, raising IdleHangupError). Raises
+        :class:`~voice_runtime.errors.ConfigurationError` at once when the call has no STT.
         """
-        self._require_stt()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.session.is_disconnected and self._heard.empty():
-                raise CallHangupError()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                text = self._heard.get(timeout=min(remaining, 0.25))
-            except queue.Empty:
-                continue
-            if text is None:
-                raise CallHangupError()
-            self._record("caller", text)
-            return text
+        deadline = self._start_listening(timeout)
+        try:
+            while True:
+                if self.session.is_disconnected and self._heard.empty():
+                    raise CallHangupError()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                try:
+                    text = self._heard.get(timeout=min(remaining, POLL_S))
+                except queue.Empty:
+                    line = self._idle_line()
+                    if line is not None:
+                        self.say(line)
+                        self._after_idle_line()
+                    continue
+                return self._heard_text(text)
+        finally:
+            if self._clock is not None:
+                self._clock.detach()
+
+    async def listen_async(self, timeout: float | None = None) -> str | None:
+        """Awaitable twin of :meth:`listen` for ``async def`` handlers."""
+        deadline = self._start_listening(timeout)
+        try:
+            while True:
+                try:
+                    text = self._heard.get_nowait()
+                except queue.Empty:
+                    if self.session.is_disconnected:
+                        raise CallHangupError() from None
+                    if time.monotonic() >= deadline:
+                        return None
+                    line = self._idle_line()
+                    if line is not None:
+                        await self.say_async(line)
+                        self._after_idle_line()
+                    await asyncio.sleep(LISTEN_POLL_S)
+                    continue
+                return self._heard_text(text)
+        finally:
+            if self._clock is not None:
+                self._clock.detach()
 
     def hangup(self) -> None:
         """End the call once everything said has been heard."""
@@ -181,25 +275,67 @@ class Conversation:
         else:
             self.session.request_disconnect()  # the 0.1.x call, for other session objects
 
-    async def listen_async(self, timeout: float = 15.0) -> str | None:
-        """Awaitable twin of :meth:`listen` for ``async def`` handlers."""
-        self._require_stt()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                text = self._heard.get_nowait()
-            except queue.Empty:
-                if self.session.is_disconnected:
-                    raise CallHangupError() from None
-                if time.monotonic() >= deadline:
-                    return None
-                await asyncio.sleep(LISTEN_POLL_S)
-                continue
-            if text is None:
-                raise CallHangupError()
-            self._record("caller", text)
-            return text
-
     async def hangup_async(self) -> None:
         """Awaitable twin of :meth:`hangup` (it never blocks; this keeps handlers uniform)."""
         self.hangup()
+
+    async def gather_digits_async(
+        self,
+        max_digits: int | None = None,
+        *,
+        finish_on_key: str = "#",
+        timeout: float = 5.0,
+        inter_digit_timeout: float | None = None,
+        prompt: str | None = None,
+        interruptible: bool = True,
+    ) -> Digits:
+        """Collect DTMF keys (see :mod:`voice_runtime.digits`); ``prompt`` stops at the first key.
+
+        With ``interruptible=False`` the prompt plays to its end (keys pressed meanwhile
+        count). Raises CallHangupError when the call ends first.
+        """
+        speak: PromptSpeaker | None = None
+        if prompt:
+
+            async def speak_prompt(stop: threading.Event) -> Any:
+                with self._protect(interruptible):
+                    result = await speak_async(
+                        self.tts, prompt, self.session, stop if interruptible else None
+                    )
+                self._record("agent", result.get("last_spoken", prompt))
+                return result
+
+            speak = speak_prompt
+        if self.session.is_disconnected:
+            raise CallHangupError()
+        result = await gather(
+            self.session, max_digits, finish_on_key, timeout, inter_digit_timeout, speak
+        )
+        if result.reason == "hangup":
+            raise CallHangupError()
+        self.idle_prompts = 0
+        return result
+
+    def gather_digits(
+        self,
+        max_digits: int | None = None,
+        *,
+        finish_on_key: str = "#",
+        timeout: float = 5.0,
+        inter_digit_timeout: float | None = None,
+        prompt: str | None = None,
+        interruptible: bool = True,
+    ) -> Digits:
+        """Blocking twin of :meth:`gather_digits_async` for sync handlers."""
+        coro = self.gather_digits_async(
+            max_digits,
+            finish_on_key=finish_on_key,
+            timeout=timeout,
+            inter_digit_timeout=inter_digit_timeout,
+            prompt=prompt,
+            interruptible=interruptible,
+        )
+        result = self.session._blocking("gather_digits", coro, None, Digits("", "hangup"))
+        if result.reason == "hangup":
+            raise CallHangupError()
+        return result

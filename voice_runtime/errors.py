@@ -14,6 +14,7 @@ elsewhere (to avoid import cycles or a vendor SDK import here) are marked with t
     ├── SessionError
     │   ├── CallNotAnsweredError        the media stream did not connect in time
     │   ├── CallHangupError             the call ended during a listen operation
+    │   │   └── IdleHangupError         the runtime hung up on a caller who stayed silent
     │   ├── NoEventLoopError            a cross-thread call before the session has a loop
     │   ├── LoopThreadError             a blocking call made on the event-loop thread
     │   └── CallRejectedError           realtime.hooks: a session resolver refused the call
@@ -85,6 +86,13 @@ class CallHangupError(SessionError):
         super().__init__("Call was hung up during listen operation")
 
 
+class IdleHangupError(CallHangupError):
+    """Raised by ``Conversation.listen`` after it hung up on a caller who stayed silent."""
+
+    def __init__(self) -> None:
+        SessionError.__init__(self, "Call was ended: the caller stayed silent (idle timeout)")
+
+
 class NoEventLoopError(SessionError):
     """A thread-safe session call was made before the session was bound to a loop."""
 
@@ -147,6 +155,7 @@ __all__ = [
     "CallHangupError",
     "CallNotAnsweredError",
     "ConfigurationError",
+    "IdleHangupError",
     "LoopThreadError",
     "MissingCredentialError",
     "MissingStreamUrlError",

@@ -12,7 +12,9 @@ and it answers with plain values. It owns
   ``vr~pos~{generation}~{ms}`` and end-of-call marks ``vr~end~{generation}~0``, and the
   parsing of their echoes;
 * position-mark granularity: one owner (the transport asks :meth:`PlaybackLedger.position_due`
-  after each message it sends), one setting (``mark_every_ms``).
+  after each message it sends), one setting (``mark_every_ms``);
+* uninterruptible audio: while protection is open (:meth:`PlaybackLedger.protect_begin`) the
+  audio queued extends ``protected_ms``; a barge-in clear is skipped while any of it is unheard.
 
 :class:`Segment` is what the caller heard of one utterance; TTS ``speak`` results and the
 realtime bridge both compute it with :meth:`Segment.at`.
@@ -139,6 +141,8 @@ class PlaybackLedger:
         "mark_every_ms",
         "marks",
         "played_ms",
+        "protected_ms",
+        "protecting",
         "queued_ms",
         "sent_ms",
         "_requested_ms",
@@ -157,6 +161,10 @@ class PlaybackLedger:
         self.queued_ms = 0.0
         self.last_position_ms = 0.0
         self._requested_ms = 0.0
+        #: End of the uninterruptible audio on the playback axis, and how many protections
+        #: are open (audio queued while one is open is uninterruptible).
+        self.protected_ms = 0.0
+        self.protecting = 0
 
     def reset(self) -> None:
         """Forget everything for the next call (the transport's granularity is kept)."""
@@ -164,6 +172,8 @@ class PlaybackLedger:
         self.clear_pending = 0
         self.generation = 0
         self.sent_ms = self.played_ms = self.queued_ms = 0.0
+        self.protected_ms = 0.0
+        self.protecting = 0
         self.last_position_ms = 0.0
         self._requested_ms = 0.0
         self.every_ms = self.mark_every_ms
@@ -254,11 +264,29 @@ class PlaybackLedger:
         self.generation += 1
         marks = list(self.marks)
         self.marks.clear()
-        self.sent_ms = self.queued_ms = self.played_ms
+        self.sent_ms = self.queued_ms = self.protected_ms = self.played_ms
         self.last_position_ms = self.sent_ms
         if send:
             self.clear_pending += 1
         return marks
+
+    # ------------------------------------------------------------------ uninterruptible audio
+
+    def protect_begin(self) -> None:
+        """Audio queued from now on (until :meth:`protect_end`) is uninterruptible."""
+        self.protecting += 1
+
+    def protect_end(self) -> None:
+        """Close one :meth:`protect_begin`."""
+        self.protecting = max(0, self.protecting - 1)
+
+    def protect_through(self, ms: float) -> None:
+        """Audio up to ``ms`` on the playback axis is uninterruptible."""
+        self.protected_ms = max(self.protected_ms, ms)
+
+    def uninterruptible_pending(self) -> bool:
+        """True while uninterruptible audio may still be queued or is not yet heard."""
+        return self.protecting > 0 or self.protected_ms > self.played_ms + 0.5
 
     # ------------------------------------------------------------------ echoes
 

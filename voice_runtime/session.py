@@ -440,16 +440,32 @@ class VoiceSession(TransportSide):
         """True once consumer code asked the transport to end the call."""
         return self._disconnect_requested.is_set() or self._pending_disconnect
 
-    def request_clear_buffer(self) -> None:
+    def request_clear_buffer(self, *, keep_uninterruptible: bool = False) -> None:
         """Discard agent audio not yet heard (any thread).
 
         Drops audio and marks still queued locally (their waiters return as cleared) and
-        asks the transport to send a ``clear`` for what the far end has buffered.
+        asks the transport to send a ``clear`` for what the far end has buffered. Barge-in
+        passes ``keep_uninterruptible=True``: then nothing is cleared while audio queued in
+        an :meth:`uninterruptible` block is unheard. Without it everything is cleared.
         """
         if self._loop is None:
-            self.port.clear_local()
+            self.port.clear_local(keep_uninterruptible)
             return
-        self._on_loop(self.port.clear_local)
+        self._on_loop(self.port.clear_local, keep_uninterruptible)
+
+    @contextlib.contextmanager
+    def uninterruptible(self) -> Iterator[None]:
+        """Agent audio queued inside the block is not cleared by barge-in (any thread)."""
+        self._in_order(self.playback.protect_begin)
+        try:
+            yield
+        finally:
+            self._in_order(self.playback.protect_end)
+
+    def _in_order(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop in order with the audio queued so far (inline without one)."""
+        if self._loop is None or not self._on_loop(fn):
+            fn()
 
     # ------------------------------------------------------------------ DTMF and events
 

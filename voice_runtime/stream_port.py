@@ -277,7 +277,10 @@ class StreamPort:
             out.on_put = self._on_outbound_put
 
     def _on_outbound_put(self, item: bytes) -> None:
-        self.ledger.queued_ms += len(item) / 8.0
+        ledger = self.ledger
+        ledger.queued_ms += len(item) / 8.0
+        if ledger.protecting:
+            ledger.protected_ms = ledger.queued_ms
         self.wakeup.set()
 
     def queue_mark(self, mark: OutboundMark) -> None:
@@ -459,9 +462,17 @@ class StreamPort:
         for fut in waiters:
             _resolve(fut, True)
 
-    def clear_local(self) -> None:
-        """Drop queued agent audio and unsent marks (their waiters: cleared); ask for a clear."""
+    def clear_local(self, keep_uninterruptible: bool = False) -> None:
+        """Drop queued agent audio and unsent marks (their waiters: cleared); ask for a clear.
+
+        With ``keep_uninterruptible`` (a barge-in) nothing is cleared while uninterruptible
+        audio is unheard: a Twilio ``clear`` would drop it from the far end's buffer too.
+        """
         session = self.session
+        if keep_uninterruptible and self.ledger.uninterruptible_pending():
+            session.stats.clears_skipped += 1
+            logger.debug("barge-in clear skipped: uninterruptible audio playing")
+            return
         dropped = 0
         while True:
             try:

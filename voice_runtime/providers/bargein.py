@@ -12,8 +12,9 @@ the agent off; dips shorter than ``max_gap_ms``, such as stop consonants, do not
 at least half of it must be speech), it
 
 1. sets :attr:`BargeIn.stop_event`, which every provider's ``speak()`` honours,
-2. calls ``session.request_clear_buffer()``: the local queue is dropped and Twilio gets a
-   ``clear``, so playback stops at once,
+2. calls ``session.request_clear_buffer(keep_uninterruptible=True)``: the local queue is
+   dropped and Twilio gets a ``clear``, so playback stops at once (unless uninterruptible
+   audio is playing: then nothing is cleared, see ``VoiceSession.uninterruptible``),
 3. tells the session's STT that the agent stopped speaking (``set_speaking(False)``), so the
    caller's words are not discarded as echo,
 4. calls ``on_barge_in(event)``.
@@ -152,7 +153,7 @@ class BargeIn:
         self.events.append(event)
         # The stop first: a speak() between two chunks then sees it before queueing more.
         self.stop_event.set()
-        session.request_clear_buffer()
+        session.request_clear_buffer(keep_uninterruptible=True)
         self._reset()
         logger.info(
             "caller barged in",
