@@ -1,4 +1,4 @@
-"""Phone behaviours of Conversation through served calls: digits, idle callers, uninterruptible lines.
+"""Phone behaviours of Conversation on served calls: digits, idle callers, uninterruptible lines.
 
 Every call is a real server on 127.0.0.1 and the CallerSimulator (which plays agent audio in
 real time and echoes marks like Twilio), with the mock STT/TTS; sync and async handlers.
