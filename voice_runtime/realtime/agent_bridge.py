@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
+from voice_runtime.idle import IdleClock, watch_realtime_idle
 from voice_runtime.logutil import LogLimiter, describe_error
 from voice_runtime.playback import PlaybackLedger, Segment
 from voice_runtime.realtime.agent import RealtimeAgent
@@ -80,6 +81,7 @@ class _Item:
     generation: int  # the session's clear generation then (a clear restarts the axis)
     queued_ms: float = 0.0
     done: bool = False
+    protected: bool = False  # uninterruptible: barge-in neither clears nor truncates it
 
     def segment(self, played_ms: float) -> Segment:
         """This item on the playback axis when ``played_ms`` of the call has played."""
@@ -131,6 +133,10 @@ class AgentBridge:
         every = self.options.mark_every_ms
         # Duck-typed sessions have no ledger: the bridge marks pieces of this length itself.
         self._step = int((DUCK_MARK_EVERY_MS if every is None else every) * 8)
+        self._protect_next = not self.options.greeting_interruptible
+        self._protected_response: str | None = None
+        idle = self.options.idle
+        self.idle_clock = None if idle is None else IdleClock(self.session, idle)
 
     @property
     def provider(self) -> str:
@@ -185,6 +191,8 @@ class AgentBridge:
             uplink = self._spawn(self._uplink(), "vr-rt-uplink")
             downlink = self._spawn(self._downlink(stream), "vr-rt-downlink")
             watch = self._spawn(session.wait_until_disconnected_async(), "vr-rt-watch")
+            if self.options.idle is not None:
+                self._spawn(watch_realtime_idle(self, self.options.idle), "vr-rt-idle")
             await asyncio.wait({uplink, downlink, watch}, return_when=asyncio.FIRST_COMPLETED)
             if session.is_disconnected:
                 reason = "call_ended"
@@ -303,6 +311,8 @@ class AgentBridge:
 
     async def _dispatch(self, event: AgentEvent) -> None:
         kind = type(event)
+        if self.idle_clock is not None and kind in (UserSpeechStarted, UserTranscript):
+            self.idle_clock.activity()
         if kind is AssistantAudio:
             await self._play(event)  # type: ignore[arg-type]
         elif kind is UserSpeechStarted:
@@ -354,6 +364,8 @@ class AgentBridge:
         if not step:
             await session.put_outbound(audio)
             item.queued_ms += len(audio) / 8.0
+            if item.protected and item.generation == session.clear_generation:
+                session.playback.protect_through(item.start_ms + item.queued_ms)
             return
         # Only sessions without a playback ledger get here (duck types): marks of their own.
         position_mark = getattr(session, "queue_position_mark", None)
@@ -382,6 +394,10 @@ class AgentBridge:
         """Barge in by hand: clear the call's audio, truncate, and cancel the response."""
         await self._interrupt([], cancel=True)
 
+    def protect_next_response(self) -> None:
+        """Make the next response the agent starts uninterruptible (a disclosure, say)."""
+        self._protect_next = True
+
     def _track(self, key: str, event: AssistantAudio) -> _Item:
         """Start tracking a new item whose first audio is about to be queued."""
         session = self.session
@@ -396,6 +412,9 @@ class AgentBridge:
         while len(self._items) >= _MAX_ITEMS:
             self._items.popitem(last=False)
         item = _Item(key, event.item_id, event.response_id, session.queued_ms, generation)
+        rid = event.response_id
+        if self._protect_next or (rid is not None and rid == self._protected_response):
+            item.protected, self._protect_next, self._protected_response = True, False, rid
         self._items[key] = item
         return item
 
@@ -405,9 +424,14 @@ class AgentBridge:
         played = session.played_ms
         generation = session.clear_generation
         truncations: list[Truncation] = []
+        kept = {
+            k: i
+            for k, i in self._items.items()
+            if i.protected and i.generation == generation and not cancel
+        }
         for item in self._items.values():
             current = item.generation == generation
-            if current and item.fully_heard(played):
+            if item.key in kept or (current and item.fully_heard(played)):
                 continue
             # The rest of this item must not play, whether it was reached or not.
             self._remember_interrupted(item.key)
@@ -415,11 +439,15 @@ class AgentBridge:
             if current and self.agent.supports_truncate and item.item_id:
                 truncations.append(Truncation(item.item_id, int(item.heard_ms(played)), played))
         self._items.clear()
+        self._items.update(kept)
+        protected_ids = {i.item_id for i in kept.values()} | {i.response_id for i in kept.values()}
         for key in vendor_keys:  # last, so the bound on remembered keys keeps them
-            self._remember_interrupted(key)
+            if key not in protected_ids:
+                self._remember_interrupted(key)
         pending = session.agent_audio_pending
         if pending:
-            session.request_clear_buffer()
+            # Barge-in keeps uninterruptible audio; interrupt() by hand clears everything.
+            session.request_clear_buffer(keep_uninterruptible=not cancel)
         for truncation in truncations:
             await self.agent.truncate(truncation.item_id, truncation.audio_end_ms)
             self.truncations.append(truncation)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from voice_runtime.idle import IdlePolicy
 from voice_runtime.realtime.events import AgentError, Usage
 
 __all__ = ["BridgeOptions", "BridgeResult", "TranscriptLine", "Truncation"]
@@ -25,6 +26,13 @@ class BridgeOptions:
     * ``hangup_quiet_s`` / ``hangup_max_wait_s``: after ``end_call``, wait for the agent's
       goodbye (its next turn end, or this long without new audio; at most the max) before
       ending the call once that audio has played.
+    * ``greeting_interruptible``: False makes the agent's first response (its greeting)
+      uninterruptible: barge-in neither clears nor truncates it, and what the caller says
+      over it still reaches the agent (``AgentBridge.protect_next_response`` does the same
+      for a later response).
+    * ``idle``: re-prompt a silent caller and hang up after the last prompt
+      (:class:`~voice_runtime.idle.IdlePolicy`); counted once the agent's audio was heard,
+      paused while a tool runs.
     """
 
     mark_every_ms: float | None = None
@@ -33,6 +41,8 @@ class BridgeOptions:
     close_agent: bool = True
     hangup_quiet_s: float = 2.0
     hangup_max_wait_s: float = 15.0
+    greeting_interruptible: bool = True
+    idle: IdlePolicy | None = None
 
 
 @dataclass(frozen=True)
