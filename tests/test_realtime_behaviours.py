@@ -114,13 +114,12 @@ async def test_realtime_idle_caller_is_prompted_then_hung_up_after_the_goodbye(s
             attach_agent_sync(session, lambda: agent_for(fake), options=options)
 
         voice = VoiceServer(on_call=on_call_sync if sync else on_call)
-        async with serve_in_loop(voice.app) as srv:
-            async with CallerSimulator(srv.ws_url + "/voice") as sim:
-                assert await sim.wait_for_heard(300, 5)
-                heard_at = time.monotonic()
-                assert await fake.wait_for(lambda: len(texts(fake)) >= 1, 5)
-                sent_at.append(time.monotonic())
-                assert await sim.wait_closed(10)
+        async with serve_in_loop(voice.app) as srv, CallerSimulator(srv.ws_url + "/voice") as sim:
+            assert await sim.wait_for_heard(300, 5)
+            heard_at = time.monotonic()
+            assert await fake.wait_for(lambda: len(texts(fake)) >= 1, 5)
+            sent_at.append(time.monotonic())
+            assert await sim.wait_closed(10)
     prompt, goodbye = texts(fake)
     assert '"Still there?"' in prompt and '"Bye!"' in goodbye
     assert sent_at[0] - heard_at >= 0.5 - 0.1  # counted after the greeting was heard
