@@ -32,6 +32,7 @@ def test_examples_run_against_fake_twilio() -> None:
             "send_sms.py",
             "subclass_session.py",
             "listen_app.py",
+            "ivr_menu.py",
         )
     }
     results = {}
@@ -53,6 +54,9 @@ def test_examples_run_against_fake_twilio() -> None:
     assert '"status": "queued"' in results["send_sms.py"][1]
     assert results["subclass_session.py"][1].count("record: CA") == 2
     # The server's offline STT understood the simulated caller (an async handler, no thread).
+    # The first key cut the menu prompt; the account number ended with the hash key.
+    assert "menu choice: 1" in results["ivr_menu.py"][1]
+    assert "account number received: True (finish_key)" in results["ivr_menu.py"][1]
     assert "the bot heard: i would like to change my delivery address" in (
         results["listen_app.py"][1].lower()
     )
