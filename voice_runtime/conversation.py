@@ -38,6 +38,7 @@ from voice_runtime.session import VoiceSession
 logger = logging.getLogger(__name__)
 
 LISTEN_POLL_S = 0.02  # how often listen_async looks for a transcript (no thread is held)
+SYNC_POLL_S = 0.25  # how often listen() looks at the call's state while no text arrives
 LISTEN_TIMEOUT_S = 15.0  # listen()'s default limit when no idle policy is set
 
 __all__ = ["Conversation", "Turn"]
@@ -233,7 +234,9 @@ class Conversation:
                 if remaining <= 0:
                     return None
                 try:
-                    text = self._heard.get(timeout=min(remaining, POLL_S))
+                    # Short waits only while an idle clock needs reading.
+                    wait = POLL_S if self._clock is not None else SYNC_POLL_S
+                    text = self._heard.get(timeout=min(remaining, wait))
                 except queue.Empty:
                     line = self._idle_line()
                     if line is not None:

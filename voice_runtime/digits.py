@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from voice_runtime.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
@@ -40,9 +42,6 @@ class Digits:
 
     digits: str = field(repr=False)
     reason: EndReason
-
-    def __str__(self) -> str:
-        return self.digits
 
     @property
     def timed_out(self) -> bool:
@@ -73,7 +72,9 @@ async def gather(
     """The gather itself (loop only); ``speak`` plays the prompt, stopped by the first key."""
     between = timeout if inter_digit_timeout is None else inter_digit_timeout
     _check(max_digits, finish_on_key, timeout, between)
-    port = session.port
+    port = getattr(session, "port", None)
+    if port is None:
+        raise ConfigurationError("gather_digits needs a VoiceSession (it reads session.port)")
     reader: asyncio.Future[str | None] = asyncio.ensure_future(port.next_dtmf())
     keys: list[str] = []
     try:

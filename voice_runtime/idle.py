@@ -117,7 +117,7 @@ class IdleClock:
         if dtmf != self._dtmf:
             self._dtmf = dtmf
             self.activity()
-        if busy or self.session.agent_audio_pending:
+        if busy or getattr(self.session, "agent_audio_pending", False):
             self._since = now
             return 0.0
         return now - self._since
