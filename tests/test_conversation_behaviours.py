@@ -289,3 +289,22 @@ async def test_an_explicit_clear_still_clears_uninterruptible_audio() -> None:
 
     sim = await _call(VoiceServer(on_call=on_call), lambda sim: asyncio.sleep(0))
     assert done[0]["interrupted"] and sim.clears == 1
+
+
+def test_ledger_protection_lasts_until_the_protected_audio_was_heard() -> None:
+    from voice_runtime.playback import PlaybackLedger
+
+    ledger = PlaybackLedger()
+    assert not ledger.uninterruptible_pending()
+    ledger.protect_begin()
+    assert ledger.uninterruptible_pending()  # open: what is queued next is protected
+    ledger.queued_ms = ledger.sent_ms = 1000.0
+    ledger.protect_through(1000.0)
+    ledger.protect_end()
+    ledger.played_ms = 600.0
+    assert ledger.uninterruptible_pending()
+    ledger.played_ms = 1000.0
+    assert not ledger.uninterruptible_pending()
+    ledger.protect_through(1500.0)
+    ledger.clear(send=True)  # an explicit clear drops it all, protection included
+    assert not ledger.uninterruptible_pending() and ledger.protected_ms == 1000.0
