@@ -149,3 +149,27 @@ async def test_a_running_tool_pauses_the_idle_clock() -> None:
             assert await wait_for(lambda: bool(finished), 5)
             assert await fake.wait_for(lambda: len(texts(fake)) >= 1, 5)  # afterwards it counts
     assert finished == [0]
+
+
+async def test_audio_behind_an_uninterruptible_greeting_plays_and_is_cut_at_its_end() -> None:
+    # The greeting calls a tool; the answer after it (another response) is queued behind it.
+    tools = ToolRegistry()
+    tools.register("lookup_order", lambda order_id: {"status": "shipped"})
+    script = FakeScript(
+        greeting=FakeResponse(audio=tone_ulaw(500.0, 1500, -12.0), tool_call=("lookup_order", {})),
+        after_tool=FakeResponse(audio=tone_ulaw(700.0, 1000, -12.0)),
+    )
+    options = BridgeOptions(greeting_interruptible=False)
+    async with FakeOpenAIRealtime(script) as fake:
+        agent = agent_for(fake, tools=tools.specs())
+        async with bridged_call(agent, tools=tools, options=options) as call:
+            sim, session = call.simulator, call.session
+            assert await wait_for(lambda: session.queued_ms >= 2500, 5)
+            assert await sim.wait_for_heard(500, 5)
+            await sim.send_audio(LOUD, realtime=False)  # the caller barges in
+            assert await fake.wait_for(lambda: len(fake.truncated) == 1, 5)
+            assert await sim.wait_for_heard(2500, 8)
+            assert sim.clears == 0
+    ((item, end),) = fake.truncated
+    assert item == list(fake.item_audio_ms)[1]  # the answer, not the greeting
+    assert abs(end - 1000) <= 20  # it all played: it is cut at its end

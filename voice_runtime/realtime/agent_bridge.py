@@ -424,10 +424,15 @@ class AgentBridge:
         played = session.played_ms
         generation = session.clear_generation
         truncations: list[Truncation] = []
+        # Unheard uninterruptible items stay; while they play nothing can be cleared, so what
+        # is queued behind them plays too and is truncated at its end, not at what was heard.
         kept = {
             k: i
             for k, i in self._items.items()
-            if i.protected and i.generation == generation and not cancel
+            if i.protected
+            and i.generation == generation
+            and not cancel
+            and not i.fully_heard(played)
         }
         for item in self._items.values():
             current = item.generation == generation
@@ -437,7 +442,8 @@ class AgentBridge:
             self._remember_interrupted(item.key)
             # An item cut by someone else's clear has no known position: left uncut.
             if current and self.agent.supports_truncate and item.item_id:
-                truncations.append(Truncation(item.item_id, int(item.heard_ms(played)), played))
+                end = item.queued_ms if kept else item.heard_ms(played)
+                truncations.append(Truncation(item.item_id, int(end), played))
         self._items.clear()
         self._items.update(kept)
         protected_ids = {i.item_id for i in kept.values()} | {i.response_id for i in kept.values()}
