@@ -301,10 +301,16 @@ class Conversation:
         if prompt:
 
             async def speak_prompt(stop: threading.Event) -> Any:
-                with self._protect(interruptible):
-                    result = await speak_async(
-                        self.tts, prompt, self.session, stop if interruptible else None
-                    )
+                # As say() does (echo discard, barge-in armed); the first key stops it too.
+                stt, _ = self._before_say(interruptible)
+                try:
+                    with self._protect(interruptible):
+                        result = await speak_async(
+                            self.tts, prompt, self.session, stop if interruptible else None
+                        )
+                finally:
+                    if stt is not None:
+                        stt.set_speaking(False)
                 self._record("agent", result.get("last_spoken", prompt))
                 return result
 
