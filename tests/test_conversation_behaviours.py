@@ -308,3 +308,22 @@ def test_ledger_protection_lasts_until_the_protected_audio_was_heard() -> None:
     ledger.protect_through(1500.0)
     ledger.clear(send=True)  # an explicit clear drops it all, protection included
     assert not ledger.uninterruptible_pending() and ledger.protected_ms == 1000.0
+
+
+def test_a_barge_in_clear_falls_back_to_the_old_call_for_other_sessions() -> None:
+    from voice_runtime._compat import clear_for_barge_in
+
+    class OldSession:  # a 0.1.x-style hand-written stand-in
+        cleared = 0
+
+        def request_clear_buffer(self) -> None:
+            self.cleared += 1
+
+    old = OldSession()
+    clear_for_barge_in(old)
+    assert old.cleared == 1
+    session = VoiceSession()
+    with session.uninterruptible():
+        session.put_outbound_sync(b"\xff" * 800)
+    clear_for_barge_in(session)  # kept: protected and unheard
+    assert session.stats.clears_skipped == 1 and not session.outbound.empty()

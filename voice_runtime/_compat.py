@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["is_voice_session", "maybe_await", "number"]
+__all__ = ["clear_for_barge_in", "is_voice_session", "maybe_await", "number"]
 
 
 def is_voice_session(session: object) -> bool:
@@ -36,3 +36,23 @@ async def maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+def clear_for_barge_in(session: Any) -> None:
+    """A barge-in's clear: uninterruptible audio is kept by sessions that know of it.
+
+    Duck types and subclasses whose ``request_clear_buffer`` takes no keyword get the 0.1.x
+    call (they clear everything).
+    """
+    method = session.request_clear_buffer
+    if is_voice_session(session) and "keep_uninterruptible" in _parameters(method):
+        method(keep_uninterruptible=True)
+    else:
+        method()
+
+
+def _parameters(fn: Any) -> Any:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from voice_runtime._compat import clear_for_barge_in
 from voice_runtime.audio.codec import ulaw_decode
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart
 
@@ -153,7 +154,7 @@ class BargeIn:
         self.events.append(event)
         # The stop first: a speak() between two chunks then sees it before queueing more.
         self.stop_event.set()
-        session.request_clear_buffer(keep_uninterruptible=True)
+        clear_for_barge_in(session)
         self._reset()
         logger.info(
             "caller barged in",

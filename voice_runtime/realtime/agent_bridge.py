@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from voice_runtime._compat import clear_for_barge_in
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
 from voice_runtime.idle import IdleClock, watch_realtime_idle
 from voice_runtime.logutil import LogLimiter, describe_error
@@ -452,8 +453,10 @@ class AgentBridge:
                 self._remember_interrupted(key)
         pending = session.agent_audio_pending
         if pending:
-            # Barge-in keeps uninterruptible audio; interrupt() by hand clears everything.
-            session.request_clear_buffer(keep_uninterruptible=not cancel)
+            if cancel:  # interrupt() by hand clears everything
+                session.request_clear_buffer()
+            else:  # a barge-in keeps uninterruptible audio
+                clear_for_barge_in(session)
         for truncation in truncations:
             await self.agent.truncate(truncation.item_id, truncation.audio_end_ms)
             self.truncations.append(truncation)
