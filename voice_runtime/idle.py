@@ -134,8 +134,9 @@ def _instruction(what: str, text: str, silent_s: float) -> str:
 async def watch_realtime_idle(bridge: Any, policy: IdlePolicy) -> None:
     """Re-prompt an idle caller of a realtime agent, then hang up (a task of the bridge).
 
-    ``bridge`` is the :class:`~voice_runtime.realtime.agent_bridge.AgentBridge`; a running
-    tool pauses the clock, and so does a prompt until the agent's answer to it was heard.
+    ``bridge`` is the :class:`~voice_runtime.realtime.agent_bridge.AgentBridge` (its running
+    tools and the time of its last agent audio are read here); a running tool pauses the
+    clock, and so does a prompt until the agent's answer to it was heard.
     """
     session = bridge.session
     clock: IdleClock = bridge.idle_clock
