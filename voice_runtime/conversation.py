@@ -203,3 +203,29 @@ class Conversation:
     async def hangup_async(self) -> None:
         """Awaitable twin of :meth:`hangup` (it never blocks; this keeps handlers uniform)."""
         self.hangup()
+
+    # ------------------------------------------------------------------ telephony
+
+    def leave_voicemail(self, text: str, **options: Any) -> Any:
+        """Leave ``text`` on an answering machine after its beep, then hang up (blocking).
+
+        See :func:`voice_runtime.voicemail.leave_voicemail` for ``options`` and the result;
+        a human answer returns outcome "human" without speaking.
+        """
+        from voice_runtime.voicemail import leave_voicemail
+
+        result = leave_voicemail(self.session, text, self.tts, **options)
+        self._record_voicemail(text, result)
+        return result
+
+    async def leave_voicemail_async(self, text: str, **options: Any) -> Any:
+        """Awaitable twin of :meth:`leave_voicemail`."""
+        from voice_runtime.voicemail import leave_voicemail_async
+
+        result = await leave_voicemail_async(self.session, text, self.tts, **options)
+        self._record_voicemail(text, result)
+        return result
+
+    def _record_voicemail(self, text: str, result: Any) -> None:
+        if result.tts_result is not None:
+            self._record("agent", result.tts_result.get("last_spoken", text))

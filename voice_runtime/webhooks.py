@@ -39,6 +39,7 @@ from voice_runtime.transports.security import (
 from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.types import SessionEvent
 from voice_runtime.urls import is_local_host
+from voice_runtime.voicemail import note_answered_by
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ class WebhookRoutes:
                 fields = {"status": status, **_status_fields(form)}
                 await self._emit(session, SessionEvent("call_status", fields))
             if answered_by:
+                # Recorded first: leave_voicemail reads it whether or not on_event is set.
+                note_answered_by(session, answered_by)
                 await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
             if status in ENDED_STATUSES and not session.is_connected:
                 # The call never reached the stream (busy, no answer, ...): release its

@@ -26,7 +26,10 @@ and paging), ``POST/GET …/Calls/{CA}.json``, ``POST/GET …/Calls/{CA}/Recordi
 ``POST/GET …/Calls/{CA}/Recordings/{RE}.json`` and ``POST …/Messages.json``. Every request
 is recorded in :attr:`FakeTwilioRest.requests`; faults are scripted with
 :meth:`FakeTwilioRest.fail_next`, :meth:`FakeTwilioRest.add_fault` and
-:meth:`FakeTwilioRest.respond_next`.
+:meth:`FakeTwilioRest.respond_next`. Webhooks go out as Twilio sends them (signed form
+POSTs): :meth:`FakeTwilioRest.send_amd_result` posts an async AMD result to the call's
+``AsyncAmdStatusCallback``, :meth:`FakeTwilioRest.send_call_status` a call status; every one
+sent is kept in :attr:`FakeTwilioRest.sent_callbacks`.
 
 The server is a stdlib ``ThreadingHTTPServer`` on its own thread; :meth:`FakeTwilioRest.stop`
 joins that thread and every request thread and closes the socket.
@@ -34,6 +37,7 @@ joins that thread and every request thread and closes the socket.
 
 from __future__ import annotations
 
+from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback
 from voice_runtime.testing.fake_twilio_rest.records import (
     API_HOST_HEADER,
     DEFAULT_ACCOUNT_SID,
@@ -56,4 +60,5 @@ __all__ = [
     "FakeRequest",
     "FakeTwilioRest",
     "FaultRule",
+    "SentCallback",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from voice_runtime.testing._serve import bind_free_socket
+from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback, _CallCallbacks
 from voice_runtime.testing.fake_twilio_rest.records import (
     _CALL,
     _RECORDING,
@@ -79,7 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class FakeTwilioRest(_Resources):
+class FakeTwilioRest(_Resources, _CallCallbacks):
     """A fake Twilio REST API served from a background thread on 127.0.0.1.
 
     Use it as a context manager or call :meth:`start` / :meth:`stop`. :meth:`env` gives the
@@ -105,6 +106,7 @@ class FakeTwilioRest(_Resources):
         self._faults: list[FaultRule] = []
         self._call_callbacks: list[Callable[[FakeCall], None]] = []
         self.callback_errors: list[BaseException] = []
+        self._sent: list[SentCallback] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
