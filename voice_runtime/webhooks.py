@@ -5,6 +5,7 @@ Routes (prefix ``webhook_prefix``, default ``/twilio``)::
     POST {prefix}/voice    incoming-call webhook -> <Connect><Stream> (or busy TwiML)
     POST {prefix}/status   call-status and async AMD callbacks -> session events
     POST {prefix}/sms      incoming-SMS webhook
+    POST {prefix}/whisper/{token}/{step}   a warm transfer's whisper to the agent
     GET  /health, /ready   liveness; readiness is 503 while draining
 
 :class:`WebhookRoutes` holds the handlers; VoiceServer inherits them and provides the state
@@ -261,6 +262,16 @@ class WebhookRoutes:
         except CallbacksBusyError:
             return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
         return Response(status_code=204)
+
+    async def _whisper_webhook(self, request: Request, token: str, step: str) -> Response:
+        """A warm transfer's whisper to the agent (see :mod:`voice_runtime.transfer`)."""
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        from voice_runtime.transfer import whisper_answer
+
+        xml = whisper_answer(self, token, step)
+        return Response(status_code=404) if xml is None else Response(xml, media_type=TWIML)
 
     async def _sms_webhook(self, request: Request) -> Response:
         form = await self._form(request)

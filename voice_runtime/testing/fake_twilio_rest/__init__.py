@@ -23,7 +23,8 @@ voice_runtime's clients send requests meant for ``https://api.twilio.com`` (or a
 
 Implemented: ``POST/GET …/Calls.json`` (create; list with To/From/Status/StartTime filters
 and paging), ``POST/GET …/Calls/{CA}.json``, ``POST/GET …/Calls/{CA}/Recordings.json``,
-``POST/GET …/Calls/{CA}/Recordings/{RE}.json`` and ``POST …/Messages.json``. Every request
+``POST/GET …/Calls/{CA}/Recordings/{RE}.json``, ``POST …/Messages.json`` and conferences
+with their participants (:mod:`~voice_runtime.testing.fake_twilio_rest.conferences`). Every request
 is recorded in :attr:`FakeTwilioRest.requests`; faults are scripted with
 :meth:`FakeTwilioRest.fail_next`, :meth:`FakeTwilioRest.add_fault` and
 :meth:`FakeTwilioRest.respond_next`. Webhooks go out as Twilio sends them (signed form
@@ -38,6 +39,7 @@ joins that thread and every request thread and closes the socket.
 from __future__ import annotations
 
 from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback
+from voice_runtime.testing.fake_twilio_rest.conferences import FakeConference, FakeParticipant
 from voice_runtime.testing.fake_twilio_rest.records import (
     API_HOST_HEADER,
     DEFAULT_ACCOUNT_SID,
@@ -55,7 +57,9 @@ __all__ = [
     "DEFAULT_ACCOUNT_SID",
     "DEFAULT_AUTH_TOKEN",
     "FakeCall",
+    "FakeConference",
     "FakeMessage",
+    "FakeParticipant",
     "FakeRecording",
     "FakeRequest",
     "FakeTwilioRest",

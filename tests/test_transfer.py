@@ -1,0 +1,252 @@
+"""Warm transfer through a Twilio Conference, against the fake Twilio REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from test_server import OUR_NUMBER, FarEnd, parse_stream
+from twilio.request_validator import RequestValidator
+
+from voice_runtime.mock.tts import MockTts
+from voice_runtime.server import VoiceServer
+from voice_runtime.session import VoiceSession
+from voice_runtime.testing.fake_twilio_rest import FakeCall, FakeParticipant, FakeTwilioRest
+from voice_runtime.testing.server import serve_in_loop
+from voice_runtime.testing.simulator import CallerSimulator
+from voice_runtime.transfer import (
+    TransferResult,
+    conference_twiml,
+    warm_transfer,
+    warm_transfer_async,
+)
+from voice_runtime.transports.twilio_ws import StreamOptions
+
+AGENT = "+15550009999"
+CALLEE = "+15550002222"
+HOLD_MUSIC = "https://cdn.example.com/hold.mp3"
+SUMMARY = "Caller wants to move her delivery to Friday."
+SORRY = "Nobody is free right now, I am back."
+
+
+@dataclass
+class TwilioSide(FarEnd):
+    """The far end, plus what Twilio does on new TwiML: end the stream, or dial a new one."""
+
+    returned: dict[str, CallerSimulator] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.fake.on_call_updated(self._updated)
+
+    def _updated(self, call: FakeCall) -> None:
+        twiml = call.twiml or ""
+        if "<Conference" in twiml and call.sid in self.sims:
+            coro = self.sims[call.sid].hangup()  # the stream ends; the call goes on
+        elif "<Stream" in twiml:
+            coro = self._redial(call.sid, twiml)
+        else:
+            return
+        self._futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def _redial(self, call_sid: str, twiml: str) -> None:
+        url, params = parse_stream(twiml)
+        signature = RequestValidator(self.fake.auth_token).compute_signature(url, {})
+        sim = CallerSimulator(
+            url, call_sid=call_sid, parameters=params, headers={"X-Twilio-Signature": signature}
+        )
+        self.returned[call_sid] = sim
+        await sim.connect()
+
+    async def close(self) -> None:
+        for sim in self.returned.values():
+            await sim.hangup()
+        await super().close()
+
+
+@dataclass
+class Bot:
+    """An on_call handler that transfers, and greets callers who come back."""
+
+    kind: str
+    options: dict[str, Any]
+    server: VoiceServer | None = None
+    results: list[TransferResult] = field(default_factory=list)
+    back: list[VoiceSession] = field(default_factory=list)
+    tts: MockTts = field(default_factory=lambda: MockTts(ms_per_char=8.0))
+
+    def sync_handler(self, session: VoiceSession) -> None:
+        assert self.server is not None and session.call_info is not None
+        if session.call_info.custom_parameters.get("transfer") == "no_answer":
+            self.back.append(session)
+            self.tts.speak(SORRY, session)
+            return
+        self.results.append(warm_transfer(self.server, session, AGENT, **self.options))
+
+    async def async_handler(self, session: VoiceSession) -> None:
+        assert self.server is not None and session.call_info is not None
+        if session.call_info.custom_parameters.get("transfer") == "no_answer":
+            self.back.append(session)
+            await self.tts.speak_async(SORRY, session)
+            return
+        result = await warm_transfer_async(self.server, session, AGENT, **self.options)
+        self.results.append(result)
+
+
+@pytest.fixture
+def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
+    with FakeTwilioRest() as fake:
+        for name, value in fake.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("TWILIO_PHONE_NUMBER", OUR_NUMBER)
+        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
+            monkeypatch.delenv(name, raising=False)
+        yield fake
+
+
+@pytest.fixture(params=["sync", "async"])
+async def bot(
+    request: pytest.FixtureRequest, fake_env: FakeTwilioRest
+) -> AsyncIterator[tuple[Bot, TwilioSide]]:
+    bot = Bot(request.param, {"poll_interval": 0.05})
+    handler = bot.sync_handler if bot.kind == "sync" else bot.async_handler
+    server = VoiceServer(on_call=handler, stream_options=StreamOptions(lead_ms=60))
+    bot.server = server
+    async with serve_in_loop(server.app) as srv:
+        server.public_url = srv.url
+        far = TwilioSide(fake_env, asyncio.get_running_loop())
+        yield bot, far
+        await far.close()
+    assert not fake_env.callback_errors
+
+
+async def _agent_dialled(fake: FakeTwilioRest) -> FakeParticipant:
+    def agent() -> FakeParticipant | None:
+        for conference in fake.conferences.values():
+            for participant in conference.participants.values():
+                if participant.label == "agent":
+                    return participant
+        return None
+
+    assert await wait_for(lambda: agent() is not None, 5)
+    found = agent()
+    assert found is not None
+    return found
+
+
+async def test_the_agent_answers_hears_the_whisper_alone_and_the_bot_leaves(
+    fake_env: FakeTwilioRest,
+    bot: tuple[Bot, TwilioSide],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    handler, far = bot
+    handler.options.update(summary=SUMMARY, hold_music_url=HOLD_MUSIC, timeout=10)
+    assert handler.server is not None
+    session = await handler.server.place_call_async(CALLEE)
+    agent = await _agent_dialled(fake_env)
+
+    # The caller is in the conference, waiting with hold music; the bot's stream has ended.
+    caller_call = fake_env.calls[session.call_sid or ""]
+    node = ET.fromstring(caller_call.twiml or "").find("Dial/Conference")
+    assert node is not None and node.get("waitUrl") == HOLD_MUSIC
+    assert (node.get("startConferenceOnEnter"), node.get("endConferenceOnExit")) == (
+        "false",
+        "true",
+    )
+    conference = fake_env.conferences[agent.conference_sid]
+    assert conference.friendly_name == node.text
+    assert conference.participants[caller_call.sid].status == "connected"
+    assert await far.sims[caller_call.sid].wait_closed(5)
+    assert await wait_for(lambda: session.is_disconnected, 5)
+    # The agent's leg: dialled through the participants API, from our number.
+    assert (agent.param("To"), agent.param("From"), agent.param("Label")) == (
+        AGENT,
+        OUR_NUMBER,
+        "agent",
+    )
+    assert agent.start_conference_on_enter and not agent.end_conference_on_exit
+
+    await asyncio.to_thread(fake_env.set_participant_status, agent.call_sid, "ringing")
+    await asyncio.to_thread(fake_env.set_participant_status, agent.call_sid, "connected")
+    assert await wait_for(lambda: bool(handler.results), 10)
+    (result,) = handler.results
+    assert (result.outcome, result.whispered, result.connected) == ("connected", True, True)
+    assert result.agent_call_sid == agent.call_sid
+    # The whisper went to the agent only, while the caller was on hold.
+    caller = fake_env.participant(caller_call.sid)
+    assert caller is not None and not caller.hold
+    holds = [dict(update) for update in caller.updates]
+    assert [u.get("Hold") for u in holds] == ["true", "false"]
+    assert holds[0].get("HoldUrl") == HOLD_MUSIC
+    say = ET.fromstring(agent.announcements[0])
+    assert say.findtext("Say") == SUMMARY and say.find("Redirect") is not None
+    assert "AnnounceUrl" not in str(caller.updates)
+    assert fake_env.conferences[agent.conference_sid].status == "in-progress"
+    # Phone numbers never reach the logs.
+    for record in caplog.records:
+        assert AGENT not in record.getMessage() and AGENT not in str(vars(record))
+        assert CALLEE not in str(vars(record))
+
+
+@pytest.mark.parametrize("agent_does", ["nothing", "declines"])
+async def test_no_answer_brings_the_caller_back_to_the_bot(
+    fake_env: FakeTwilioRest, bot: tuple[Bot, TwilioSide], agent_does: str
+) -> None:
+    handler, far = bot
+    handler.options.update(timeout=0.6 if agent_does == "nothing" else 10)
+    assert handler.server is not None
+    session = await handler.server.place_call_async(CALLEE, parameters={"campaign": "june"})
+    agent = await _agent_dialled(fake_env)
+    if agent_does == "declines":
+        await asyncio.to_thread(fake_env.set_participant_status, agent.call_sid, "failed")
+    assert await wait_for(lambda: bool(handler.results), 10)
+    (result,) = handler.results
+    assert (result.outcome, result.connected) == ("no_answer", False)
+    # The agent's leg is gone; the caller's call runs a fresh stream back to this server.
+    assert fake_env.participant(agent.call_sid) is None
+    call_sid = session.call_sid or ""
+    assert await wait_for(lambda: bool(handler.back), 5)
+    back = handler.back[0]
+    assert back is not session and back.call_sid == call_sid
+    assert back.call_info is not None
+    params = dict(back.call_info.custom_parameters)
+    assert params["transfer"] == "no_answer" and params["campaign"] == "june"
+    sim = far.returned[call_sid]
+    assert await sim.wait_for_heard(len(handler.tts.audio_for(SORRY)) / 8, 5)
+    assert fake_env.participant(call_sid) is None  # it left the conference
+
+
+async def test_the_caller_hanging_up_while_the_agent_rings_is_caller_gone(
+    fake_env: FakeTwilioRest, bot: tuple[Bot, TwilioSide]
+) -> None:
+    handler, _ = bot
+    handler.options.update(timeout=10)
+    assert handler.server is not None
+    session = await handler.server.place_call_async(CALLEE)
+    agent = await _agent_dialled(fake_env)
+    # The caller hangs up: their leg ends the conference, and with it the agent's leg.
+    await asyncio.to_thread(fake_env.set_participant_status, session.call_sid or "", "complete")
+    assert await wait_for(lambda: bool(handler.results), 10)
+    assert handler.results[0].outcome == "caller_gone"
+    assert fake_env.participant(agent.call_sid) is None
+    assert handler.back == []
+
+
+def test_bad_arguments_fail_before_any_request(fake_env: FakeTwilioRest) -> None:
+    server = VoiceServer(public_url="https://bot.example.com")
+    session = VoiceSession(call_sid="CA" + "1" * 32)
+    with pytest.raises(ValueError, match="agent"):
+        warm_transfer(server, session, " ")
+    with pytest.raises(ValueError, match="summary"):
+        warm_transfer(server, session, AGENT, summary="  ")
+    with pytest.raises(ValueError, match="timeout"):
+        warm_transfer(server, session, AGENT, timeout=0)
+    assert fake_env.requests == []
+    assert "waitUrl" not in conference_twiml("room")  # Twilio's own hold music by default
