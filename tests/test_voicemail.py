@@ -19,7 +19,12 @@ from voice_runtime.session import VoiceSession
 from voice_runtime.testing.fake_twilio_rest import FakeTwilioRest
 from voice_runtime.testing.server import serve_in_loop
 from voice_runtime.transports.twilio_ws import StreamOptions
-from voice_runtime.voicemail import answered_by, leave_voicemail, leave_voicemail_async
+from voice_runtime.voicemail import (
+    answered_by,
+    leave_voicemail,
+    leave_voicemail_async,
+    note_answered_by,
+)
 
 MESSAGE = "Hi, this is Acme. Your order is ready. Call us back any time."
 
@@ -182,3 +187,12 @@ async def test_a_hangup_before_the_beep_ends_the_wait(outbound: tuple[VoiceServe
     assert await wait_for(lambda: session.inbound_taps == [], 2)
     with pytest.raises(ValueError, match="blank"):
         await leave_voicemail_async(session, "  ", MockTts(ms_per_char=8.0))
+
+
+def test_the_amd_result_belongs_to_one_call() -> None:
+    session = VoiceSession(call_sid="CA" + "1" * 32)
+    assert answered_by(session) is None
+    note_answered_by(session, "human")
+    assert answered_by(session) == "human"
+    session.call_sid = "CA" + "2" * 32  # the session object serves the next call
+    assert answered_by(session) is None

@@ -81,7 +81,8 @@ class VoicemailResult:
 class _AmdState:
     """The AMD result of one call and who waits for it (any thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, call_sid: str | None) -> None:
+        self.call_sid = call_sid
         self.answered_by: str | None = None
         self.listeners: list[Callable[[], None]] = []
         self.lock = threading.Lock()
@@ -99,11 +100,12 @@ _STATE_LOCK = threading.Lock()
 
 
 def _state(session: VoiceSession) -> _AmdState:
-    # Kept on the session object, so it lives and dies with the call.
+    # Kept on the session object, so it lives and dies with the call; a session reused for
+    # another call (reset(), a new call SID) starts with no result.
     with _STATE_LOCK:
         state = vars(session).get(_STATE_ATTR)
-        if state is None:
-            state = _AmdState()
+        if state is None or state.call_sid != session.call_sid:
+            state = _AmdState(session.call_sid)
             setattr(session, _STATE_ATTR, state)
         return state
 
