@@ -14,6 +14,7 @@ from conftest import wait_for
 from test_server import OUR_NUMBER, FarEnd, parse_stream
 from twilio.request_validator import RequestValidator
 
+from voice_runtime.conversation import Conversation
 from voice_runtime.mock.tts import MockTts
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
@@ -87,7 +88,8 @@ class Bot:
             self.back.append(session)
             self.tts.speak(SORRY, session)
             return
-        self.results.append(warm_transfer(self.server, session, AGENT, **self.options))
+        conversation = Conversation(session, self.tts)
+        self.results.append(conversation.warm_transfer(self.server, AGENT, **self.options))
 
     async def async_handler(self, session: VoiceSession) -> None:
         assert self.server is not None and session.call_info is not None

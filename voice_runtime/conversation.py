@@ -226,6 +226,22 @@ class Conversation:
         self._record_voicemail(text, result)
         return result
 
+    def warm_transfer(self, server: Any, agent: str, **options: Any) -> Any:
+        """Hand the caller to ``agent`` through a conference (blocking); a TransferResult.
+
+        See :func:`voice_runtime.transfer.warm_transfer` for ``options`` (``summary``,
+        ``hold_music_url``, ``timeout``, ...). The bot's stream ends when the caller moves.
+        """
+        from voice_runtime.transfer import warm_transfer
+
+        return warm_transfer(server, self.session, agent, **options)
+
+    async def warm_transfer_async(self, server: Any, agent: str, **options: Any) -> Any:
+        """Awaitable twin of :meth:`warm_transfer`."""
+        from voice_runtime.transfer import warm_transfer_async
+
+        return await warm_transfer_async(server, self.session, agent, **options)
+
     def _record_voicemail(self, text: str, result: Any) -> None:
         if result.tts_result is not None:
             self._record("agent", result.tts_result.get("last_spoken", text))

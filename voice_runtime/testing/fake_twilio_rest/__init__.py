@@ -30,7 +30,8 @@ is recorded in :attr:`FakeTwilioRest.requests`; faults are scripted with
 :meth:`FakeTwilioRest.respond_next`. Webhooks go out as Twilio sends them (signed form
 POSTs): :meth:`FakeTwilioRest.send_amd_result` posts an async AMD result to the call's
 ``AsyncAmdStatusCallback``, :meth:`FakeTwilioRest.send_call_status` a call status; every one
-sent is kept in :attr:`FakeTwilioRest.sent_callbacks`.
+sent is kept in :attr:`FakeTwilioRest.sent_callbacks`. :class:`FakePhone` answers the calls
+created on the fake with caller simulators, as Twilio would dial their streams.
 
 The server is a stdlib ``ThreadingHTTPServer`` on its own thread; :meth:`FakeTwilioRest.stop`
 joins that thread and every request thread and closes the socket.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback
 from voice_runtime.testing.fake_twilio_rest.conferences import FakeConference, FakeParticipant
+from voice_runtime.testing.fake_twilio_rest.phone import FakePhone
 from voice_runtime.testing.fake_twilio_rest.records import (
     API_HOST_HEADER,
     DEFAULT_ACCOUNT_SID,
@@ -60,6 +62,7 @@ __all__ = [
     "FakeConference",
     "FakeMessage",
     "FakeParticipant",
+    "FakePhone",
     "FakeRecording",
     "FakeRequest",
     "FakeTwilioRest",

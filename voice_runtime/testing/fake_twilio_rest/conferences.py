@@ -144,6 +144,7 @@ class _Conferences:
     _lock: threading.Lock
     _calls: dict[str, FakeCall]
     _conferences: dict[str, FakeConference]
+    _participant_callbacks: list[Callable[[FakeParticipant], None]]
     _sent: list[SentCallback]
 
     if TYPE_CHECKING:  # provided by FakeTwilioRest
@@ -206,6 +207,24 @@ class _Conferences:
                 "CallbackSource": "call-progress-events",
             },
         )
+
+    def on_participant_created(
+        self, callback: Callable[[FakeParticipant], None]
+    ) -> Callable[[FakeParticipant], None]:
+        """Call ``callback(participant)`` after each dialled participant was answered (201).
+
+        Runs on the request's thread (errors kept in ``callback_errors``); a test can answer
+        the leg from it with :meth:`set_participant_status`. Usable as a decorator.
+        """
+        with self._lock:
+            self._participant_callbacks.append(callback)
+        return callback
+
+    def _participant_created(self, participant: FakeParticipant) -> None:
+        with self._lock:
+            callbacks = list(self._participant_callbacks)
+        for callback in callbacks:
+            callback(participant)
 
     # ----------------------------------------------------------------- internals
 
@@ -291,7 +310,8 @@ class _Conferences:
                     return 200, conference.to_json(), None
         if found := _PARTICIPANTS.fullmatch(rest):
             if method == "POST":
-                return 201, self._create_participant(request, account, found["conf"]), None
+                created = self._create_participant(request, account, found["conf"])
+                return 201, created.to_json(), lambda: self._participant_created(created)
             if method == "GET":
                 with self._lock:
                     conference = self._conference_locked(account, found["conf"], create=False)
@@ -313,7 +333,7 @@ class _Conferences:
             ]
         return _page("conferences", request.path, items)
 
-    def _create_participant(self, request: FakeRequest, account: str, key: str) -> dict[str, Any]:
+    def _create_participant(self, request: FakeRequest, account: str, key: str) -> FakeParticipant:
         to, from_ = request.field("To"), request.field("From")
         if not to:
             raise _Answer(400, 21201, "No 'To' number is specified")
@@ -345,7 +365,7 @@ class _Conferences:
                 params=request.form,
             )
             conference.participants[call.sid] = participant
-            return participant.to_json()
+            return participant
 
     def _one_participant(
         self, request: FakeRequest, account: str, key: str, part: str

@@ -17,7 +17,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 from voice_runtime.testing._serve import bind_free_socket
 from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback, _CallCallbacks
-from voice_runtime.testing.fake_twilio_rest.conferences import FakeConference, _Conferences
+from voice_runtime.testing.fake_twilio_rest.conferences import (
+    FakeConference,
+    FakeParticipant,
+    _Conferences,
+)
 from voice_runtime.testing.fake_twilio_rest.records import (
     _CALL,
     _RECORDING,
@@ -110,6 +114,7 @@ class FakeTwilioRest(_Resources, _CallCallbacks, _Conferences):
         self.callback_errors: list[BaseException] = []
         self._sent: list[SentCallback] = []
         self._conferences: dict[str, FakeConference] = {}
+        self._participant_callbacks: list[Callable[[FakeParticipant], None]] = []
         self._update_callbacks: list[Callable[[FakeCall], None]] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
