@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+from conftest import wait_for
 from twilio.base.exceptions import TwilioRestException
 from twilio.request_validator import RequestValidator
 
@@ -182,3 +184,42 @@ def test_amd_and_status_callbacks_need_their_urls(
         ("/status", "completed", True),
     ]
     assert [s.url for s in fake.sent_callbacks] == [receiver.url + "/amd", receiver.url + "/status"]
+
+
+async def test_fake_phone_follows_new_twiml_and_rest_hangups(fake: FakeTwilioRest) -> None:
+    from voice_runtime.server import VoiceServer
+    from voice_runtime.testing.fake_twilio_rest import FakePhone
+    from voice_runtime.testing.server import serve_in_loop
+    from voice_runtime.transports.twilio_call import hangup_call
+    from voice_runtime.transports.twilio_control import send_digits
+
+    server = VoiceServer()
+    async with serve_in_loop(server.app) as srv:
+        server.public_url = srv.url
+        phone = FakePhone(fake).start()
+        try:
+            first = await server.place_call_async("+15550002222", parameters={"k": "v"})
+            await first.wait_for_ws_connect_async(5)
+            call_sid = first.call_sid or ""
+            assert fake.calls[call_sid].status == "in-progress"
+            # New TwiML: this stream stops, the next <Connect><Stream> is a new stream.
+            route = server.new_route(parameters={"again": "1"}, call_sid=call_sid)
+            await asyncio.to_thread(
+                send_digits,
+                call_sid,
+                "1",
+                stream_url=srv.url,
+                route_token=route.token,
+                parameters=route.parameters,
+            )
+            assert await first.wait_until_disconnected_async(5)
+            assert await wait_for(lambda: len(phone.streams.get(call_sid, [])) == 2, 5)
+            second = await asyncio.to_thread(server.session_for_call, call_sid, 5)
+            assert second is not None and second is not first
+            assert second.call_info is not None
+            assert dict(second.call_info.custom_parameters) == {"again": "1"}
+            await asyncio.to_thread(hangup_call, call_sid)  # REST hang-up ends the stream
+            assert await second.wait_until_disconnected_async(5)
+        finally:
+            await asyncio.to_thread(phone.close)
+    assert not fake.callback_errors

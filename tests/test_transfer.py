@@ -9,66 +9,32 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 from conftest import wait_for
-from test_server import OUR_NUMBER, FarEnd, parse_stream
-from twilio.request_validator import RequestValidator
 
 from voice_runtime.conversation import Conversation
 from voice_runtime.mock.tts import MockTts
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
-from voice_runtime.testing.fake_twilio_rest import FakeCall, FakeParticipant, FakeTwilioRest
+from voice_runtime.testing.fake_twilio_rest import FakeParticipant, FakePhone, FakeTwilioRest
+from voice_runtime.testing.fake_twilio_rest.callbacks import sign
 from voice_runtime.testing.server import serve_in_loop
-from voice_runtime.testing.simulator import CallerSimulator
 from voice_runtime.transfer import (
     TransferResult,
+    _book,
     conference_twiml,
     warm_transfer,
     warm_transfer_async,
 )
 from voice_runtime.transports.twilio_ws import StreamOptions
 
+OUR_NUMBER = "+15550001111"
 AGENT = "+15550009999"
 CALLEE = "+15550002222"
 HOLD_MUSIC = "https://cdn.example.com/hold.mp3"
 SUMMARY = "Caller wants to move her delivery to Friday."
 SORRY = "Nobody is free right now, I am back."
-
-
-@dataclass
-class TwilioSide(FarEnd):
-    """The far end, plus what Twilio does on new TwiML: end the stream, or dial a new one."""
-
-    returned: dict[str, CallerSimulator] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.fake.on_call_updated(self._updated)
-
-    def _updated(self, call: FakeCall) -> None:
-        twiml = call.twiml or ""
-        if "<Conference" in twiml and call.sid in self.sims:
-            coro = self.sims[call.sid].hangup()  # the stream ends; the call goes on
-        elif "<Stream" in twiml:
-            coro = self._redial(call.sid, twiml)
-        else:
-            return
-        self._futures.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    async def _redial(self, call_sid: str, twiml: str) -> None:
-        url, params = parse_stream(twiml)
-        signature = RequestValidator(self.fake.auth_token).compute_signature(url, {})
-        sim = CallerSimulator(
-            url, call_sid=call_sid, parameters=params, headers={"X-Twilio-Signature": signature}
-        )
-        self.returned[call_sid] = sim
-        await sim.connect()
-
-    async def close(self) -> None:
-        for sim in self.returned.values():
-            await sim.hangup()
-        await super().close()
 
 
 @dataclass
@@ -115,16 +81,18 @@ def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
 @pytest.fixture(params=["sync", "async"])
 async def bot(
     request: pytest.FixtureRequest, fake_env: FakeTwilioRest
-) -> AsyncIterator[tuple[Bot, TwilioSide]]:
+) -> AsyncIterator[tuple[Bot, FakePhone]]:
     bot = Bot(request.param, {"poll_interval": 0.05})
     handler = bot.sync_handler if bot.kind == "sync" else bot.async_handler
     server = VoiceServer(on_call=handler, stream_options=StreamOptions(lead_ms=60))
     bot.server = server
     async with serve_in_loop(server.app) as srv:
         server.public_url = srv.url
-        far = TwilioSide(fake_env, asyncio.get_running_loop())
-        yield bot, far
-        await far.close()
+        phone = FakePhone(fake_env).start()
+        try:
+            yield bot, phone
+        finally:
+            await asyncio.to_thread(phone.close)
     assert not fake_env.callback_errors
 
 
@@ -144,11 +112,11 @@ async def _agent_dialled(fake: FakeTwilioRest) -> FakeParticipant:
 
 async def test_the_agent_answers_hears_the_whisper_alone_and_the_bot_leaves(
     fake_env: FakeTwilioRest,
-    bot: tuple[Bot, TwilioSide],
+    bot: tuple[Bot, FakePhone],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    handler, far = bot
+    handler, phone = bot
     handler.options.update(summary=SUMMARY, hold_music_url=HOLD_MUSIC, timeout=10)
     assert handler.server is not None
     session = await handler.server.place_call_async(CALLEE)
@@ -165,7 +133,8 @@ async def test_the_agent_answers_hears_the_whisper_alone_and_the_bot_leaves(
     conference = fake_env.conferences[agent.conference_sid]
     assert conference.friendly_name == node.text
     assert conference.participants[caller_call.sid].status == "connected"
-    assert await far.sims[caller_call.sid].wait_closed(5)
+    first = phone.streams[caller_call.sid][0]
+    assert await asyncio.to_thread(phone.run, first.wait_closed(5))
     assert await wait_for(lambda: session.is_disconnected, 5)
     # The agent's leg: dialled through the participants API, from our number.
     assert (agent.param("To"), agent.param("From"), agent.param("Label")) == (
@@ -199,9 +168,9 @@ async def test_the_agent_answers_hears_the_whisper_alone_and_the_bot_leaves(
 
 @pytest.mark.parametrize("agent_does", ["nothing", "declines"])
 async def test_no_answer_brings_the_caller_back_to_the_bot(
-    fake_env: FakeTwilioRest, bot: tuple[Bot, TwilioSide], agent_does: str
+    fake_env: FakeTwilioRest, bot: tuple[Bot, FakePhone], agent_does: str
 ) -> None:
-    handler, far = bot
+    handler, phone = bot
     handler.options.update(timeout=0.6 if agent_does == "nothing" else 10)
     assert handler.server is not None
     session = await handler.server.place_call_async(CALLEE, parameters={"campaign": "june"})
@@ -220,13 +189,15 @@ async def test_no_answer_brings_the_caller_back_to_the_bot(
     assert back.call_info is not None
     params = dict(back.call_info.custom_parameters)
     assert params["transfer"] == "no_answer" and params["campaign"] == "june"
-    sim = far.returned[call_sid]
-    assert await sim.wait_for_heard(len(handler.tts.audio_for(SORRY)) / 8, 5)
+    first, sim = phone.streams[call_sid]  # the bot's stream ended, a new one came back
+    assert first.closed and sim.call_sid == call_sid
+    heard = sim.wait_for_heard(len(handler.tts.audio_for(SORRY)) / 8, 5)
+    assert await asyncio.to_thread(phone.run, heard)
     assert fake_env.participant(call_sid) is None  # it left the conference
 
 
 async def test_the_caller_hanging_up_while_the_agent_rings_is_caller_gone(
-    fake_env: FakeTwilioRest, bot: tuple[Bot, TwilioSide]
+    fake_env: FakeTwilioRest, bot: tuple[Bot, FakePhone]
 ) -> None:
     handler, _ = bot
     handler.options.update(timeout=10)
@@ -252,3 +223,36 @@ def test_bad_arguments_fail_before_any_request(fake_env: FakeTwilioRest) -> None
         warm_transfer(server, session, AGENT, timeout=0)
     assert fake_env.requests == []
     assert "waitUrl" not in conference_twiml("room")  # Twilio's own hold music by default
+
+
+async def test_the_whisper_webhook_is_signed_and_unknown_tokens_are_404(
+    fake_env: FakeTwilioRest,
+) -> None:
+    server = VoiceServer()
+    async with serve_in_loop(server.app) as srv:
+        server.public_url = srv.url
+        token, played = _book(server).add(SUMMARY, "alice")
+        say = f"{srv.url}/twilio/whisper/{token}/say"
+        form = {"AccountSid": fake_env.account_sid, "CallSid": "CA" + "1" * 32}
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(say, data=form)).status_code == 403  # unsigned
+            forged = await http.post(say, data=form, headers={"X-Twilio-Signature": "x"})
+            assert forged.status_code == 403
+            ok = await http.post(say, data=form, headers=_signed(fake_env, say, form))
+            assert ok.status_code == 200 and not played.is_set()
+            root = ET.fromstring(ok.text)
+            assert root.findtext("Say") == SUMMARY and root.find("Say").get("voice") == "alice"
+            done = (root.findtext("Redirect") or "").strip()
+            assert done == f"{srv.url}/twilio/whisper/{token}/done"
+            finished = await http.post(done, data=form, headers=_signed(fake_env, done, form))
+            assert finished.status_code == 200 and played.is_set()
+            for bad in (
+                f"{srv.url}/twilio/whisper/nope/say",
+                f"{srv.url}/twilio/whisper/{token}/x",
+            ):
+                missing = await http.post(bad, data=form, headers=_signed(fake_env, bad, form))
+                assert missing.status_code == 404
+
+
+def _signed(fake: FakeTwilioRest, url: str, form: dict[str, str]) -> dict[str, str]:
+    return {"X-Twilio-Signature": sign(fake.auth_token, url, form)}
