@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,8 @@ from conftest import wait_for
 
 from voice_runtime.conversation import Conversation
 from voice_runtime.mock.tts import MockTts
+from voice_runtime.realtime.events import ToolCall
+from voice_runtime.realtime.tools import ToolContext, ToolRegistry
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.fake_twilio_rest import FakeParticipant, FakePhone, FakeTwilioRest
@@ -26,6 +29,7 @@ from voice_runtime.transfer import (
     conference_twiml,
     warm_transfer,
     warm_transfer_async,
+    warm_transfer_tool,
 )
 from voice_runtime.transports.twilio_ws import StreamOptions
 
@@ -256,3 +260,38 @@ async def test_the_whisper_webhook_is_signed_and_unknown_tokens_are_404(
 
 def _signed(fake: FakeTwilioRest, url: str, form: dict[str, str]) -> dict[str, str]:
     return {"X-Twilio-Signature": sign(fake.auth_token, url, form)}
+
+
+async def test_a_realtime_agent_tool_transfers_with_the_models_summary(
+    fake_env: FakeTwilioRest,
+) -> None:
+    server = VoiceServer(stream_options=StreamOptions(lead_ms=60))
+    results: list[TransferResult] = []
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_result(result: TransferResult) -> None:
+        results.append(result)
+        loop.call_soon_threadsafe(done.set)
+
+    tool = warm_transfer_tool(server, AGENT, on_result=on_result, poll_interval=0.05, timeout=10)
+    registry = ToolRegistry([tool])
+    assert registry.specs()[0].parameters["properties"]["summary"]["type"] == "string"
+    async with serve_in_loop(server.app) as srv:
+        server.public_url = srv.url
+        phone = FakePhone(fake_env, agents_answer=True).start()
+        try:
+            session = await server.place_call_async(CALLEE)
+            await session.wait_for_ws_connect_async(5)
+            call = ToolCall("call-1", "transfer_to_human", {"summary": SUMMARY})
+            answer = await registry.execute(call, ToolContext(session, call))
+            assert not answer.is_error and json.loads(answer.output) == {"status": "transferring"}
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            await asyncio.to_thread(phone.close)
+    (result,) = results
+    assert result.connected and result.whispered
+    agent = fake_env.participant(result.agent_call_sid or "")
+    assert agent is not None and SUMMARY in agent.announcements[0]
+    with pytest.raises(ValueError, match="agent"):
+        warm_transfer_tool(server, "")

@@ -44,6 +44,9 @@ from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.urls import http_base
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from voice_runtime.realtime.tools import Tool
     from voice_runtime.server import VoiceServer
     from voice_runtime.session import VoiceSession
 
@@ -61,6 +64,7 @@ __all__ = [
     "conference_twiml",
     "warm_transfer",
     "warm_transfer_async",
+    "warm_transfer_tool",
     "whisper_answer",
 ]
 
@@ -342,3 +346,81 @@ async def warm_transfer_async(
     cancelled (the caller must never be left in a conference nobody watches).
     """
     return await asyncio.to_thread(warm_transfer, server, session, agent, **options)
+
+
+# --------------------------------------------------------------------------- realtime agents
+
+# Transfers started by tools: kept referenced until done (the tool answers at once).
+_BACKGROUND: set[asyncio.Future[TransferResult]] = set()
+
+
+def warm_transfer_tool(
+    server: VoiceServer,
+    agent: str,
+    *,
+    name: str = "transfer_to_human",
+    description: str | None = None,
+    wait_for_playback_s: float = 5.0,
+    on_result: Callable[[TransferResult], None] | None = None,
+    **options: Any,
+) -> Tool:
+    """A realtime-agent tool that warm-transfers the caller to ``agent`` (a configured one).
+
+    The model passes a ``summary`` for the agent (whispered to them alone). The tool lets the
+    agent's queued words be heard (up to ``wait_for_playback_s``), starts the transfer and
+    answers ``{"status": "transferring"}`` at once; ``on_result`` gets the
+    :class:`TransferResult` when it is done. ``options`` go to :func:`warm_transfer`.
+    """
+    from voice_runtime.realtime.tools import Tool, ToolContext
+
+    if not isinstance(agent, str) or not agent.strip():
+        raise ValueError("agent must be a non-blank number, client: or sip: address")
+
+    async def transfer_to_human(context: ToolContext, summary: str = "") -> dict[str, str]:
+        session = context.session
+        if session is None or not session.call_sid:
+            return {"error": "transfer is not available: no live call"}
+        if session.agent_audio_pending and not session.is_disconnected:
+            try:  # the caller hears "let me connect you" before the line changes
+                await session.send_mark_and_wait_async("vr-warm-transfer", wait_for_playback_s)
+            except TimeoutError:
+                pass
+        kwargs = dict(options)
+        if summary.strip():
+            kwargs["summary"] = summary
+        future = asyncio.ensure_future(warm_transfer_async(server, session, agent, **kwargs))
+        _BACKGROUND.add(future)
+        future.add_done_callback(lambda done: _transfer_done(done, on_result))
+        return {"status": "transferring"}
+
+    return Tool(
+        name=name,
+        description=description
+        or (
+            "Transfer the caller to a human colleague. Tell the caller first. Pass a short "
+            "summary of the call for the colleague; only they hear it."
+        ),
+        parameters={
+            "type": "object",
+            "properties": {"summary": {"type": "string", "description": "for the colleague"}},
+        },
+        handler=transfer_to_human,
+        timeout=wait_for_playback_s + 5.0,
+    )
+
+
+def _transfer_done(
+    done: asyncio.Future[TransferResult], on_result: Callable[[TransferResult], None] | None
+) -> None:
+    _BACKGROUND.discard(done)
+    if done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        logger.error("warm transfer failed", extra={"error": type(error).__name__})
+        return
+    if on_result is not None:
+        try:
+            on_result(done.result())
+        except Exception:
+            logger.exception("warm transfer on_result callback failed")
