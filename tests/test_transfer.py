@@ -146,7 +146,7 @@ async def test_the_agent_answers_hears_the_whisper_alone_and_the_bot_leaves(
         OUR_NUMBER,
         "agent",
     )
-    assert agent.start_conference_on_enter and not agent.end_conference_on_exit
+    assert agent.start_conference_on_enter and agent.end_conference_on_exit
 
     await asyncio.to_thread(fake_env.set_participant_status, agent.call_sid, "ringing")
     await asyncio.to_thread(fake_env.set_participant_status, agent.call_sid, "connected")

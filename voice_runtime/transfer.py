@@ -8,15 +8,15 @@ REST client:
    hold music when None — until the agent is there; ``endConferenceOnExit=true``). This ends
    the bot's media stream: the bot has left the call.
 2. Dials the agent into it (REST: conference participants create, ``label="agent"``,
-   ``startConferenceOnEnter=true``) and follows the participant's status until it is
-   ``connected`` or ``timeout`` seconds have passed.
+   ``startConferenceOnEnter=true``, ``endConferenceOnExit=true``) and follows the
+   participant's status until it is ``connected`` or ``timeout`` seconds have passed.
 3. With a ``summary``: puts the caller on hold (participant ``hold``/``hold_url``), whispers
    the summary to the agent only (participant ``announce_url``, a ``<Say>`` served by the
    VoiceServer at ``{webhook_prefix}/whisper/{token}/say``, signed like every webhook), waits
    until Twilio fetched the ``<Redirect>`` at its end (the whisper was played), and takes the
    caller off hold: caller and agent talk.
-4. When the agent does not answer (or declines), the agent's leg is removed and the caller's
-   call is redirected to a fresh ``<Connect><Stream>`` route: the caller comes back to the bot
+4. When the agent does not answer (or declines), the caller's call is redirected to a fresh
+   ``<Connect><Stream>`` route and the agent's leg is removed: the caller comes back to the bot
    as a new media stream of the same call, handled by ``on_call`` like any other, with the
    call's custom parameters plus ``transfer=no_answer``.
 
@@ -235,7 +235,8 @@ def warm_transfer(
                 to=agent,
                 label=AGENT_LABEL,
                 start_conference_on_enter=True,
-                end_conference_on_exit=False,
+                # When the agent hangs up, the caller is not left alone in silence.
+                end_conference_on_exit=True,
                 beep="false",
                 timeout=max(5, min(600, round(timeout))),
             )
@@ -252,8 +253,10 @@ def warm_transfer(
                 )  # fmt: skip
             logger.info("warm transfer: agent connected", extra=extra)
             return TransferResult("connected", name, conference_sid, agent_sid, whispered)
-        _remove_agent(rest, conference_sid, agent_sid)
+        # The caller leaves first: removing an end-on-exit agent ends the conference, and a
+        # call still in it would end with it.
         outcome = _back_to_bot(server, rest, call_sid, params)
+        _remove_agent(rest, conference_sid, agent_sid)
         logger.info("warm transfer: agent did not answer", extra={**extra, "outcome": outcome})
         return TransferResult(outcome, name, conference_sid, agent_sid)
 

@@ -184,6 +184,7 @@ class _Conferences:
             raise ValueError(f"status must be one of {_PARTICIPANT_STATUSES}")
         with self._lock:
             participant = self._find_participant_locked(call_sid)
+            joined = participant.status == "connected"
             participant.status = status
             call = self._calls.get(call_sid)
             if call is not None:
@@ -192,7 +193,7 @@ class _Conferences:
             if status == "connected" and participant.start_conference_on_enter:
                 conference.status = "in-progress"
             if status in ("failed", "complete"):
-                self._leave_locked(conference, call_sid)
+                self._leave_locked(conference, call_sid, joined)
             url = participant.param("StatusCallback")
         if url is None or call is None:
             return None
@@ -234,11 +235,13 @@ class _Conferences:
                 return conference.participants[call_sid]
         raise KeyError(call_sid)
 
-    def _leave_locked(self, conference: FakeConference, call_sid: str) -> None:
+    def _leave_locked(self, conference: FakeConference, call_sid: str, joined: bool) -> None:
         participant = conference.participants.pop(call_sid, None)
         if participant is None:
             return
-        if participant.end_conference_on_exit or not conference.participants:
+        # Only someone who was in the conference ends it by leaving (a leg that never
+        # answered does not), or the last one out.
+        if (joined and participant.end_conference_on_exit) or not conference.participants:
             self._end_locked(conference, "participant-with-end-conference-on-exit-left")
 
     def _end_locked(self, conference: FakeConference, reason: str) -> None:
@@ -276,7 +279,7 @@ class _Conferences:
         node = root.find("Dial/Conference")
         for conference in self._conferences.values():  # new TwiML: it leaves where it was
             if call.sid in conference.participants:
-                self._leave_locked(conference, call.sid)
+                self._leave_locked(conference, call.sid, joined=True)
         name = (node.text or "").strip() if node is not None else ""
         if node is None or not name:
             return
@@ -380,7 +383,8 @@ class _Conferences:
             if request.method == "GET":
                 return 200, participant.to_json(), None
             if request.method == "DELETE":
-                self._leave_locked(conference, participant.call_sid)
+                joined = participant.status == "connected"
+                self._leave_locked(conference, participant.call_sid, joined)
                 call = self._calls.get(participant.call_sid)
                 if call is not None:
                     call.status = "completed" if participant.status == "connected" else "canceled"
