@@ -348,3 +348,45 @@ class Conversation:
         if result.reason == "hangup":
             raise CallHangupError()
         return result
+
+    # ------------------------------------------------------------------ telephony
+
+    def leave_voicemail(self, text: str, **options: Any) -> Any:
+        """Leave ``text`` on an answering machine after its beep, then hang up (blocking).
+
+        See :func:`voice_runtime.voicemail.leave_voicemail` for ``options`` and the result;
+        a human answer returns outcome "human" without speaking.
+        """
+        from voice_runtime.voicemail import leave_voicemail
+
+        result = leave_voicemail(self.session, text, self.tts, **options)
+        self._record_voicemail(text, result)
+        return result
+
+    async def leave_voicemail_async(self, text: str, **options: Any) -> Any:
+        """Awaitable twin of :meth:`leave_voicemail`."""
+        from voice_runtime.voicemail import leave_voicemail_async
+
+        result = await leave_voicemail_async(self.session, text, self.tts, **options)
+        self._record_voicemail(text, result)
+        return result
+
+    def warm_transfer(self, server: Any, agent: str, **options: Any) -> Any:
+        """Hand the caller to ``agent`` through a conference (blocking); a TransferResult.
+
+        See :func:`voice_runtime.transfer.warm_transfer` for ``options`` (``summary``,
+        ``hold_music_url``, ``timeout``, ...). The bot's stream ends when the caller moves.
+        """
+        from voice_runtime.transfer import warm_transfer
+
+        return warm_transfer(server, self.session, agent, **options)
+
+    async def warm_transfer_async(self, server: Any, agent: str, **options: Any) -> Any:
+        """Awaitable twin of :meth:`warm_transfer`."""
+        from voice_runtime.transfer import warm_transfer_async
+
+        return await warm_transfer_async(server, self.session, agent, **options)
+
+    def _record_voicemail(self, text: str, result: Any) -> None:
+        if result.tts_result is not None:
+            self._record("agent", result.tts_result.get("last_spoken", text))

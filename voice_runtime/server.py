@@ -266,6 +266,9 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         app.add_api_route(self.webhook_prefix + "/voice", self._voice_webhook, methods=["POST"])
         app.add_api_route(self.webhook_prefix + "/status", self._status_webhook, methods=["POST"])
         app.add_api_route(self.webhook_prefix + "/sms", self._sms_webhook, methods=["POST"])
+        app.add_api_route(
+            self.webhook_prefix + "/whisper/{token}/{step}", self._whisper_webhook, methods=["POST"]
+        )
         app.add_api_route("/health", self._health, methods=["GET"])
         app.add_api_route("/ready", self._ready, methods=["GET"])
 

@@ -5,6 +5,7 @@ Routes (prefix ``webhook_prefix``, default ``/twilio``)::
     POST {prefix}/voice    incoming-call webhook -> <Connect><Stream> (or busy TwiML)
     POST {prefix}/status   call-status and async AMD callbacks -> session events
     POST {prefix}/sms      incoming-SMS webhook
+    POST {prefix}/whisper/{token}/{step}   a warm transfer's whisper to the agent
     GET  /health, /ready   liveness; readiness is 503 while draining
 
 :class:`WebhookRoutes` holds the handlers; VoiceServer inherits them and provides the state
@@ -39,6 +40,7 @@ from voice_runtime.transports.security import (
 from voice_runtime.transports.xml_text import xml_safe
 from voice_runtime.types import SessionEvent
 from voice_runtime.urls import is_local_host
+from voice_runtime.voicemail import note_answered_by
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +251,8 @@ class WebhookRoutes:
                 fields = {"status": status, **_status_fields(form)}
                 await self._emit(session, SessionEvent("call_status", fields))
             if answered_by:
+                # Recorded first: leave_voicemail reads it whether or not on_event is set.
+                note_answered_by(session, answered_by)
                 await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
             if status in ENDED_STATUSES and not session.is_connected:
                 # The call never reached the stream (busy, no answer, ...): release its
@@ -258,6 +262,16 @@ class WebhookRoutes:
         except CallbacksBusyError:
             return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
         return Response(status_code=204)
+
+    async def _whisper_webhook(self, request: Request, token: str, step: str) -> Response:
+        """A warm transfer's whisper to the agent (see :mod:`voice_runtime.transfer`)."""
+        form = await self._form(request)
+        if isinstance(form, Response):
+            return form
+        from voice_runtime.transfer import whisper_answer
+
+        xml = whisper_answer(self, token, step)
+        return Response(status_code=404) if xml is None else Response(xml, media_type=TWIML)
 
     async def _sms_webhook(self, request: Request) -> Response:
         form = await self._form(request)

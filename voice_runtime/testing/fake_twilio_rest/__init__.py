@@ -23,10 +23,15 @@ voice_runtime's clients send requests meant for ``https://api.twilio.com`` (or a
 
 Implemented: ``POST/GET …/Calls.json`` (create; list with To/From/Status/StartTime filters
 and paging), ``POST/GET …/Calls/{CA}.json``, ``POST/GET …/Calls/{CA}/Recordings.json``,
-``POST/GET …/Calls/{CA}/Recordings/{RE}.json`` and ``POST …/Messages.json``. Every request
+``POST/GET …/Calls/{CA}/Recordings/{RE}.json``, ``POST …/Messages.json`` and conferences
+with their participants (:mod:`~voice_runtime.testing.fake_twilio_rest.conferences`). Every request
 is recorded in :attr:`FakeTwilioRest.requests`; faults are scripted with
 :meth:`FakeTwilioRest.fail_next`, :meth:`FakeTwilioRest.add_fault` and
-:meth:`FakeTwilioRest.respond_next`.
+:meth:`FakeTwilioRest.respond_next`. Webhooks go out as Twilio sends them (signed form
+POSTs): :meth:`FakeTwilioRest.send_amd_result` posts an async AMD result to the call's
+``AsyncAmdStatusCallback``, :meth:`FakeTwilioRest.send_call_status` a call status; every one
+sent is kept in :attr:`FakeTwilioRest.sent_callbacks`. :class:`FakePhone` answers the calls
+created on the fake with caller simulators, as Twilio would dial their streams.
 
 The server is a stdlib ``ThreadingHTTPServer`` on its own thread; :meth:`FakeTwilioRest.stop`
 joins that thread and every request thread and closes the socket.
@@ -34,6 +39,9 @@ joins that thread and every request thread and closes the socket.
 
 from __future__ import annotations
 
+from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback
+from voice_runtime.testing.fake_twilio_rest.conferences import FakeConference, FakeParticipant
+from voice_runtime.testing.fake_twilio_rest.phone import FakePhone
 from voice_runtime.testing.fake_twilio_rest.records import (
     API_HOST_HEADER,
     DEFAULT_ACCOUNT_SID,
@@ -51,9 +59,13 @@ __all__ = [
     "DEFAULT_ACCOUNT_SID",
     "DEFAULT_AUTH_TOKEN",
     "FakeCall",
+    "FakeConference",
     "FakeMessage",
+    "FakeParticipant",
+    "FakePhone",
     "FakeRecording",
     "FakeRequest",
     "FakeTwilioRest",
     "FaultRule",
+    "SentCallback",
 ]

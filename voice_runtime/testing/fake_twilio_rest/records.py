@@ -101,6 +101,7 @@ class FakeCall:
     date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
     params: tuple[tuple[str, str], ...] = ()
     updates: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
+    callback_seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The call as Twilio's JSON resource."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from voice_runtime.testing.fake_twilio_rest.records import (
@@ -27,6 +27,10 @@ class _Resources:
     _calls: dict[str, FakeCall]
     _recordings: dict[str, FakeRecording]
     _messages: dict[str, FakeMessage]
+
+    if TYPE_CHECKING:  # provided by the conferences mixin
+
+        def _join_from_twiml(self, call: FakeCall, twiml: str) -> None: ...
 
     # ----------------------------------------------------------------- resources
 
@@ -73,6 +77,7 @@ class _Resources:
             call.updates.append(request.form)
             if request.field("Twiml") is not None:
                 call.twiml, call.url = request.field("Twiml"), None
+                self._join_from_twiml(call, call.twiml or "")
             if request.field("Url") is not None:
                 call.url, call.twiml = request.field("Url"), None
             if status is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -15,6 +16,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from voice_runtime.testing._serve import bind_free_socket
+from voice_runtime.testing.fake_twilio_rest.callbacks import SentCallback, _CallCallbacks
+from voice_runtime.testing.fake_twilio_rest.conferences import (
+    FakeConference,
+    FakeParticipant,
+    _Conferences,
+)
 from voice_runtime.testing.fake_twilio_rest.records import (
     _CALL,
     _RECORDING,
@@ -79,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class FakeTwilioRest(_Resources):
+class FakeTwilioRest(_Resources, _CallCallbacks, _Conferences):
     """A fake Twilio REST API served from a background thread on 127.0.0.1.
 
     Use it as a context manager or call :meth:`start` / :meth:`stop`. :meth:`env` gives the
@@ -105,6 +112,10 @@ class FakeTwilioRest(_Resources):
         self._faults: list[FaultRule] = []
         self._call_callbacks: list[Callable[[FakeCall], None]] = []
         self.callback_errors: list[BaseException] = []
+        self._sent: list[SentCallback] = []
+        self._conferences: dict[str, FakeConference] = {}
+        self._participant_callbacks: list[Callable[[FakeParticipant], None]] = []
+        self._update_callbacks: list[Callable[[FakeCall], None]] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -376,7 +387,7 @@ class FakeTwilioRest(_Resources):
                 {"WWW-Authenticate": 'Basic realm="Twilio API"'},
             )
             return
-        created: FakeCall | None = None
+        created: FakeCall | Callable[[], None] | None = None
         try:
             status, body, created = self._route(request, user or "")
         except _Answer as answer:
@@ -387,9 +398,16 @@ class FakeTwilioRest(_Resources):
                     answer.status, _error_body(answer.status, answer.code, answer.message)
                 )
             return
-        handler.send_json(status, body)
-        if created is not None:
+        if status == 204:
+            handler.send_response(204)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        else:
+            handler.send_json(status, body)
+        if isinstance(created, FakeCall):
             self._notify_created(created)
+        elif created is not None:
+            self._after_answer(created)
 
     @staticmethod
     def _send_raw(handler: _Handler, status: int, body: Any) -> None:
@@ -431,7 +449,34 @@ class FakeTwilioRest(_Resources):
                 with self._lock:
                     self.callback_errors.append(exc)
 
-    def _route(self, request: FakeRequest, user: str) -> tuple[int, Any, FakeCall | None]:
+    def on_call_updated(self, callback: Callable[[FakeCall], None]) -> Callable[[FakeCall], None]:
+        """Call ``callback(call)`` after each answered call update (new TwiML, URL or status).
+
+        Runs like :meth:`on_call_created` callbacks (request thread, errors kept). A far end
+        uses it to end a media stream when the call is given new TwiML, as Twilio does.
+        """
+        with self._lock:
+            self._update_callbacks.append(callback)
+        return callback
+
+    def _notify_updated(self, call: FakeCall) -> None:
+        with self._lock:
+            callbacks = list(self._update_callbacks)
+        snapshot = dataclasses.replace(call, updates=list(call.updates))
+        for callback in callbacks:
+            self._after_answer(functools.partial(callback, snapshot))
+
+    def _after_answer(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # kept for the test to assert on
+            logger.exception("fake Twilio callback failed")
+            with self._lock:
+                self.callback_errors.append(exc)
+
+    def _route(
+        self, request: FakeRequest, user: str
+    ) -> tuple[int, Any, FakeCall | Callable[[], None] | None]:
         match = _ROUTE.fullmatch(request.path)
         if match is None or match["account"] != user:
             raise _Answer(404, 20404, f"The requested resource {request.path} was not found")
@@ -445,7 +490,7 @@ class FakeTwilioRest(_Resources):
         elif found := _CALL.fullmatch(rest):
             call = self._find_call(request, user, found["call"])
             if method == "POST":
-                return 200, self._update_call(request, call), None
+                return 200, self._update_call(request, call), lambda: self._notify_updated(call)
             if method == "GET":
                 return 200, call.to_json(), None
         elif found := _RECORDINGS.fullmatch(rest):
@@ -461,6 +506,8 @@ class FakeTwilioRest(_Resources):
                 return 200, self._update_recording(request, recording), None
             if method == "GET":
                 return 200, recording.to_json(), None
+        elif rest.startswith("Conferences"):
+            return self._route_conferences(request, user, rest)
         elif rest == "Messages.json" and method == "POST":
             return 201, self._create_message(request, user), None
         raise _Answer(404, 20404, f"The requested resource {request.path} was not found")
