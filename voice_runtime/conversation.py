@@ -88,10 +88,18 @@ class Conversation:
     def _attach(self, stt: SttProvider) -> None:
         self._stt = stt
         stt.on_committed = self._committed
+        if hasattr(self.barge_in, "note_transcript"):
+            # Word-aware barge-in and false-interruption checks read the caller's words.
+            stt.on_recognizing = self._recognizing
+
+    def _recognizing(self, text: str) -> None:
+        self.barge_in.note_transcript(text, final=False)
 
     def _committed(self, text: str) -> None:
         text = text.strip()
         if text:
+            if hasattr(self.barge_in, "note_transcript"):
+                self.barge_in.note_transcript(text, final=True)
             self._heard.put(text)
 
     def _record(self, speaker: str, text: str) -> None:
