@@ -146,7 +146,14 @@ _NUMBER_WORDS = frozenset(
         "triple",
     ]
 )
+_NUMBER_CONTEXT = frozenset(
+    ["number", "phone", "code", "account", "card", "pin", "zip", "digits", "extension", "id"]
+)
 _WORD = re.compile(r"[a-z0-9']+")
+
+
+def _is_number(word: str) -> bool:
+    return word in _NUMBER_WORDS or any(ch.isdigit() for ch in word)
 
 
 def looks_unfinished(text: str) -> bool:
@@ -164,10 +171,20 @@ def looks_unfinished(text: str) -> bool:
     if not words:
         return False
     last = words[-1]
-    if any(ch.isdigit() for ch in last) or last in _NUMBER_WORDS:
-        return True  # a number being read out: digits come in groups with pauses between
+    if _is_number(last):
+        # A number being read out (digits come in groups with pauses between): a run of
+        # numbers, a long digit group, or a number after "phone number", "code", "card"...
+        run = 0
+        for word in reversed(words):
+            if not _is_number(word):
+                break
+            run += 1
+        digits = sum(ch.isdigit() for ch in last)
+        return run >= 2 or digits >= 3 or not _NUMBER_CONTEXT.isdisjoint(words)
     if len(words) >= 2 and (words[-2], last) in _FINISHING_PAIRS:
         return False
+    if last == "maybe" and len(words) >= 3:  # "I was thinking that maybe ..."
+        return True
     return last in _CONTINUATIONS
 
 
