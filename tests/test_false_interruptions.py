@@ -147,3 +147,56 @@ async def test_pause_keeps_the_unheard_audio_bounded(voice_server: VoiceServer) 
     assert result["interrupted"] is False
     assert sim.heard_ms - heard_at_pause <= 500 + 150
     assert np.isfinite(session.played_ms)
+
+
+async def test_the_async_twin_resumes_too(voice_server: VoiceServer, espeak_clip: Any) -> None:
+    conv, bi, _ = _conversation(voice_server, resume_after_ms=500)
+    async with voice_server.simulator() as sim:
+        await voice_server.session.wait_for_ws_connect_async(5)
+        saying = asyncio.create_task(conv.say_async(AGENT_TEXT))
+        assert await sim.wait_for_heard(400, timeout=5)
+        await sim.send_audio(espeak_clip("Mm."))
+        result = await asyncio.wait_for(saying, 10)
+    assert result["interrupted"] is False and bi.false_interruptions == 1 and sim.clears == 1
+
+
+async def test_a_hang_up_during_the_pause_ends_speak(
+    voice_server: VoiceServer, espeak_clip: Any
+) -> None:
+    conv, bi, _ = _conversation(voice_server, resume_after_ms=5000)
+    async with voice_server.simulator() as sim:
+        await voice_server.session.wait_for_ws_connect_async(5)
+        saying = asyncio.create_task(asyncio.to_thread(conv.say, AGENT_TEXT))
+        assert await sim.wait_for_heard(400, timeout=5)
+        talking = asyncio.create_task(sim.send_audio(espeak_clip("Hmm, well.")))
+        assert await wait_for(lambda: bi.paused, 5)
+        await sim.hangup()
+        result = await asyncio.wait_for(saying, 5)
+        talking.cancel()
+    assert result["call_disconnected"] is True
+
+
+async def test_word_aware_barge_in_with_elevenlabs_partials(
+    voice_server: VoiceServer, espeak_clip: Any
+) -> None:
+    """A real streaming STT: ElevenLabs partial transcripts from the fake Scribe server."""
+    from voice_runtime.providers.elevenlabs_stt import PersistentSttSession
+    from voice_runtime.testing.fake_elevenlabs import FakeScribeServer
+
+    session = voice_server.session
+    async with FakeScribeServer(api_key="k") as scribe:
+        session.stt_factory = lambda: PersistentSttSession(api_key="k", base_url=scribe.base_url)
+        bi = BargeIn(session, min_speech_ms=150, min_words=3)
+        conv = Conversation(session, MockTts(ms_per_char=30.0), barge_in=bi)
+        async with voice_server.simulator() as sim:
+            await session.wait_for_ws_connect_async(5)
+            assert await scribe.wait_for_connections(1)
+            saying = asyncio.create_task(asyncio.to_thread(conv.say, AGENT_TEXT * 2))
+            assert await sim.wait_for_heard(300, timeout=5)
+            talking = asyncio.create_task(sim.send_audio(espeak_clip("No, wait, that is wrong.")))
+            assert await wait_for(lambda: bi.state == "candidate", 5)
+            await scribe.send_partial("no")  # one word: the agent goes on
+            await scribe.send_partial("no wait that")
+            result = await asyncio.wait_for(saying, 10)
+            await talking
+    assert result["interrupted"] is True and bi.count == 1 and sim.clears == 1
