@@ -149,3 +149,36 @@ async def test_finished_sentences_still_end_the_turn_at_the_short_silence(
 ) -> None:
     audio = clips["Yes."] + _pause(1000) + clips["Goodbye."] + _pause(1500)
     assert len(await _commits(voice_server, audio)) == 2
+
+
+async def test_offline_stt_decides_on_the_stream_clock_as_frames_arrive(
+    monkeypatch: pytest.MonkeyPatch, clips: dict[str, bytes]
+) -> None:
+    """Paced input (as on a call): the held turn commits only once the long silence passed."""
+    import asyncio
+
+    pytest.importorskip("faster_whisper")
+    from voice_runtime.providers.offline_stt import OfflineStt
+
+    stt = OfflineStt(end_of_turn=EndOfTurn(silence_ms=500, unfinished_silence_ms=1500))
+    texts = iter(["I would like to order a pizza and"])
+    monkeypatch.setattr(stt, "_transcribe_blocking", lambda pcm, rate: next(texts))
+    q: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await stt.start(q)
+
+    async def feed(audio: bytes) -> None:
+        for i in range(0, len(audio), 160):
+            q.put_nowait(audio[i : i + 160])
+        assert await wait_for(q.empty, 10)
+        await asyncio.sleep(0)  # the frame taken last is processed
+
+    try:
+        await feed(clips["I would like to order a pizza and"] + _pause(700))
+        assert await wait_for(lambda: stt.turns.holding, 10)
+        await feed(_pause(500))  # 1.2 s of silence: still waiting for the rest
+        assert stt.committed == [] and stt.turns.holding
+        assert stt._utterances.empty()  # and no commit was decided for the worker
+        await feed(_pause(500))  # 1.7 s: the turn is over
+        assert await wait_for(lambda: stt.committed == ["I would like to order a pizza and"], 5)
+    finally:
+        await stt.stop()
