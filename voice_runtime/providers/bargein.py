@@ -118,8 +118,12 @@ class BargeIn:
         self._speech_end: float | None = None  # monotonic time the caller's sound ended
         self._words = 0  # most words seen in one transcript since the candidate or pause
         self._unfinished = False  # the latest transcript reads as an unfinished sentence
-        if resume_after_ms is not None and session.port.sent_tail is None:
-            session.port.sent_tail = SentTail()
+        if resume_after_ms is not None:
+            port: Any = getattr(session, "port", None)
+            if not hasattr(port, "sent_tail"):
+                raise ValueError("resume_after_ms needs a VoiceSession (it pauses its playback)")
+            if port.sent_tail is None:
+                port.sent_tail = SentTail()
         self.session = session
         self.min_speech_ms = float(min_speech_ms)
         self.threshold = float(threshold)
@@ -127,7 +131,8 @@ class BargeIn:
         self.release_stt = release_stt
         self.stop_event = threading.Event()
         self.events: list[BargeInEvent] = []
-        # Only SpeechStart matters here: no padding kept, no utterance length cap.
+        # SpeechStart is the barge-in, UtteranceEnd the end of the caller's sound while a
+        # barge-in is being decided: no padding kept, no utterance length cap.
         self._segmenter = SpeechSegmenter(
             SileroVad(8000, threshold),
             min_speech_ms=self.min_speech_ms,
@@ -233,6 +238,11 @@ class BargeIn:
 
     def _feed_deciding(self, frame: bytes) -> None:
         """A candidate or a pause: follow the caller's speech and decide when it is time."""
+        if self._state == "paused" and not self.session.port.paused:
+            # The pause ended elsewhere: a clear (a stop, a hang-up) or the session's reset.
+            self._state = "idle"
+            self._reset()
+            return
         now = time.monotonic()
         for event in self._segmenter.process(ulaw_decode(frame)):
             if isinstance(event, SpeechStart):
