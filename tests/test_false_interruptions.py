@@ -200,3 +200,42 @@ async def test_word_aware_barge_in_with_elevenlabs_partials(
             result = await asyncio.wait_for(saying, 10)
             await talking
     assert result["interrupted"] is True and bi.count == 1 and sim.clears == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize(("partial", "dismissed_after_1s"), [("sure thing", True), ("and", False)])
+def test_a_word_aware_candidate_waits_longer_after_unfinished_words(
+    espeak_clip: Any, partial: str, dismissed_after_1s: bool
+) -> None:
+    """The barge-in's own end of turn: 0.8 s after a finished fragment, twice that otherwise."""
+    from voice_runtime.session import VoiceSession
+
+    session = VoiceSession()
+    session.put_outbound_sync(b"\xff" * 8000)  # agent audio pending (no loop: it stays queued)
+    clock = _Clock()
+    bi = BargeIn(session, min_speech_ms=150, min_words=3, clock=clock, attach=False)
+    speech = espeak_clip("Sure thing.")
+
+    def feed(audio: bytes, step_s: float = 0.02) -> None:
+        for i in range(0, len(audio) - 159, 160):
+            bi.feed(audio[i : i + 160])
+            clock.t += step_s
+
+    feed(speech)
+    assert bi.state == "candidate"
+    bi.note_transcript(partial, final=False)
+    feed(b"\xff" * 8000, step_s=0.0)  # the caller's sound ends (the VAD's silence), clock held
+    assert bi.state == "candidate"
+    clock.t += 1.0
+    feed(b"\xff" * 160)
+    assert (bi.state == "idle") is dismissed_after_1s
+    clock.t += 1.0
+    feed(b"\xff" * 160)
+    assert bi.state == "idle" and bi.count == 0  # never an interruption: too few words

@@ -89,11 +89,15 @@ class Conversation:
         self._stt = stt
         stt.on_committed = self._committed
         if hasattr(self.barge_in, "note_transcript"):
-            # Word-aware barge-in and false-interruption checks read the caller's words.
-            stt.on_recognizing = self._recognizing
+            # Word-aware barge-in and false-interruption checks read the caller's interim words.
+            previous = stt.on_recognizing
 
-    def _recognizing(self, text: str) -> None:
-        self.barge_in.note_transcript(text, final=False)
+            def on_recognizing(text: str) -> None:
+                self.barge_in.note_transcript(text, final=False)
+                if previous is not None:
+                    previous(text)
+
+            stt.on_recognizing = on_recognizing
 
     def _committed(self, text: str) -> None:
         text = text.strip()

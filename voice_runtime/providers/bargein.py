@@ -94,6 +94,7 @@ class BargeIn:
         max_resume_bytes: int = 240_000,
         max_pause_ms: float = 6000.0,
         on_resume: Callable[[BargeInEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if min_speech_ms < 0:
             raise ValueError("min_speech_ms must be >= 0")
@@ -109,6 +110,7 @@ class BargeIn:
         #: A pause (or a word-aware candidate) this long is decided as an interruption.
         self.max_pause_ms = float(max_pause_ms)
         self.on_resume = on_resume
+        self._clock = clock  # injectable so tests can step through the decision windows
         #: Barge-ins that turned out to be noise or a backchannel (playback resumed).
         self.false_interruptions = 0
         # "idle" (watching), "candidate" (speech, waiting for words), "paused" (playback held).
@@ -181,7 +183,7 @@ class BargeIn:
         if self._state == "paused" and (final or self._words >= max(self.min_words, 1)):
             self._confirm()
         elif self._state == "candidate" and self._words >= self.min_words:
-            self._trigger(self._onset, time.monotonic(), confirmed=True)
+            self._trigger(self._onset, self._clock(), confirmed=True)
 
     @property
     def state(self) -> str:
@@ -214,7 +216,7 @@ class BargeIn:
                 self._reset()
             return
         self._active = True
-        now = time.monotonic()
+        now = self._clock()
         segmenter = self._segmenter
         for event in segmenter.process(ulaw_decode(frame)):
             if isinstance(event, SpeechStart):
@@ -243,7 +245,7 @@ class BargeIn:
             self._state = "idle"
             self._reset()
             return
-        now = time.monotonic()
+        now = self._clock()
         for event in self._segmenter.process(ulaw_decode(frame)):
             if isinstance(event, SpeechStart):
                 self._speech_end = None
@@ -286,7 +288,7 @@ class BargeIn:
     def _resume(self) -> None:
         """No words came: it was noise or a backchannel; play on from the unheard point."""
         session = self.session
-        event = BargeInEvent(self._onset, time.monotonic(), session.played_ms)
+        event = BargeInEvent(self._onset, self._clock(), session.played_ms)
         self._state = "idle"
         self._reset()
         self.false_interruptions += 1
@@ -305,7 +307,7 @@ class BargeIn:
     def _confirm(self) -> None:
         """Words came: the paused barge-in is a real interruption."""
         self._state = "idle"
-        self._finish(self._onset, time.monotonic())
+        self._finish(self._onset, self._clock())
         discard_paused(self.session)
 
     def _release_stt(self) -> None:
