@@ -26,7 +26,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # Order: cheap and steady first; the live-call benchmark (minutes), then the attacks, last.
-MODULES = ["codec", "transport", "offline", "providers", "realtime", "calls", "abuse"]
+MODULES = [
+    "codec",
+    "transport",
+    "offline",
+    "endpointing",
+    "providers",
+    "realtime",
+    "calls",
+    "abuse",
+]
 
 
 def machine() -> dict[str, Any]:

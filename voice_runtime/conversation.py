@@ -106,10 +106,22 @@ class Conversation:
     def _attach(self, stt: SttProvider) -> None:
         self._stt = stt
         stt.on_committed = self._committed
+        if hasattr(self.barge_in, "note_transcript"):
+            # Word-aware barge-in and false-interruption checks read the caller's interim words.
+            previous = stt.on_recognizing
+
+            def on_recognizing(text: str) -> None:
+                self.barge_in.note_transcript(text, final=False)
+                if previous is not None:
+                    previous(text)
+
+            stt.on_recognizing = on_recognizing
 
     def _committed(self, text: str) -> None:
         text = text.strip()
         if text:
+            if hasattr(self.barge_in, "note_transcript"):
+                self.barge_in.note_transcript(text, final=True)
             self._heard.put(text)
 
     def _record(self, speaker: str, text: str) -> None:

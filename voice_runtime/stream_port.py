@@ -27,6 +27,7 @@ from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMar
 if TYPE_CHECKING:
     from voice_runtime.contracts import SttProvider
     from voice_runtime.session import VoiceSession
+    from voice_runtime.turns import SentTail
     from voice_runtime.types import CallInfo
 
 __all__ = ["DTMF_MAXSIZE", "StreamPort"]
@@ -66,6 +67,9 @@ class StreamPort:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bg_tasks: set[asyncio.Task[Any]] = set()
         self._clear_waiters: list[asyncio.Future[bool]] = []
+        # A tentative barge-in holds agent audio back (voice_runtime.turns.pause_playback).
+        self.paused = False
+        self.sent_tail: SentTail | None = None
         # A pacing sleep nudge() may end early: (its loop, loop time it may end from, future).
         self._nudgeable: tuple[asyncio.AbstractEventLoop, float, asyncio.Future[bool]] | None = None
         from voice_runtime.session import VoiceSession
@@ -388,6 +392,10 @@ class StreamPort:
             if ledger.take_clear():
                 return CLEAR
             out = session.outbound
+            if self.paused:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
             if ledger.marks:
                 taken = out.taken_count if isinstance(out, _CountingQueue) else 1 << 62
                 mark = ledger.next_mark(taken)
@@ -395,7 +403,10 @@ class StreamPort:
                     session.stats.marks_sent += 1
                     return mark
             if not out.empty():
-                return out.get_nowait()
+                item = out.get_nowait()
+                if self.sent_tail is not None:  # an item goes out whole unless cleared
+                    self.sent_tail.add(ledger.sent_ms, item)
+                return item
             self.wakeup.clear()
             await self.wakeup.wait()
 
@@ -403,7 +414,7 @@ class StreamPort:
         """The next queued mark's name, for a transport that sends marks on their own."""
         ledger = self.ledger
         while True:
-            if ledger.marks:
+            if ledger.marks and not self.paused:
                 mark = ledger.marks.popleft()
                 ledger.hand_out(mark)
                 self.session.stats.marks_sent += 1
@@ -414,6 +425,8 @@ class StreamPort:
     def pending(self) -> bool:
         """True while agent audio, marks or a clear wait to be sent."""
         ledger = self.ledger
+        if self.paused:
+            return bool(ledger.clear_pending)
         return bool(ledger.clear_pending or ledger.marks or not self.session.outbound.empty())
 
     def sent(self, chunk: bytes) -> str | None:
@@ -473,6 +486,9 @@ class StreamPort:
             session.stats.clears_skipped += 1
             logger.debug("barge-in clear skipped: uninterruptible audio playing")
             return
+        self.paused = False
+        if self.sent_tail is not None:
+            self.sent_tail.clear()
         dropped = 0
         while True:
             try:
@@ -547,6 +563,9 @@ class StreamPort:
         """Forget the previous call's wakeups (the session's reset calls it on the loop)."""
         self.wakeup = asyncio.Event()
         self.wakeup.set()
+        self.paused = False
+        if self.sent_tail is not None:
+            self.sent_tail.clear()
 
     def __repr__(self) -> str:
         return f"StreamPort(call_sid={self.session.call_sid!r})"

@@ -193,6 +193,11 @@ class SpeechSegmenter:
         return self._onset is not None
 
     @property
+    def speech_pending(self) -> bool:
+        """True while sound that may become speech is being checked (before a SpeechStart)."""
+        return self._candidate is not None
+
+    @property
     def position(self) -> float:
         """Stream seconds consumed so far."""
         return self._buf_end / self.sample_rate

@@ -50,6 +50,23 @@ class MockStt:
         except RuntimeError:
             logger.warning("MockStt.inject after its loop closed; text dropped")
 
+    def inject_partial(self, text: str) -> None:
+        """Report ``text`` as interim (partial) text, as streaming STTs do (thread-safe).
+
+        Dropped while the agent speaks, like every provider's partials.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._partial, text)
+        except RuntimeError:
+            logger.warning("MockStt.inject_partial after its loop closed; text dropped")
+
+    def _partial(self, text: str) -> None:
+        if self.on_recognizing is not None and self._echo.allow_partial():
+            self.on_recognizing(text)
+
     def _commit(self, text: str) -> None:
         if not self._echo.allow_committed():
             return
