@@ -16,8 +16,10 @@ Every provider (vendors, offline engines, mocks) follows the same behaviour:
   dict always has ``last_spoken``, ``interrupted``, ``call_disconnected``, ``heard_ms`` and
   ``audio_ms``; ``error`` is added only when synthesis failed (``on_error`` is called too).
   ``speak_async`` (optional, :class:`AsyncTtsProvider`) is its awaitable twin with the same
-  result; :func:`voice_runtime.providers.base.speak_async` speaks with any provider from a
-  coroutine and runs a provider without one (0.1.x style) in a thread of its own.
+  result. Every built-in provider implements ``speak_async`` natively (no thread waits while
+  the caller listens) and its ``speak`` runs that coroutine;
+  :func:`voice_runtime.providers.base.speak_async` speaks with any provider from a coroutine
+  and runs a provider without one (0.1.x style) in a thread of its own.
 * Call control (``session.control``): hang up, transfer, DTMF and recording of the live call;
   sync methods block, each has an ``*_async`` twin.
 """

@@ -27,17 +27,17 @@ given.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from voice_runtime._sync import forbid_on_loop
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import (
@@ -46,7 +46,7 @@ from voice_runtime.errors import (
     is_retryable_status,
 )
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakAsyncInThread, nothing_to_say, play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks_async, speak_sync
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -152,7 +152,7 @@ def _error_detail(body: Any) -> str:
     return ""
 
 
-class ElevenLabsTTS(SpeakAsyncInThread):
+class ElevenLabsTTS:
     """Streams ElevenLabs speech (``ulaw_8000``) into a call through one reused SDK client."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -192,6 +192,12 @@ class ElevenLabsTTS(SpeakAsyncInThread):
         self._client_factory: Any = None  # the ElevenLabs class the client was made with
         self._http: httpx.Client | None = None
         self._client_lock = threading.Lock()
+        # The async client belongs to the loop it was made on (its connection pool does).
+        self._aclient: Any = None
+        self._aclient_factory: Any = None
+        self._aclient_loop: asyncio.AbstractEventLoop | None = None
+        self._ahttp: httpx.AsyncClient | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ client
 
@@ -228,13 +234,78 @@ class ElevenLabsTTS(SpeakAsyncInThread):
             kwargs["base_url"] = self.base_url
         return factory(**kwargs)
 
+    def _sync_client_patched(self, sdk: Any) -> bool:
+        """True when ``elevenlabs.ElevenLabs`` was replaced (a test's MagicMock, as in 0.1.x).
+
+        Such a test expects the speech to go through the patched client, so the sync client
+        is used then, even from ``speak_async``.
+        """
+        factory = sdk.ElevenLabs
+        home = getattr(getattr(sdk, "client", None), "ElevenLabs", factory)
+        return not isinstance(factory, type) or factory is not home
+
+    def _async_client(self) -> Any:
+        """The ``AsyncElevenLabs`` client of the running loop (made on first use there)."""
+        factory = import_elevenlabs_sdk().AsyncElevenLabs
+        loop = asyncio.get_running_loop()
+        if (
+            self._aclient is not None
+            and self._aclient_loop is loop
+            and self._aclient_factory is factory
+        ):
+            return self._aclient
+        self._drop_async_client()
+        kwargs: dict[str, Any] = {"api_key": self._api_key}
+        if isinstance(factory, type):
+            kwargs["api_key"] = self._require_key()
+            self._ahttp = httpx.AsyncClient(
+                timeout=self.read_timeout, limits=httpx.Limits(max_keepalive_connections=4)
+            )
+            kwargs["httpx_client"] = self._ahttp
+            kwargs["timeout"] = self.read_timeout
+        if self._custom_base_url:
+            kwargs["base_url"] = self.base_url
+        self._aclient = factory(**kwargs)
+        self._aclient_factory = factory
+        self._aclient_loop = loop
+        return self._aclient
+
+    def _drop_async_client(self) -> None:
+        """Forget the async client; its pool is closed on its own loop when that still runs."""
+        http, loop = self._ahttp, self._aclient_loop
+        self._aclient = self._aclient_factory = self._aclient_loop = None
+        self._ahttp = None
+        if http is None or loop is None or loop.is_closed():
+            return
+        try:
+            if loop is asyncio.get_running_loop():
+                task = loop.create_task(http.aclose())
+                self._closing.add(task)  # keep a reference until it ran
+                task.add_done_callback(self._closing.discard)
+                return
+        except RuntimeError:
+            pass  # no loop runs in this thread
+        try:
+            asyncio.run_coroutine_threadsafe(http.aclose(), loop)
+        except RuntimeError:
+            pass  # closed meanwhile
+
+    async def aclose(self) -> None:
+        """Close both connection pools (async twin of :meth:`close`)."""
+        http, self._ahttp = self._ahttp, None
+        self._aclient = self._aclient_factory = self._aclient_loop = None
+        if http is not None:
+            await http.aclose()
+        self.close()
+
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         with self._client_lock:
             http, self._http = self._http, None
             self._client = self._client_factory = None
         if http is not None:
             http.close()
+        self._drop_async_client()
 
     def __enter__(self) -> ElevenLabsTTS:
         return self
@@ -286,31 +357,49 @@ class ElevenLabsTTS(SpeakAsyncInThread):
             tail = stripper.flush()
             if tail:
                 yield tail
-        except httpx.TimeoutException as exc:
-            raise ProviderConnectionError(
-                f"timed out ({type(exc).__name__})", provider="elevenlabs"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderConnectionError(
-                f"stream failed ({type(exc).__name__})", provider="elevenlabs"
-            ) from exc
         except Exception as exc:
-            # The SDK's ApiError (and its subclasses) carry the HTTP status.
-            status = getattr(exc, "status_code", None)
-            if not isinstance(status, int) or isinstance(status, bool):
+            mapped = _vendor_error(exc)
+            if mapped is None:
                 raise
-            detail = _error_detail(getattr(exc, "body", None))
-            raise ProviderError(
-                f"HTTP {status}" + (f" ({detail})" if detail else ""),
-                provider="elevenlabs",
-                retryable=is_retryable_status(status),
-                status=status,
-                code=detail or None,
-            ) from exc
+            raise mapped from exc
         finally:
             close = getattr(audio, "close", None)
             if close is not None:
                 close()  # ends the HTTP response at once when speak() stopped early
+
+    def astream(self, text: str) -> AsyncIterator[bytes]:
+        """Async twin of :meth:`stream` through ``elevenlabs.AsyncElevenLabs`` (no thread).
+
+        The client is resolved now, so a missing key or SDK raises here, not mid-stream.
+        When a test patched ``elevenlabs.ElevenLabs``, the patched sync client is used.
+        """
+        sdk = import_elevenlabs_sdk()
+        if self._sync_client_patched(sdk):
+            return _as_async(self.stream(text))
+        client = self._async_client()
+        real_sdk = isinstance(self._aclient_factory, type)
+        return self._achunks(client, text, real_sdk=real_sdk)
+
+    async def _achunks(self, client: Any, text: str, *, real_sdk: bool) -> AsyncIterator[bytes]:
+        stripper = _RiffStripper()
+        audio = client.text_to_speech.convert(**self._convert_kwargs(text, real_sdk=real_sdk))
+        try:
+            async for raw in audio:
+                chunk = stripper.feed(raw)
+                if chunk:
+                    yield chunk
+            tail = stripper.flush()
+            if tail:
+                yield tail
+        except Exception as exc:
+            mapped = _vendor_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        finally:
+            aclose = getattr(audio, "aclose", None)
+            if aclose is not None:
+                await aclose()  # ends the HTTP response at once when speak stopped early
 
     def speak(
         self,
@@ -320,24 +409,82 @@ class ElevenLabsTTS(SpeakAsyncInThread):
     ) -> dict[str, Any]:
         """Stream ``text`` into the call and wait until the caller heard it (blocking).
 
-        Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
-        chunk. Returns the shared result dict; empty text returns at once.
+        Runs :meth:`speak_async` on the session's loop (a private one for a mock session).
+        Returns the shared result dict; empty text returns at once.
         """
-        forbid_on_loop(
-            getattr(session, "loop", None), "ElevenLabsTTS.speak", "ElevenLabsTTS.speak_async"
+        return speak_sync(
+            lambda: self._speak_and_release(text, session, stop_event),
+            session,
+            "ElevenLabsTTS.speak",
         )
+
+    async def _speak_and_release(
+        self, text: str, session: VoiceSession, stop_event: threading.Event | None
+    ) -> dict[str, Any]:
+        try:
+            return await self.speak_async(text, session, stop_event)
+        finally:
+            if self._aclient_loop is asyncio.get_running_loop() and (
+                getattr(session, "loop", None) is not self._aclient_loop
+            ):
+                # A private loop ends with this speak: close its pool while it still runs.
+                http, self._ahttp = self._ahttp, None
+                self._aclient = self._aclient_factory = self._aclient_loop = None
+                if http is not None:
+                    await http.aclose()
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Stream ``text`` into the call and await until the caller heard it (no thread).
+
+        Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
+        chunk and while the caller listens. Returns the shared result dict.
+        """
         if not text.strip():
             return nothing_to_say(text, session)
-        chunks: Any = self.stream(text)  # a generator: closed below
-        try:
-            return play_chunks(
-                text,
-                session,
-                chunks,
-                stop_event,
-                on_error=self.on_error,
-                provider="elevenlabs",
-                mark_timeout=self.mark_timeout,
-            )
-        finally:
-            chunks.close()
+        return await play_chunks_async(
+            text,
+            session,
+            self.astream(text),
+            stop_event,
+            on_error=self.on_error,
+            provider="elevenlabs",
+            mark_timeout=self.mark_timeout,
+        )
+
+
+async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A sync chunk iterator (a patched 0.1.x client's) as an async one."""
+    try:
+        for chunk in chunks:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _vendor_error(exc: Exception) -> Exception | None:
+    """The provider error for an SDK or HTTP failure, or None when it is neither."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderConnectionError(f"timed out ({type(exc).__name__})", provider="elevenlabs")
+    if isinstance(exc, httpx.TransportError):
+        return ProviderConnectionError(
+            f"stream failed ({type(exc).__name__})", provider="elevenlabs"
+        )
+    # The SDK's ApiError (and its subclasses) carry the HTTP status.
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int) or isinstance(status, bool):
+        return None
+    detail = _error_detail(getattr(exc, "body", None))
+    return ProviderError(
+        f"HTTP {status}" + (f" ({detail})" if detail else ""),
+        provider="elevenlabs",
+        retryable=is_retryable_status(status),
+        status=status,
+        code=detail or None,
+    )
