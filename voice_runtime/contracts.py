@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
-__all__ = ["AsyncTtsProvider", "CallControlProtocol", "SttProvider", "TtsProvider"]
+__all__ = [
+    "AsyncTtsProvider",
+    "CallControlProtocol",
+    "SmsTransport",
+    "SttProvider",
+    "TtsProvider",
+]
 
 
 @runtime_checkable
@@ -85,6 +91,37 @@ class AsyncTtsProvider(TtsProvider, Protocol):
         stop_event: threading.Event | None = ...,
     ) -> dict[str, Any]:
         """Awaitable twin of :meth:`speak`: the same audio and the same result dict."""
+        ...
+
+
+@runtime_checkable
+class SmsTransport(Protocol):
+    """Structural interface of what ``get_sms_transport()`` returns (Twilio's is a module)."""
+
+    def send_sms(
+        self,
+        to: str,
+        body: str,
+        *,
+        media_urls: Sequence[str] | None = ...,
+        messaging_service_sid: str | None = ...,
+        status_callback: str | None = ...,
+        from_: str | None = ...,
+    ) -> dict[str, str]:
+        """Send a message; return ``{"message_sid", "status", "to"}``."""
+        ...
+
+    async def send_sms_async(
+        self,
+        to: str,
+        body: str,
+        *,
+        media_urls: Sequence[str] | None = ...,
+        messaging_service_sid: str | None = ...,
+        status_callback: str | None = ...,
+        from_: str | None = ...,
+    ) -> dict[str, str]:
+        """Async twin of :meth:`send_sms`."""
         ...
 
 
