@@ -76,6 +76,6 @@ def create_stt(provider: str | Sequence[str | SttProvider] = "elevenlabs", **kwa
         from voice_runtime.providers.fallback import FallbackStt
 
         chain = [create_stt(p) if isinstance(p, str) else p for p in provider]
-        names = [p if isinstance(p, str) else type(p).__name__ for p in provider]
+        names = [p if isinstance(p, str) else STT_PROVIDERS.name_of(p) for p in provider]
         return FallbackStt(chain, names=names, **kwargs)
     return get_stt_class(provider)(**kwargs)

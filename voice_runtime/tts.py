@@ -77,6 +77,6 @@ def create_tts(provider: str | Sequence[str | TtsProvider] = "elevenlabs", **kwa
         from voice_runtime.providers.fallback import FallbackTts
 
         chain = [create_tts(p) if isinstance(p, str) else p for p in provider]
-        names = [p if isinstance(p, str) else type(p).__name__ for p in provider]
+        names = [p if isinstance(p, str) else TTS_PROVIDERS.name_of(p) for p in provider]
         return FallbackTts(chain, names=names, **kwargs)
     return get_tts_class(provider)(**kwargs)
