@@ -359,7 +359,7 @@ def speak_sync(
         try:
             return fut.result(timeout=LOOP_CHECK_S)
         except concurrent.futures.TimeoutError:
-            if loop.is_closed():  # stopped without running the speech to its end
+            if loop.is_closed() or not loop.is_running():  # it will never finish the speech
                 fut.cancel()
                 return SpeakResult("", session).build(call_disconnected=True)
         except concurrent.futures.CancelledError:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from voice_runtime._sync import running_loop
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import (
@@ -192,11 +193,9 @@ class ElevenLabsTTS:
         self._client_factory: Any = None  # the ElevenLabs class the client was made with
         self._http: httpx.Client | None = None
         self._client_lock = threading.Lock()
-        # The async client belongs to the loop it was made on (its connection pool does).
-        self._aclient: Any = None
-        self._aclient_factory: Any = None
-        self._aclient_loop: asyncio.AbstractEventLoop | None = None
-        self._ahttp: httpx.AsyncClient | None = None
+        # An async client belongs to the loop it was made on (its connection pool does):
+        # one per loop, so speaking from two loops never shares (or closes) another's pool.
+        self._aclients: dict[asyncio.AbstractEventLoop, _AsyncClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ client
@@ -244,58 +243,59 @@ class ElevenLabsTTS:
         home = getattr(getattr(sdk, "client", None), "ElevenLabs", factory)
         return not isinstance(factory, type) or factory is not home
 
-    def _async_client(self) -> Any:
+    def _async_client(self) -> _AsyncClient:
         """The ``AsyncElevenLabs`` client of the running loop (made on first use there)."""
         factory = import_elevenlabs_sdk().AsyncElevenLabs
         loop = asyncio.get_running_loop()
-        if (
-            self._aclient is not None
-            and self._aclient_loop is loop
-            and self._aclient_factory is factory
-        ):
-            return self._aclient
-        self._drop_async_client()
+        with self._client_lock:
+            current = self._aclients.get(loop)
+        if current is not None and current.factory is factory:
+            return current
+        self._drop_async_client(loop)
         kwargs: dict[str, Any] = {"api_key": self._api_key}
+        http: httpx.AsyncClient | None = None
         if isinstance(factory, type):
             kwargs["api_key"] = self._require_key()
-            self._ahttp = httpx.AsyncClient(
+            http = httpx.AsyncClient(
                 timeout=self.read_timeout, limits=httpx.Limits(max_keepalive_connections=4)
             )
-            kwargs["httpx_client"] = self._ahttp
+            kwargs["httpx_client"] = http
             kwargs["timeout"] = self.read_timeout
         if self._custom_base_url:
             kwargs["base_url"] = self.base_url
-        self._aclient = factory(**kwargs)
-        self._aclient_factory = factory
-        self._aclient_loop = loop
-        return self._aclient
+        made = _AsyncClient(factory(**kwargs), factory, http)
+        with self._client_lock:
+            for old in [lp for lp in self._aclients if lp.is_closed()]:
+                del self._aclients[old]  # its loop is gone, and its sockets with it
+            self._aclients[loop] = made
+        return made
 
-    def _drop_async_client(self) -> None:
-        """Forget the async client; its pool is closed on its own loop when that still runs."""
-        http, loop = self._ahttp, self._aclient_loop
-        self._aclient = self._aclient_factory = self._aclient_loop = None
-        self._ahttp = None
-        if http is None or loop is None or loop.is_closed():
+    def _drop_async_client(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Forget ``loop``'s async client; its pool is closed on that loop if it still runs."""
+        with self._client_lock:
+            gone = self._aclients.pop(loop, None)
+        if gone is None or gone.http is None or loop.is_closed():
+            return
+        if running_loop() is loop:
+            task = loop.create_task(gone.http.aclose())
+            self._closing.add(task)  # keep a reference until it ran
+            task.add_done_callback(self._closing.discard)
             return
         try:
-            if loop is asyncio.get_running_loop():
-                task = loop.create_task(http.aclose())
-                self._closing.add(task)  # keep a reference until it ran
-                task.add_done_callback(self._closing.discard)
-                return
-        except RuntimeError:
-            pass  # no loop runs in this thread
-        try:
-            asyncio.run_coroutine_threadsafe(http.aclose(), loop)
+            asyncio.run_coroutine_threadsafe(gone.http.aclose(), loop)
         except RuntimeError:
             pass  # closed meanwhile
 
+    async def _release_async_client(self) -> None:
+        """Close the running loop's async client now (a private loop that is about to end)."""
+        with self._client_lock:
+            gone = self._aclients.pop(asyncio.get_running_loop(), None)
+        if gone is not None and gone.http is not None:
+            await gone.http.aclose()
+
     async def aclose(self) -> None:
-        """Close both connection pools (async twin of :meth:`close`)."""
-        http, self._ahttp = self._ahttp, None
-        self._aclient = self._aclient_factory = self._aclient_loop = None
-        if http is not None:
-            await http.aclose()
+        """Close the connection pools (async twin of :meth:`close`)."""
+        await self._release_async_client()
         self.close()
 
     def close(self) -> None:
@@ -305,7 +305,10 @@ class ElevenLabsTTS:
             self._client = self._client_factory = None
         if http is not None:
             http.close()
-        self._drop_async_client()
+        with self._client_lock:
+            loops = list(self._aclients)
+        for loop in loops:
+            self._drop_async_client(loop)
 
     def __enter__(self) -> ElevenLabsTTS:
         return self
@@ -376,9 +379,8 @@ class ElevenLabsTTS:
         sdk = import_elevenlabs_sdk()
         if self._sync_client_patched(sdk):
             return _as_async(self.stream(text))
-        client = self._async_client()
-        real_sdk = isinstance(self._aclient_factory, type)
-        return self._achunks(client, text, real_sdk=real_sdk)
+        made = self._async_client()
+        return self._achunks(made.client, text, real_sdk=made.http is not None)
 
     async def _achunks(self, client: Any, text: str, *, real_sdk: bool) -> AsyncIterator[bytes]:
         stripper = _RiffStripper()
@@ -424,14 +426,9 @@ class ElevenLabsTTS:
         try:
             return await self.speak_async(text, session, stop_event)
         finally:
-            if self._aclient_loop is asyncio.get_running_loop() and (
-                getattr(session, "loop", None) is not self._aclient_loop
-            ):
+            if getattr(session, "loop", None) is not asyncio.get_running_loop():
                 # A private loop ends with this speak: close its pool while it still runs.
-                http, self._ahttp = self._ahttp, None
-                self._aclient = self._aclient_factory = self._aclient_loop = None
-                if http is not None:
-                    await http.aclose()
+                await self._release_async_client()
 
     async def speak_async(
         self,
@@ -455,6 +452,17 @@ class ElevenLabsTTS:
             provider="elevenlabs",
             mark_timeout=self.mark_timeout,
         )
+
+
+class _AsyncClient:
+    """An ``AsyncElevenLabs`` client, the class it was made from and the pool it owns."""
+
+    __slots__ = ("client", "factory", "http")
+
+    def __init__(self, client: Any, factory: Any, http: httpx.AsyncClient | None) -> None:
+        self.client = client
+        self.factory = factory
+        self.http = http  # None for a stand-in class (a test's mock), which gets no pool
 
 
 async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime._compat import is_voice_session
+from voice_runtime._sync import running_loop
 from voice_runtime.contracts import SttProvider, TtsProvider
 from voice_runtime.errors import ConfigurationError
 from voice_runtime.logutil import describe_error
@@ -242,7 +243,7 @@ class FallbackStt(_Chain):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        if _on_thread_of(loop):
+        if running_loop() is loop:
             schedule()
         else:
             with contextlib.suppress(RuntimeError):  # closed meanwhile: the call is over
@@ -385,10 +386,3 @@ class FallbackTts(_Chain):
             if self._advance(index):
                 self._report_switch(index, reason, session)
             index += 1
-
-
-def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
