@@ -96,3 +96,22 @@ async def test_sync_speak_runs_the_same_coroutine_on_the_sessions_loop(
     assert loops == [asyncio.get_running_loop()]
     assert results[0]["last_spoken"] == "Hello there." and not results[0]["interrupted"]
     assert sim.heard_ms >= results[0]["audio_ms"] - 1
+
+
+@pytest.mark.parametrize("provider", [*TTS_PROVIDERS, "fallback"])
+async def test_sync_speak_on_the_loop_thread_names_an_async_twin_that_exists(
+    provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from voice_runtime import LoopThreadError
+    from voice_runtime.mock.tts import MockTts
+    from voice_runtime.tts import create_tts
+
+    session = VoiceSession()
+    session.set_loop(asyncio.get_running_loop())
+    async with _tts_harness("mock" if provider == "fallback" else provider, monkeypatch) as h:
+        tts = create_tts([h.tts, MockTts()]) if provider == "fallback" else h.tts
+        with pytest.raises(LoopThreadError) as info:
+            tts.speak("Hello.", session, threading.Event())
+    twin = info.value.twin
+    assert twin == f"{type(tts).__name__}.speak_async" and f"{twin}()" in str(info.value)
+    assert callable(getattr(tts, "speak_async", None))
