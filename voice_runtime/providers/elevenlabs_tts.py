@@ -1,12 +1,17 @@
 """ElevenLabs text-to-speech through the official ``elevenlabs`` SDK, as native μ-law 8 kHz.
 
-:class:`ElevenLabsTTS` calls ``client.text_to_speech.convert(voice_id=..., model_id=...,
-text=..., output_format="ulaw_8000")`` and hands every chunk to the call as it arrives: no
-ffmpeg, no transcoding. ``elevenlabs.ElevenLabs`` is looked up when the first ``speak()``
-needs a client (so ``patch("elevenlabs.ElevenLabs")`` in a test takes effect), and that one
-client (one connection pool, keep-alive) serves every later ``speak()`` of the provider.
-``base_url`` points the SDK anywhere (a proxy, or
-:class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
+:class:`ElevenLabsTTS` streams ``text_to_speech.convert(voice_id=..., model_id=..., text=...,
+output_format="ulaw_8000")`` and hands every chunk to the call as it arrives: no ffmpeg, no
+transcoding. ``speak_async`` is the core: it uses ``elevenlabs.AsyncElevenLabs`` on the
+running loop (one client and connection pool per loop, kept alive across speaks), so no
+thread waits on the vendor or on the caller. The blocking ``speak`` runs ``speak_async`` on
+the session's loop (a private one for a mock session); :meth:`ElevenLabsTTS.stream` is a
+plain sync iterator through ``elevenlabs.ElevenLabs``.
+
+The SDK classes are looked up when a speak needs a client, so ``patch("elevenlabs.ElevenLabs")``
+in a test takes effect: while ``elevenlabs.ElevenLabs`` is patched (0.1.x tests do it), every
+speak, async or not, goes through that patched client. ``base_url`` points the SDK anywhere
+(a proxy, or :class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
 
 The SDK is an extra: without it, ``speak()`` raises an ImportError that names
 ``pip install "voice-runtime[elevenlabs]"``; ``import voice_runtime`` never needs it.
