@@ -115,3 +115,21 @@ async def test_sync_speak_on_the_loop_thread_names_an_async_twin_that_exists(
     twin = info.value.twin
     assert twin == f"{type(tts).__name__}.speak_async" and f"{twin}()" in str(info.value)
     assert callable(getattr(tts, "speak_async", None))
+
+
+def test_sync_speak_with_a_mock_session_keeps_the_threads_event_loop() -> None:
+    from unittest.mock import MagicMock
+
+    from voice_runtime.mock.tts import MockTts
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # a 0.1.x test's own loop, read back with get_event_loop()
+    try:
+        session = MagicMock()
+        session.is_disconnected = False
+        assert MockTts().speak("Hi.", session)["last_spoken"] == "Hi."
+        session.send_mark_and_wait.assert_called_once_with("tts_complete", timeout=30.0)
+        assert asyncio.get_event_loop() is loop
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()

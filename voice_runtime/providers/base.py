@@ -328,9 +328,16 @@ def run_private(coro: Coroutine[Any, Any, _T]) -> _T:
     the private loop in a helper thread, so a sync call keeps working there as in 0.1.x.
     """
     if running_loop() is None:
-        return asyncio.run(coro)
+        return _run_on_new_loop(coro)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vr-private-loop") as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return pool.submit(_run_on_new_loop, coro).result()
+
+
+def _run_on_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    # A loop factory keeps the thread's current event loop as it was (asyncio.run would
+    # reset it to None, breaking a 0.1.x test that calls get_event_loop() afterwards).
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def speak_sync(
