@@ -165,6 +165,27 @@ async def test_stt_chain_skips_a_provider_that_cannot_start() -> None:
     await chain.stop()
 
 
+async def test_stt_chain_bounds_the_queue_of_a_provider_that_stops_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from voice_runtime.providers import fallback
+
+    class Stuck(MockStt):
+        async def start(self, inbound_queue: asyncio.Queue[bytes | None]) -> None:
+            self.queue = inbound_queue  # never read
+
+    monkeypatch.setattr(fallback, "PROVIDER_QUEUE_FRAMES", 5)
+    stuck = Stuck()
+    chain = FallbackStt([stuck, MockStt()])
+    inbound: asyncio.Queue[bytes | None] = asyncio.Queue()
+    await chain.start(inbound)
+    for i in range(12):
+        inbound.put_nowait(bytes([i]) * 160)
+    assert await wait_for(lambda: chain.dropped_frames == 7)
+    assert stuck.queue.qsize() == 5 and stuck.queue.get_nowait() == bytes([7]) * 160
+    await chain.stop()
+
+
 @pytest.mark.skipif(not OFFLINE_STT, reason="offline speech engines not installed")
 @pytest.mark.timeout(120)
 async def test_words_spoken_while_elevenlabs_fails_are_transcribed_by_the_offline_stt(

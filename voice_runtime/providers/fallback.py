@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: Caller audio an STT chain keeps for a replay: 30 s of μ-law at 8 kHz.
 REPLAY_MAX_BYTES = 240_000
+#: Frames waiting for the listening provider: a stuck one must not make the queue grow.
+PROVIDER_QUEUE_FRAMES = 3000
 STOP_TIMEOUT_S = 5.0
 _REASON_CHARS = 120  # a vendor's error text may quote anything: keep it short
 
@@ -139,6 +141,7 @@ class FallbackStt(_Chain):
         self.active = 0
         self.replay_max_bytes = replay_max_bytes
         self.replay_dropped_bytes = 0
+        self.dropped_frames = 0  # caller frames a provider did not take in time
         self._replay: collections.deque[bytes] = collections.deque()
         self._replay_bytes = 0
         self._speaking = False
@@ -189,7 +192,7 @@ class FallbackStt(_Chain):
         self._stopped = self._ended = False
         self.active = 0
         self._clear_replay()
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(PROVIDER_QUEUE_FRAMES)
         self._pump = asyncio.create_task(self._run_pump(inbound_queue), name="fallback-stt-pump")
         await self._start_current(self._queue)
 
@@ -209,9 +212,18 @@ class FallbackStt(_Chain):
                 self._keep(frame)
             queue = self._queue
             if queue is not None:
-                queue.put_nowait(frame)
+                self._offer(queue, frame)
             if frame is None:
                 return
+
+    def _offer(self, queue: asyncio.Queue[bytes | None], frame: bytes | None) -> None:
+        """Queue a frame for the provider; when it is full, the oldest frame goes (counted)."""
+        if queue.full():
+            queue.get_nowait()
+            self.dropped_frames += 1
+            if self.dropped_frames == 1:
+                logger.warning("speech recognition provider falls behind; dropping caller audio")
+        queue.put_nowait(frame)
 
     def _keep(self, frame: bytes) -> None:
         self._replay.append(frame)
@@ -260,11 +272,11 @@ class FallbackStt(_Chain):
         self.active = index + 1
         self._report_switch(index, reason, self.session)
         # Replay and switch in one step on the loop: the pump's next frame goes in behind.
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(PROVIDER_QUEUE_FRAMES)
         for frame in self._replay:
-            queue.put_nowait(frame)
+            self._offer(queue, frame)
         if self._ended:
-            queue.put_nowait(None)
+            self._offer(queue, None)
         self._queue = queue
         self.current.set_speaking(self._speaking)
         retire = asyncio.create_task(self._stop_quietly(old), name="fallback-stt-retire")
