@@ -183,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fake:
         return run_fake()
-    if args.tts != "mock":
+    provider: str = args.tts  # argparse values are untyped: name the type once
+    if provider != "mock":
         from voice_runtime.tts import create_tts
 
         def make_tts() -> TtsProvider:
-            return create_tts(args.tts)
+            return create_tts(provider)
 
     voice.public_url = args.public_url
     serve_forever(voice, host=args.host, port=args.port)

@@ -17,6 +17,7 @@ from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.calls import CallRegistry, HandlerPool
 from voice_runtime.logutil import call_log_context, set_call_context
 from voice_runtime.providers import TtsProvider
+from voice_runtime.providers.base import speak_async
 from voice_runtime.session import VoiceSession
 
 # The server's logger: drain lines are the server's, wherever the code lives.
@@ -123,5 +124,5 @@ class CallLifecycle:
             return
         if self.goodbye_tts is not None and self.goodbye:
             tts = self.goodbye_tts
-            await asyncio.to_thread(tts.speak, self.goodbye, session)
+            await speak_async(tts, self.goodbye, session)
         session.request_disconnect(after_playback=True)

@@ -108,8 +108,16 @@ def build_stt(session: Any) -> tuple[Any, bool]:
     return session.stt, True
 
 
+def bind_stt(session: Any, stt: Any) -> None:
+    """Tell an STT that reports to its call (a fallback chain's switches) which call it is."""
+    bind = getattr(stt, "bind_session", None)
+    if callable(bind):
+        bind(session)
+
+
 def stt_ready(session: Any, stt: Any) -> None:
     """Call the session's ``on_stt_ready(stt)``; a failing callback is logged."""
+    bind_stt(session, stt)
     ready = getattr(session, "on_stt_ready", None)
     if callable(ready):
         try:
@@ -200,6 +208,7 @@ class CallWiring:
         # on_stt_ready runs off the loop (it is user code) and before the STT starts, so the
         # handlers it attaches see the first transcript.
         session = self.session
+        bind_stt(session, stt)
         ready = getattr(session, "on_stt_ready", None)
         if callable(ready):
             await session.port.callbacks.call(ready, stt, what="on_stt_ready")

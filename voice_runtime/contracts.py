@@ -16,8 +16,10 @@ Every provider (vendors, offline engines, mocks) follows the same behaviour:
   dict always has ``last_spoken``, ``interrupted``, ``call_disconnected``, ``heard_ms`` and
   ``audio_ms``; ``error`` is added only when synthesis failed (``on_error`` is called too).
   ``speak_async`` (optional, :class:`AsyncTtsProvider`) is its awaitable twin with the same
-  result; :func:`voice_runtime.providers.base.speak_async` speaks with any provider from a
-  coroutine and runs a provider without one (0.1.x style) in a thread of its own.
+  result. Every built-in provider implements ``speak_async`` natively (no thread waits while
+  the caller listens) and its ``speak`` runs that coroutine;
+  :func:`voice_runtime.providers.base.speak_async` speaks with any provider from a coroutine
+  and runs a provider without one (0.1.x style) in a thread of its own.
 * Call control (``session.control``): hang up, transfer, DTMF and recording of the live call;
   sync methods block, each has an ``*_async`` twin.
 """
@@ -26,13 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
-__all__ = ["AsyncTtsProvider", "CallControlProtocol", "SttProvider", "TtsProvider"]
+__all__ = [
+    "AsyncTtsProvider",
+    "CallControlProtocol",
+    "SmsTransport",
+    "SttProvider",
+    "TtsProvider",
+]
 
 
 @runtime_checkable
@@ -83,6 +91,37 @@ class AsyncTtsProvider(TtsProvider, Protocol):
         stop_event: threading.Event | None = ...,
     ) -> dict[str, Any]:
         """Awaitable twin of :meth:`speak`: the same audio and the same result dict."""
+        ...
+
+
+@runtime_checkable
+class SmsTransport(Protocol):
+    """Structural interface of what ``get_sms_transport()`` returns (Twilio's is a module)."""
+
+    def send_sms(
+        self,
+        to: str,
+        body: str,
+        *,
+        media_urls: Sequence[str] | None = ...,
+        messaging_service_sid: str | None = ...,
+        status_callback: str | None = ...,
+        from_: str | None = ...,
+    ) -> dict[str, str]:
+        """Send a message; return ``{"message_sid", "status", "to"}``."""
+        ...
+
+    async def send_sms_async(
+        self,
+        to: str,
+        body: str,
+        *,
+        media_urls: Sequence[str] | None = ...,
+        messaging_service_sid: str | None = ...,
+        status_callback: str | None = ...,
+        from_: str | None = ...,
+    ) -> dict[str, str]:
+        """Async twin of :meth:`send_sms`."""
         ...
 
 

@@ -34,6 +34,15 @@ class Registry:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = target
 
+    def name_of(self, obj: object) -> str:
+        """The registered name of ``obj``'s class, else the class name (for logs and events)."""
+        cls = type(obj)
+        target = f"{cls.__module__}:{cls.__qualname__}"
+        for name, entry in self._entries.items():
+            if entry == target:
+                return name
+        return cls.__name__
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

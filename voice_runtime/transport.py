@@ -11,7 +11,9 @@ Modules are imported when asked for, so importing this module loads no vendor SD
 from __future__ import annotations
 
 from types import ModuleType
+from typing import cast
 
+from voice_runtime.contracts import SmsTransport
 from voice_runtime.registry import Registry
 
 TRANSPORTS = Registry(
@@ -24,9 +26,9 @@ TRANSPORTS = Registry(
 SMS_TRANSPORTS = Registry("SMS transport", {"twilio": "voice_runtime.transports.twilio_sms"})
 
 
-def get_sms_transport(provider: str = "twilio") -> ModuleType:
+def get_sms_transport(provider: str = "twilio") -> SmsTransport:
     """Return the SMS transport for ``provider`` (an object with ``send_sms(to, body)``)."""
-    return SMS_TRANSPORTS.load(provider)
+    return cast(SmsTransport, SMS_TRANSPORTS.load(provider))
 
 
 def create_transport(provider: str = "twilio") -> ModuleType:

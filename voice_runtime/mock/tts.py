@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio import tone_ulaw
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakAsyncInThread, SpeakResult, play_chunks
+from voice_runtime.providers.base import SpeakResult, play_chunks_async, speak_sync
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -23,7 +23,7 @@ CHUNK_MS = 100.0
 __all__ = ["MockTts"]
 
 
-class MockTts(SpeakAsyncInThread):
+class MockTts:
     """Records spoken text in ``.spoken`` and sends a soft tone (about 60 ms per character)."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True, needs_network=False)
@@ -59,7 +59,18 @@ class MockTts(SpeakAsyncInThread):
         session: VoiceSession,
         stop_event: threading.Event | None = None,
     ) -> dict[str, Any]:
-        """Record ``text``, play its tone and wait until the caller heard it."""
+        """Record ``text``, play its tone and wait until the caller heard it (blocking)."""
+        return speak_sync(
+            lambda: self.speak_async(text, session, stop_event), session, "MockTts.speak"
+        )
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Awaitable twin of :meth:`speak`: the same audio and result, no thread."""
         self.spoken.append(text)
         if self.on_spoken is not None:
             try:
@@ -70,7 +81,7 @@ class MockTts(SpeakAsyncInThread):
             # Unit tests without a transport: nothing can play, so report at once.
             result = SpeakResult(text, session)
             return result.build(interrupted=bool(stop_event and stop_event.is_set()))
-        return play_chunks(
+        return await play_chunks_async(
             text,
             session,
             self._chunks(self.audio_for(text)),

@@ -2,10 +2,11 @@
 
 :class:`AzureTTS` asks for ``Raw8Khz8BitMonoMULaw`` (headerless μ-law 8 kHz) and streams the
 audio of the synthesizer's ``synthesizing`` events into the call as they fire. The events
-come on SDK threads; they only put the bytes on a thread-safe queue that ``speak()`` (in the
-consumer's thread) drains into the session, so nothing blocks an SDK thread or the event
-loop. One synthesizer is reused across ``speak()`` calls; one that was stopped mid-way is
-replaced, so its late events cannot leak into the next utterance.
+come on SDK threads; they only hand the bytes to the loop ``speak_async`` awaits on
+(``call_soon_threadsafe``), which queues them into the session: no thread of ours waits, and
+nothing blocks an SDK thread or the event loop. The blocking ``speak`` runs ``speak_async``.
+One synthesizer is reused across ``speak()`` calls; one that was stopped mid-way is replaced,
+so its late events cannot leak into the next utterance.
 
 The key is read at construction (argument, else AZURE_SPEECH_KEY); a provider built without
 one logs a warning and raises :class:`~voice_runtime.errors.MissingCredentialError` from the
@@ -20,21 +21,20 @@ or falls silent for ``idle_timeout`` seconds becomes ``error`` plus ``on_error``
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from voice_runtime._sync import forbid_on_loop
+from voice_runtime._sync import call_on_loop
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import SpeakAsyncInThread, nothing_to_say, play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks_async, speak_sync
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -69,25 +69,27 @@ def _sdk_now() -> Any:
 
 
 class _Synth:
-    """A synthesizer and the queue its events currently feed."""
+    """A synthesizer and the loop queue its events currently feed."""
 
     __slots__ = ("blocking", "dirty", "synthesizer", "target")
 
     def __init__(self, synthesizer: Any, *, blocking: bool = False) -> None:
         self.synthesizer = synthesizer
-        self.target: queue.Queue[tuple[Any, ...]] | None = None
+        self.target: tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[Any, ...]]] | None = None
         self.dirty = False
         # A stand-in SDK (a test's MagicMock) may never fire synthesis_completed: wait on
         # the future's get() instead, as 0.1.x did.
         self.blocking = blocking
 
     def post(self, item: tuple[Any, ...]) -> None:
+        """Hand an event to the awaiting loop (any thread; inline on the loop's own)."""
         target = self.target
         if target is not None:
-            target.put(item)
+            loop, events = target
+            call_on_loop(loop, events.put_nowait, item)
 
 
-class AzureTTS(SpeakAsyncInThread):
+class AzureTTS:
     """Streams Azure neural speech (Raw8Khz8BitMonoMULaw) into a call."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -182,31 +184,32 @@ class AzureTTS(SpeakAsyncInThread):
             except Exception:
                 logger.debug("disconnecting a synthesizer signal failed", exc_info=True)
 
-    def _chunks(
+    async def _chunks(
         self, synth: _Synth, text: str, stop_event: threading.Event | None
-    ) -> Iterator[bytes]:
+    ) -> AsyncIterator[bytes]:
         """Start the synthesis and yield its audio until done, stopped, failed or silent."""
-        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        synth.target = events
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        synth.target = (loop, events)
         finished = False
         try:
             future = synth.synthesizer.speak_text_async(text)  # its events do the work
             if synth.blocking:
-                future.get()
-                events.put(("done",))
-            last = time.monotonic()
+                future.get()  # a stand-in SDK (a test's MagicMock) answers at once
+                events.put_nowait(("done",))
+            last = loop.time()
             while True:
                 try:
-                    item = events.get(timeout=POLL_S)
-                except queue.Empty:
+                    item = await asyncio.wait_for(events.get(), POLL_S)
+                except TimeoutError:
                     if stop_event is not None and stop_event.is_set():
                         return
-                    if time.monotonic() - last > self.idle_timeout:
+                    if loop.time() - last > self.idle_timeout:
                         raise ProviderConnectionError(
                             f"no audio for {self.idle_timeout:.0f}s", provider="azure"
                         ) from None
                     continue
-                last = time.monotonic()
+                last = loop.time()
                 kind = item[0]
                 if kind == "audio":
                     yield item[1]
@@ -228,7 +231,7 @@ class AzureTTS(SpeakAsyncInThread):
                 # Stopped or abandoned mid-way: late events must not reach the next utterance.
                 synth.dirty = True
                 try:
-                    synth.synthesizer.stop_speaking_async()
+                    synth.synthesizer.stop_speaking_async()  # returns a future; not awaited
                 except Exception:
                     logger.debug("stop_speaking_async failed", exc_info=True)
 
@@ -239,7 +242,17 @@ class AzureTTS(SpeakAsyncInThread):
         stop_event: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
-        forbid_on_loop(getattr(session, "loop", None), "AzureTTS.speak", "AzureTTS.speak_async")
+        return speak_sync(
+            lambda: self.speak_async(text, session, stop_event), session, "AzureTTS.speak"
+        )
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Synthesise ``text`` into the call and await until the caller heard it (no thread)."""
         if not text.strip():
             return nothing_to_say(text, session)
         require_credential(self._key, CREDENTIAL_VARIABLES["azure"], what=_KEY_WHAT)
@@ -251,7 +264,7 @@ class AzureTTS(SpeakAsyncInThread):
         else:
             chunks = self._chunks(synth, text, stop_event)
         try:
-            return play_chunks(
+            return await play_chunks_async(
                 text,
                 session,
                 chunks,
@@ -261,12 +274,11 @@ class AzureTTS(SpeakAsyncInThread):
                 mark_timeout=self.mark_timeout,
             )
         finally:
-            chunks.close()
             if synth is not None:
                 self._release(synth)
 
 
-def _raise(exc: BaseException) -> Iterator[bytes]:
+async def _raise(exc: BaseException) -> AsyncIterator[bytes]:
     """An iterator that fails with ``exc`` (so setup errors take the shared error path)."""
     raise exc
     yield b""  # pragma: no cover - makes this a generator

@@ -1,5 +1,9 @@
 """Shared provider behaviour: speak() results and playback waits.
 
+Async is the core: every built-in TTS implements ``speak_async`` on top of
+:func:`play_chunks_async`, and its blocking ``speak`` runs that coroutine through
+:func:`speak_sync` (on the session's loop, or a private one for a mock session).
+
 The STT half (echo discard, reconnects) lives in :mod:`voice_runtime.providers.stt_base`;
 its names stay importable from here.
 """
@@ -7,14 +11,15 @@ its names stay importable from here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from voice_runtime._compat import is_voice_session, number
-from voice_runtime._sync import forbid_on_loop
+from voice_runtime._sync import forbid_on_loop, running_loop
 from voice_runtime.playback import Segment
 from voice_runtime.providers.stt_base import (
     ECHO_TAIL_S,
@@ -33,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 MARK_TIMEOUT_S = 30.0
 STOP_POLL_S = 0.02  # how often speak() looks at stop_event while the caller listens
+LOOP_CHECK_S = 0.5  # how often a blocking speak() checks that the session's loop still exists
+
+_T = TypeVar("_T")
 
 #: How ``on_error`` names a failed synthesis, as the 0.1.x providers did
 #: (``elevenlabs_tts_failed: …``); other providers follow the same pattern.
@@ -45,13 +53,15 @@ __all__ = [
     "EndKind",
     "EchoGate",
     "ReconnectingStt",
-    "SpeakAsyncInThread",
     "SpeakResult",
     "backoff_delay",
     "nothing_to_say",
     "play_chunks",
+    "play_chunks_async",
+    "run_private",
     "speak_async",
     "speak_in_thread",
+    "speak_sync",
     "words_heard",
 ]
 
@@ -126,7 +136,101 @@ def nothing_to_say(text: str, session: VoiceSession) -> dict[str, Any]:
     return SpeakResult(text, session).build()
 
 
-def _finish(
+async def play_chunks_async(
+    text: str,
+    session: VoiceSession,
+    chunks: AsyncIterable[bytes] | Iterable[bytes],
+    stop_event: threading.Event | None = None,
+    *,
+    on_error: Callable[[str], None] | None = None,
+    provider: str = "tts",
+    mark_timeout: float = MARK_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Queue μ-law ``chunks`` as they are produced, then wait until the caller heard them.
+
+    The core of every built-in ``speak_async``: it awaits, it never blocks the loop it runs
+    on (the session's, or a private one of a sync ``speak``). Honours ``stop_event`` between
+    chunks and while the caller listens: the queued audio is cleared and the result says
+    ``interrupted``. Cancelling the awaiting task clears the queued audio too.
+
+    A session that is not a VoiceSession (a 0.1.x test's MagicMock) gets exactly the 0.1.x
+    calls: ``put_outbound_sync`` and ``tap_agent`` per chunk, then one blocking
+    ``send_mark_and_wait("tts_complete", timeout=...)``.
+    """
+    real = is_voice_session(session)
+    result = SpeakResult(text, session)
+    if session.is_disconnected:
+        _close_sync(chunks)
+        return result.build(call_disconnected=True)
+    t0 = time.monotonic()
+    source = _aiter(chunks)  # closed below, which closes a vendor stream at once
+    try:
+        async for chunk in source:
+            if stop_event is not None and stop_event.is_set():
+                if real:
+                    session.request_clear_buffer()
+                return result.build(interrupted=True)
+            if real and session.is_disconnected:
+                return result.build(call_disconnected=True)
+            if chunk:
+                result.add_audio(len(chunk))
+                session.put_outbound_sync(chunk)
+                if not real:
+                    session.tap_agent(chunk)
+    except asyncio.CancelledError:
+        if real:
+            session.request_clear_buffer()  # a cancelled speech must not go on playing
+        raise
+    except Exception as exc:
+        return _report_error(result, exc, on_error, provider)
+    finally:
+        await _aclose(source)
+    logger.debug(
+        "synthesis queued", extra={"provider": provider, "seconds": round(time.monotonic() - t0, 3)}
+    )
+    if not real:
+        try:
+            session.send_mark_and_wait("tts_complete", timeout=mark_timeout)
+        except TimeoutError:
+            logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
+        return result.build()
+    try:
+        return await _finish(result, session, stop_event, mark_timeout)
+    except asyncio.CancelledError:
+        session.request_clear_buffer()
+        raise
+
+
+def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    """Chunks as an async iterator (a sync one is a test double's or an SDK stand-in's)."""
+    if isinstance(chunks, AsyncIterator):
+        return chunks
+    if isinstance(chunks, AsyncIterable):
+        return aiter(chunks)
+    return _from_sync(chunks)
+
+
+async def _from_sync(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    try:
+        for chunk in chunks:
+            yield chunk
+    finally:
+        _close_sync(chunks)
+
+
+def _close_sync(chunks: object) -> None:
+    close = getattr(chunks, "close", None)
+    if callable(close) and not isinstance(chunks, AsyncIterable):
+        close()
+
+
+async def _aclose(source: AsyncIterator[bytes]) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _finish(
     result: SpeakResult,
     session: VoiceSession,
     stop_event: threading.Event | None,
@@ -139,7 +243,7 @@ def _finish(
     if session.is_disconnected:
         return result.build(call_disconnected=True)
     try:
-        played = _wait_heard(session, stop_event, mark_timeout)
+        played = await _wait_heard(session, stop_event, mark_timeout)
     except TimeoutError:
         logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
         return result.build()
@@ -150,32 +254,44 @@ def _finish(
     return result.build()
 
 
-def _wait_heard(session: VoiceSession, stop_event: threading.Event | None, timeout: float) -> bool:
-    """Wait for the ``tts_complete`` mark; a stop_event set meanwhile clears the audio.
+async def _wait_heard(
+    session: VoiceSession, stop_event: threading.Event | None, timeout: float
+) -> bool:
+    """Await the ``tts_complete`` mark; a stop_event set meanwhile clears the audio.
 
     Synthesis usually runs ahead of playback, so most of an utterance is queued before the
-    stop comes: the stop must cut the playback, not only the synthesis.
+    stop comes: the stop must cut the playback, not only the synthesis. The mark is waited
+    for on the session's loop; from a private loop (a sync ``speak`` with no session loop
+    running) the wait hops over thread-safely.
     """
     loop = session.loop
-    if stop_event is None or loop is None:
+    if loop is None:
+        # No transport yet: the blocking call raises its clear NoEventLoopError.
         return session.send_mark_and_wait("tts_complete", timeout=timeout)
-    forbid_on_loop(loop, "speak", "speak_async")
-    try:
-        fut = asyncio.run_coroutine_threadsafe(
-            session.send_mark_and_wait_async("tts_complete", timeout), loop
-        )
-    except RuntimeError:  # the loop is closed: the call is over
-        return False
-    cleared = False
-    while True:
+    coro = session.send_mark_and_wait_async("tts_complete", timeout)
+    waiter: asyncio.Future[bool]
+    if loop is asyncio.get_running_loop():
+        waiter = asyncio.ensure_future(coro)
+    else:
         try:
-            return fut.result(timeout=STOP_POLL_S)
-        except TimeoutError:
-            if fut.done():
-                raise  # the mark itself timed out
+            waiter = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+        except RuntimeError:  # the session's loop is closed: the call is over
+            coro.close()
+            return False
+    cleared = False
+    try:
+        if stop_event is None:
+            return await waiter
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=STOP_POLL_S)
+            if done:
+                return waiter.result()
             if not cleared and stop_event.is_set():
                 cleared = True
                 session.request_clear_buffer()  # resolves the mark as cleared
+    finally:
+        if not waiter.done():
+            waiter.cancel()
 
 
 def play_chunks(
@@ -188,41 +304,73 @@ def play_chunks(
     provider: str = "tts",
     mark_timeout: float = MARK_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Queue μ-law ``chunks`` as they are produced, then wait until the caller heard them.
+    """Blocking :func:`play_chunks_async` for a sync chunk source (a provider's own thread).
 
-    Blocking (runs in the consumer's thread). Honours ``stop_event`` between chunks: when it
-    is set, the queued audio is cleared and the result says ``interrupted``.
+    Runs on a private loop in the calling thread, so a blocking ``chunks`` iterator blocks
+    only that thread, never the session's loop.
     """
-    if not is_voice_session(session):
-        return _play_duck_typed(
-            text,
-            session,
-            chunks,
-            stop_event,
-            on_error=on_error,
-            provider=provider,
-            mark_timeout=mark_timeout,
-        )
-    result = SpeakResult(text, session)
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
-    t0 = time.monotonic()
-    try:
-        for chunk in chunks:
-            if stop_event is not None and stop_event.is_set():
-                session.request_clear_buffer()
-                return result.build(interrupted=True)
-            if session.is_disconnected:
-                return result.build(call_disconnected=True)
-            if chunk:
-                result.add_audio(len(chunk))
-                session.put_outbound_sync(chunk)
-    except Exception as exc:
-        return _report_error(result, exc, on_error, provider)
-    logger.debug(
-        "synthesis queued", extra={"provider": provider, "seconds": round(time.monotonic() - t0, 3)}
+    coro = play_chunks_async(
+        text,
+        session,
+        chunks,
+        stop_event,
+        on_error=on_error,
+        provider=provider,
+        mark_timeout=mark_timeout,
     )
-    return _finish(result, session, stop_event, mark_timeout)
+    return run_private(coro)
+
+
+def run_private(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to the end on a private event loop and return its result (blocking).
+
+    A thread that already runs a loop (not the session's: that one is refused earlier) gets
+    the private loop in a helper thread, so a sync call keeps working there as in 0.1.x.
+    """
+    if running_loop() is None:
+        return _run_on_new_loop(coro)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vr-private-loop") as pool:
+        return pool.submit(_run_on_new_loop, coro).result()
+
+
+def _run_on_new_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    # A loop factory keeps the thread's current event loop as it was (asyncio.run would
+    # reset it to None, breaking a 0.1.x test that calls get_event_loop() afterwards).
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def speak_sync(
+    speak: Callable[[], Coroutine[Any, Any, dict[str, Any]]],
+    session: VoiceSession,
+    method: str,
+) -> dict[str, Any]:
+    """Run a provider's ``speak_async`` for its blocking ``speak`` (the consumer's thread).
+
+    ``speak`` makes the coroutine. With a VoiceSession whose loop runs, it runs there (one
+    loop, so a vendor client and its connection pool serve every speak); otherwise (a mock
+    session, no transport yet) on a private loop in this thread. ``method`` names the
+    provider's ``speak`` in the LoopThreadError raised on the session's loop thread.
+    """
+    loop = session.loop if is_voice_session(session) else None
+    forbid_on_loop(loop, method, method + "_async")
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return run_private(speak())
+    coro = speak()
+    try:
+        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # closed meanwhile: the call is over
+        coro.close()
+        return SpeakResult("", session).build(call_disconnected=True)
+    while True:
+        try:
+            return fut.result(timeout=LOOP_CHECK_S)
+        except concurrent.futures.TimeoutError:
+            if loop.is_closed() or not loop.is_running():  # it will never finish the speech
+                fut.cancel()
+                return SpeakResult("", session).build(call_disconnected=True)
+        except concurrent.futures.CancelledError:
+            return SpeakResult("", session).build(call_disconnected=True)
 
 
 def _report_error(
@@ -239,42 +387,6 @@ def _report_error(
         except Exception:
             logger.exception("on_error callback failed")
     return result.build(error=str(exc) or type(exc).__name__)
-
-
-def _play_duck_typed(
-    text: str,
-    session: Any,
-    chunks: Iterable[bytes],
-    stop_event: threading.Event | None,
-    *,
-    on_error: Callable[[str], None] | None,
-    provider: str,
-    mark_timeout: float,
-) -> dict[str, Any]:
-    """:func:`play_chunks` for a session that is not a VoiceSession: the 0.1.x calls only.
-
-    ``put_outbound_sync`` and ``tap_agent`` per chunk, then one
-    ``send_mark_and_wait("tts_complete", timeout=...)``; nothing that reads session internals.
-    """
-    result = SpeakResult(text, session)
-    if session.is_disconnected:
-        return result.build(call_disconnected=True)
-    try:
-        for chunk in chunks:
-            if stop_event is not None and stop_event.is_set():
-                return result.build(interrupted=True)
-            if not chunk:
-                continue
-            result.add_audio(len(chunk))
-            session.put_outbound_sync(chunk)
-            session.tap_agent(chunk)
-    except Exception as exc:
-        return _report_error(result, exc, on_error, provider)
-    try:
-        session.send_mark_and_wait("tts_complete", timeout=mark_timeout)
-    except TimeoutError:
-        logger.warning("tts_complete mark not echoed in time; audio may have been cut off")
-    return result.build()
 
 
 async def speak_in_thread(
@@ -334,17 +446,3 @@ async def speak_async(
         result: dict[str, Any] = await native(text, session, stop_event)
         return result
     return await speak_in_thread(tts.speak, text, session, stop_event)
-
-
-class SpeakAsyncInThread:
-    """Gives a provider whose ``speak`` blocks its awaitable twin, ``speak_async``."""
-
-    async def speak_async(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Awaitable twin of ``speak`` (the loop keeps running while the caller listens)."""
-        speak: Callable[..., dict[str, Any]] = self.speak  # type: ignore[attr-defined]
-        return await speak_in_thread(speak, text, session, stop_event)

@@ -1,12 +1,17 @@
 """ElevenLabs text-to-speech through the official ``elevenlabs`` SDK, as native μ-law 8 kHz.
 
-:class:`ElevenLabsTTS` calls ``client.text_to_speech.convert(voice_id=..., model_id=...,
-text=..., output_format="ulaw_8000")`` and hands every chunk to the call as it arrives: no
-ffmpeg, no transcoding. ``elevenlabs.ElevenLabs`` is looked up when the first ``speak()``
-needs a client (so ``patch("elevenlabs.ElevenLabs")`` in a test takes effect), and that one
-client (one connection pool, keep-alive) serves every later ``speak()`` of the provider.
-``base_url`` points the SDK anywhere (a proxy, or
-:class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
+:class:`ElevenLabsTTS` streams ``text_to_speech.convert(voice_id=..., model_id=..., text=...,
+output_format="ulaw_8000")`` and hands every chunk to the call as it arrives: no ffmpeg, no
+transcoding. ``speak_async`` is the core: it uses ``elevenlabs.AsyncElevenLabs`` on the
+running loop (one client and connection pool per loop, kept alive across speaks), so no
+thread waits on the vendor or on the caller. The blocking ``speak`` runs ``speak_async`` on
+the session's loop (a private one for a mock session); :meth:`ElevenLabsTTS.stream` is a
+plain sync iterator through ``elevenlabs.ElevenLabs``.
+
+The SDK classes are looked up when a speak needs a client, so ``patch("elevenlabs.ElevenLabs")``
+in a test takes effect: while ``elevenlabs.ElevenLabs`` is patched (0.1.x tests do it), every
+speak, async or not, goes through that patched client. ``base_url`` points the SDK anywhere
+(a proxy, or :class:`~voice_runtime.testing.fake_elevenlabs.FakeElevenLabsTts`).
 
 The SDK is an extra: without it, ``speak()`` raises an ImportError that names
 ``pip install "voice-runtime[elevenlabs]"``; ``import voice_runtime`` never needs it.
@@ -27,17 +32,18 @@ given.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from voice_runtime._sync import forbid_on_loop
+from voice_runtime._sync import running_loop
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import (
@@ -46,7 +52,7 @@ from voice_runtime.errors import (
     is_retryable_status,
 )
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakAsyncInThread, nothing_to_say, play_chunks
+from voice_runtime.providers.base import nothing_to_say, play_chunks_async, speak_sync
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -152,7 +158,7 @@ def _error_detail(body: Any) -> str:
     return ""
 
 
-class ElevenLabsTTS(SpeakAsyncInThread):
+class ElevenLabsTTS:
     """Streams ElevenLabs speech (``ulaw_8000``) into a call through one reused SDK client."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -192,6 +198,10 @@ class ElevenLabsTTS(SpeakAsyncInThread):
         self._client_factory: Any = None  # the ElevenLabs class the client was made with
         self._http: httpx.Client | None = None
         self._client_lock = threading.Lock()
+        # An async client belongs to the loop it was made on (its connection pool does):
+        # one per loop, so speaking from two loops never shares (or closes) another's pool.
+        self._aclients: dict[asyncio.AbstractEventLoop, _AsyncClient] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ client
 
@@ -228,13 +238,82 @@ class ElevenLabsTTS(SpeakAsyncInThread):
             kwargs["base_url"] = self.base_url
         return factory(**kwargs)
 
+    def _sync_client_patched(self, sdk: Any) -> bool:
+        """True when ``elevenlabs.ElevenLabs`` was replaced (a test's MagicMock, as in 0.1.x).
+
+        Such a test expects the speech to go through the patched client, so the sync client
+        is used then, even from ``speak_async``.
+        """
+        factory = sdk.ElevenLabs
+        home = getattr(getattr(sdk, "client", None), "ElevenLabs", factory)
+        return not isinstance(factory, type) or factory is not home
+
+    def _async_client(self) -> _AsyncClient:
+        """The ``AsyncElevenLabs`` client of the running loop (made on first use there)."""
+        factory = import_elevenlabs_sdk().AsyncElevenLabs
+        loop = asyncio.get_running_loop()
+        with self._client_lock:
+            current = self._aclients.get(loop)
+        if current is not None and current.factory is factory:
+            return current
+        self._drop_async_client(loop)
+        kwargs: dict[str, Any] = {"api_key": self._api_key}
+        http: httpx.AsyncClient | None = None
+        if isinstance(factory, type):
+            kwargs["api_key"] = self._require_key()
+            http = httpx.AsyncClient(
+                timeout=self.read_timeout, limits=httpx.Limits(max_keepalive_connections=4)
+            )
+            kwargs["httpx_client"] = http
+            kwargs["timeout"] = self.read_timeout
+        if self._custom_base_url:
+            kwargs["base_url"] = self.base_url
+        made = _AsyncClient(factory(**kwargs), factory, http)
+        with self._client_lock:
+            for old in [lp for lp in self._aclients if lp.is_closed()]:
+                del self._aclients[old]  # its loop is gone, and its sockets with it
+            self._aclients[loop] = made
+        return made
+
+    def _drop_async_client(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Forget ``loop``'s async client; its pool is closed on that loop if it still runs."""
+        with self._client_lock:
+            gone = self._aclients.pop(loop, None)
+        if gone is None or gone.http is None or loop.is_closed():
+            return
+        if running_loop() is loop:
+            task = loop.create_task(gone.http.aclose())
+            self._closing.add(task)  # keep a reference until it ran
+            task.add_done_callback(self._closing.discard)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(gone.http.aclose(), loop)
+        except RuntimeError:
+            pass  # closed meanwhile
+
+    async def _release_async_client(self) -> None:
+        """Close the running loop's async client now (a private loop that is about to end)."""
+        with self._client_lock:
+            gone = self._aclients.pop(asyncio.get_running_loop(), None)
+        if gone is not None and gone.http is not None:
+            await gone.http.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pools (async twin of :meth:`close`)."""
+        await self._release_async_client()
+        self.close()
+
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         with self._client_lock:
             http, self._http = self._http, None
             self._client = self._client_factory = None
         if http is not None:
             http.close()
+        with self._client_lock:
+            loops = list(self._aclients)
+        for loop in loops:
+            self._drop_async_client(loop)
 
     def __enter__(self) -> ElevenLabsTTS:
         return self
@@ -286,31 +365,48 @@ class ElevenLabsTTS(SpeakAsyncInThread):
             tail = stripper.flush()
             if tail:
                 yield tail
-        except httpx.TimeoutException as exc:
-            raise ProviderConnectionError(
-                f"timed out ({type(exc).__name__})", provider="elevenlabs"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderConnectionError(
-                f"stream failed ({type(exc).__name__})", provider="elevenlabs"
-            ) from exc
         except Exception as exc:
-            # The SDK's ApiError (and its subclasses) carry the HTTP status.
-            status = getattr(exc, "status_code", None)
-            if not isinstance(status, int) or isinstance(status, bool):
+            mapped = _vendor_error(exc)
+            if mapped is None:
                 raise
-            detail = _error_detail(getattr(exc, "body", None))
-            raise ProviderError(
-                f"HTTP {status}" + (f" ({detail})" if detail else ""),
-                provider="elevenlabs",
-                retryable=is_retryable_status(status),
-                status=status,
-                code=detail or None,
-            ) from exc
+            raise mapped from exc
         finally:
             close = getattr(audio, "close", None)
             if close is not None:
                 close()  # ends the HTTP response at once when speak() stopped early
+
+    def astream(self, text: str) -> AsyncIterator[bytes]:
+        """Async twin of :meth:`stream` through ``elevenlabs.AsyncElevenLabs`` (no thread).
+
+        The client is resolved now, so a missing key or SDK raises here, not mid-stream.
+        When a test patched ``elevenlabs.ElevenLabs``, the patched sync client is used.
+        """
+        sdk = import_elevenlabs_sdk()
+        if self._sync_client_patched(sdk):
+            return _as_async(self.stream(text))
+        made = self._async_client()
+        return self._achunks(made.client, text, real_sdk=made.http is not None)
+
+    async def _achunks(self, client: Any, text: str, *, real_sdk: bool) -> AsyncIterator[bytes]:
+        stripper = _RiffStripper()
+        audio = client.text_to_speech.convert(**self._convert_kwargs(text, real_sdk=real_sdk))
+        try:
+            async for raw in audio:
+                chunk = stripper.feed(raw)
+                if chunk:
+                    yield chunk
+            tail = stripper.flush()
+            if tail:
+                yield tail
+        except Exception as exc:
+            mapped = _vendor_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        finally:
+            aclose = getattr(audio, "aclose", None)
+            if aclose is not None:
+                await aclose()  # ends the HTTP response at once when speak stopped early
 
     def speak(
         self,
@@ -320,24 +416,88 @@ class ElevenLabsTTS(SpeakAsyncInThread):
     ) -> dict[str, Any]:
         """Stream ``text`` into the call and wait until the caller heard it (blocking).
 
-        Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
-        chunk. Returns the shared result dict; empty text returns at once.
+        Runs :meth:`speak_async` on the session's loop (a private one for a mock session).
+        Returns the shared result dict; empty text returns at once.
         """
-        forbid_on_loop(
-            getattr(session, "loop", None), "ElevenLabsTTS.speak", "ElevenLabsTTS.speak_async"
+        return speak_sync(
+            lambda: self._speak_and_release(text, session, stop_event),
+            session,
+            "ElevenLabsTTS.speak",
         )
+
+    async def _speak_and_release(
+        self, text: str, session: VoiceSession, stop_event: threading.Event | None
+    ) -> dict[str, Any]:
+        try:
+            return await self.speak_async(text, session, stop_event)
+        finally:
+            if getattr(session, "loop", None) is not asyncio.get_running_loop():
+                # A private loop ends with this speak: close its pool while it still runs.
+                await self._release_async_client()
+
+    async def speak_async(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Stream ``text`` into the call and await until the caller heard it (no thread).
+
+        Each chunk goes to the session as it arrives; ``stop_event`` is checked before every
+        chunk and while the caller listens. Returns the shared result dict.
+        """
         if not text.strip():
             return nothing_to_say(text, session)
-        chunks: Any = self.stream(text)  # a generator: closed below
-        try:
-            return play_chunks(
-                text,
-                session,
-                chunks,
-                stop_event,
-                on_error=self.on_error,
-                provider="elevenlabs",
-                mark_timeout=self.mark_timeout,
-            )
-        finally:
-            chunks.close()
+        return await play_chunks_async(
+            text,
+            session,
+            self.astream(text),
+            stop_event,
+            on_error=self.on_error,
+            provider="elevenlabs",
+            mark_timeout=self.mark_timeout,
+        )
+
+
+class _AsyncClient:
+    """An ``AsyncElevenLabs`` client, the class it was made from and the pool it owns."""
+
+    __slots__ = ("client", "factory", "http")
+
+    def __init__(self, client: Any, factory: Any, http: httpx.AsyncClient | None) -> None:
+        self.client = client
+        self.factory = factory
+        self.http = http  # None for a stand-in class (a test's mock), which gets no pool
+
+
+async def _as_async(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A sync chunk iterator (a patched 0.1.x client's) as an async one."""
+    try:
+        for chunk in chunks:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def _vendor_error(exc: Exception) -> Exception | None:
+    """The provider error for an SDK or HTTP failure, or None when it is neither."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderConnectionError(f"timed out ({type(exc).__name__})", provider="elevenlabs")
+    if isinstance(exc, httpx.TransportError):
+        return ProviderConnectionError(
+            f"stream failed ({type(exc).__name__})", provider="elevenlabs"
+        )
+    # The SDK's ApiError (and its subclasses) carry the HTTP status.
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int) or isinstance(status, bool):
+        return None
+    detail = _error_detail(getattr(exc, "body", None))
+    return ProviderError(
+        f"HTTP {status}" + (f" ({detail})" if detail else ""),
+        provider="elevenlabs",
+        retryable=is_retryable_status(status),
+        status=status,
+        code=detail or None,
+    )
