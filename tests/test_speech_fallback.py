@@ -303,3 +303,17 @@ def test_a_chain_needs_providers() -> None:
         create_stt([])
     with pytest.raises(ConfigurationError, match="one name per provider"):
         FallbackTts([MockTts()], names=["a", "b"])
+
+
+def test_a_server_stt_list_gives_every_call_its_own_chain() -> None:
+    from voice_runtime.server import VoiceServer
+
+    server = VoiceServer(stt=["mock", "mock"])
+    assert server.stt_factory is not None
+    first, second = server.stt_factory(), server.stt_factory()
+    assert isinstance(first, FallbackStt) and isinstance(second, FallbackStt)
+    assert first is not second
+    with pytest.raises(ValueError, match="nosuch"):
+        VoiceServer(stt=["mock", "nosuch"])
+    with pytest.raises(ValueError, match="provider names"):
+        VoiceServer(stt=[MockStt()])  # type: ignore[list-item]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from voice_runtime._compat import maybe_await
@@ -74,16 +74,32 @@ def rest_hangup(regions: Any) -> Callable[[str], Awaitable[bool]] | None:
     return hangup
 
 
-def stt_factory_for(stt: str | Callable[[], Any] | None) -> Callable[[], Any] | None:
-    """A factory of STT providers from a provider name (see ``create_stt``) or a factory.
+def stt_factory_for(
+    stt: str | Sequence[str] | Callable[[], Any] | None,
+) -> Callable[[], Any] | None:
+    """A factory of STT providers from a provider name, a fallback list of names, or a factory.
 
-    An unknown name fails here, when the server is built, not on the first call.
+    An unknown name fails here, when the server is built, not on the first call. A list
+    (``["elevenlabs", "offline"]``) gives every call its own fallback chain (``create_stt``).
     """
     if stt is None or callable(stt):
         return stt
+    from voice_runtime.stt import create_stt, get_stt_class
+
+    if isinstance(stt, (list, tuple)):
+        # Names only: a provider object in the list would be shared by every call.
+        if not stt or not all(isinstance(name, str) for name in stt):
+            raise ConfigurationError("an stt fallback list must hold provider names")
+        for name in stt:
+            get_stt_class(name)
+        names = list(stt)
+
+        def create_chain() -> Any:
+            return create_stt(names)
+
+        return create_chain
     if not isinstance(stt, str):
-        raise ConfigurationError("stt must be a provider name, a factory or None")
-    from voice_runtime.stt import get_stt_class
+        raise ConfigurationError("stt must be a provider name, a list of names, a factory or None")
 
     cls = get_stt_class(stt)
 

@@ -131,7 +131,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         max_webhook_bytes: int = MAX_WEBHOOK_BYTES,
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
-        stt: str | Callable[[], SttProvider] | None = None,
+        stt: str | list[str] | Callable[[], SttProvider] | None = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
