@@ -288,6 +288,17 @@ def test_the_docs_have_blocks_of_each_kind() -> None:
 
 def test_blocks_with_an_unknown_language_are_not_skipped_silently() -> None:
     """Each block says what it is: checked (python, shell) or deliberately not (text)."""
-    known = {"python", "py", "text", "json", "xml", "toml", "ini", "dotenv", "yaml", *_COMMAND_LANGS}
+    known = {
+        "python",
+        "py",
+        "text",
+        "json",
+        "xml",
+        "toml",
+        "ini",
+        "dotenv",
+        "yaml",
+        *_COMMAND_LANGS,
+    }
     unknown = [f"{b.where} ({b.lang or 'no language'})" for b in ALL_BLOCKS if b.lang not in known]
     assert not unknown, "blocks without a checked or known language: " + ", ".join(unknown)
