@@ -31,6 +31,8 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,15 +204,53 @@ def call_the_bot(voice: Any) -> str | None:
     return None
 
 
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Put logging back as it was: a block may configure it (``configure_logging``)."""
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "voice_runtime"]
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    filters = {h: h.filters[:] for lg in loggers for h in lg.handlers}
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        for handler, kept in filters.items():
+            handler.filters[:] = kept
+
+
 def run_block(block: Block) -> str | None:
     """Run one python block as the docs test does; None when it passed, else why not."""
+    threads_before = set(threading.enumerate())
+    failures = _Failures()
+    problems: list[str] = []
+    with _logging_restored():
+        logging.getLogger().addHandler(failures)
+        problems += _run(block)
+    # A block about failures quotes the line it logs; any other error line is a failure.
+    problems += [f"logged: {m}" for m in failures.messages if m not in block.code]
+    deadline = time.monotonic() + 2.0
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    leaked = [
+        t.name
+        for t in set(threading.enumerate()) - threads_before
+        if t.is_alive() and not t.name.startswith(_LONG_LIVED)
+    ]
+    if leaked:
+        problems.append(f"left threads running: {', '.join(sorted(leaked))}")
+    return "; ".join(problems) or None
+
+
+def _run(block: Block) -> list[str]:
+    """Execute the block (and call its bot); the problems found on the way."""
     from voice_runtime import VoiceServer
     from voice_runtime.config import ENV_VARS
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    threads_before = set(threading.enumerate())
-    failures = _Failures()
-    logging.getLogger().addHandler(failures)
     problems: list[str] = []
     try:
         for var in ENV_VARS:  # no credentials, no public URL: only the fakes are reachable
@@ -232,22 +272,9 @@ def run_block(block: Block) -> str | None:
             finally:
                 os.chdir(saved_cwd)
     finally:
-        logging.getLogger().removeHandler(failures)
         os.environ.clear()
         os.environ.update(saved_env)
-    # A block about failures quotes the line it logs; any other error line is a failure.
-    problems += [f"logged: {m}" for m in failures.messages if m not in block.code]
-    deadline = time.monotonic() + 2.0
-    for thread in set(threading.enumerate()) - threads_before:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    leaked = [
-        t.name
-        for t in set(threading.enumerate()) - threads_before
-        if t.is_alive() and not t.name.startswith(_LONG_LIVED)
-    ]
-    if leaked:
-        problems.append(f"left threads running: {', '.join(sorted(leaked))}")
-    return "; ".join(problems) or None
+    return problems
 
 
 def main(argv: list[str]) -> int:
