@@ -1,6 +1,6 @@
 """voice_runtime: phone calls over Twilio Media Streams.
 
-Import the public API from here. See the README for a tour. The heavier entry points
+Import the public API from here. See the README and docs/ for a tour. The heavier entry points
 (``VoiceServer``, ``Conversation``, ``CallerSimulator``, ``run_agent_call``, ``attach_agent``)
 are imported on first use, so ``import voice_runtime`` stays cheap.
 """

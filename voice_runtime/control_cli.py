@@ -371,7 +371,7 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         choices=("text", "json"),
         help="text lines ending in [CallSid/StreamSid], or one JSON object per line",
     )
-    limits = serve.add_argument_group("connection limits (see the README security notes)")
+    limits = serve.add_argument_group("connection limits (see docs/security.md)")
     limits.add_argument(
         "--header-timeout",
         type=float,

@@ -190,7 +190,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     @property
     def refusals(self) -> dict[str, int]:
-        """Refused webhooks, streams and starts so far, by reason (see the README)."""
+        """Refused webhooks, streams and starts so far, by reason (see docs/calls.md)."""
         return {reason: self._refused.count(reason) for reason in REFUSAL_REASONS}
 
     @property

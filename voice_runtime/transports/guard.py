@@ -66,7 +66,7 @@ def note(kind: str, message: str, level: int = logging.INFO, **extra: Any) -> No
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """Bounds on every connection the server accepts (documented in the README).
+    """Bounds on every connection the server accepts (documented in docs/security.md).
 
     ``header_timeout_s``: the request line and headers must arrive within this, counted from
     the connection (or from the first byte of a later request on a kept-alive one).
