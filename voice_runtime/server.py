@@ -132,6 +132,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
         stt: str | Callable[[], SttProvider] | None = None,
+        console: bool = False,
+        console_token: str | None = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -187,6 +189,11 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         if app is not None:
             self._wrap_lifespan(app)
         self._install(self.app)
+        self.console: Any = None  # /console and /phone: voice_runtime.console.WebConsole
+        if console:
+            from voice_runtime.console import install_console
+
+            install_console(self, token=console_token)
 
     @property
     def refusals(self) -> dict[str, int]:
