@@ -30,6 +30,7 @@ from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
+from voice_runtime.events import EventBus
 from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
@@ -142,6 +143,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         if public_url is not None:
             check_public_url(public_url)
         self.on_call = on_call
+        #: The call event stream of every call this server runs (see voice_runtime.events).
+        self.events = EventBus()
         # Every call's STT: a provider name (create_stt) or a factory; a session's own wins.
         self.stt_factory = stt_factory_for(stt)
         self.session_factory = session_factory
@@ -459,6 +462,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
         session.port.callbacks.runner = self.callbacks
+        session.port.events.bus = self.events
         wiring = CallWiring(session, self.hangup_regions, stt_factory=self.stt_factory)
         call = MediaStreamCall(
             websocket,

@@ -21,6 +21,7 @@ from voice_runtime._callbacks import CallbackLane
 from voice_runtime._marks import MarkWaiters
 from voice_runtime._queues import SessionStats, _AudioQueue, _CountingQueue
 from voice_runtime._sync import Flag, running_loop
+from voice_runtime.events import CALL_STARTED, DTMF, CallEvents
 from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMark, PlaybackLedger
 
@@ -59,6 +60,8 @@ class StreamPort:
         self.callbacks = CallbackLane(id(session))
         #: The consumer's ``send_mark_and_wait`` waiters, by wire name.
         self.marks = MarkWaiters()
+        #: This call's event publisher (``events.bus`` is the server's bus when it has one).
+        self.events = CallEvents(session)
         self.dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         #: Readers waiting for a DTMF digit now (``dtmf()``, ``iter_dtmf()``); tests wait on it.
         self.dtmf_readers = 0
@@ -103,6 +106,7 @@ class StreamPort:
         if prepare is not None:
             prepare(session)
         session.signal_ws_connected(stream_sid)
+        self.events.emit(CALL_STARTED, tracks=list(info.tracks) if info is not None else [])
 
     def caller_audio(self, data: bytes) -> None:
         """A caller frame (μ-law): to the inbound queue and the mixer."""
@@ -138,6 +142,8 @@ class StreamPort:
         stats = session.stats
         stats.marks_echoed += 1
         echo = self.ledger.echo(name)
+        if self.events.awaiting_heard:
+            self.events.played(self.ledger.played_ms)
         if echo.kind != "user":
             if echo.kind == "bad" or echo.generation < 0:
                 stats.unknown_marks += 1
@@ -158,11 +164,14 @@ class StreamPort:
                 )
             return
         waiter.resolve("played" if self.ledger.mark_played(waiter.mark) else "cleared")
+        if self.events.awaiting_heard:
+            self.events.played(self.ledger.played_ms)
 
     def deliver_dtmf(self, digit: str) -> None:
         """Queue a digit for the DTMF readers and fire ``on_dtmf`` (``signal_dtmf``'s work)."""
         session = self.session
         session.stats.dtmf_digits += 1
+        self.events.emit(DTMF, digit=digit)
         try:
             self.dtmf_queue.put_nowait(digit)
         except asyncio.QueueFull:
@@ -259,6 +268,7 @@ class StreamPort:
         self.ledger.reset()
         session.stats = SessionStats()
         session._log_limit = LogLimiter()
+        self.events.reset()
         self.reset()
         self.bind_outbound()
         for q in (session.inbound, session.outbound):
@@ -277,7 +287,11 @@ class StreamPort:
             out.on_put = self._on_outbound_put
 
     def _on_outbound_put(self, item: bytes) -> None:
-        self.ledger.queued_ms += len(item) / 8.0
+        ledger = self.ledger
+        if ledger.queued_ms <= ledger.played_ms + 0.5 and not self.events.awaiting_heard:
+            # Nothing was left to play: this audio starts a new response.
+            self.events.audio_queued(ledger.queued_ms)
+        ledger.queued_ms += len(item) / 8.0
         self.wakeup.set()
 
     def queue_mark(self, mark: OutboundMark) -> None:
@@ -470,6 +484,7 @@ class StreamPort:
                 break
             dropped += 1
         session.stats.outbound_cleared += dropped
+        self.events.cleared(self.ledger.played_ms, dropped)
         live = session.stream_sid is not None and not session._disconnected.is_set()
         for mark in self.ledger.clear(send=live):
             if mark.name.startswith(END_PREFIX):
