@@ -23,12 +23,14 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 from voice_runtime.calls import make_route
 from voice_runtime.console.auth import COOKIE, ConsoleAuth
+from voice_runtime.console.board import CallBoard
+from voice_runtime.console.stream import call_event_stream
 from voice_runtime.logutil import LogLimiter
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ __all__ = ["PHONE_ROUTE_TTL_S", "WebConsole"]
 PHONE_ROUTE_TTL_S = 30.0
 """A phone route must be used this soon after the page asked for it."""
 MAX_PHONE_ROUTES = 64
+MAX_VIEWERS = 8
+"""Event streams open at once; more get 503 (each costs a subscriber and a level tap)."""
 MAX_API_BODY = 4096
 MAX_PARAMETERS = 16
 MAX_PARAMETER_CHARS = 200
@@ -77,6 +81,8 @@ class WebConsole:
         self._static = {name: _asset(name) for name in STATIC}
         # Tokens of routes handed to phone pages (bounded: the oldest go first).
         self._phone_routes: OrderedDict[str, float] = OrderedDict()
+        #: Open event streams (at most MAX_VIEWERS).
+        self.viewers = 0
 
     @property
     def token(self) -> str:
@@ -99,7 +105,43 @@ class WebConsole:
         self._install_console_api(app)
 
     def _install_console_api(self, app: Any) -> None:
-        pass
+        self.board = CallBoard(self.server)
+        app.add_api_route("/console/api/calls", self._calls, methods=["GET"])
+        app.add_api_route("/console/api/calls/{call_sid}/events", self._events, methods=["GET"])
+
+    # ------------------------------------------------------------------ console API
+
+    async def _calls(self, request: Request) -> Response:
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        body = {
+            "calls": self.board.rows(),
+            "live_calls": self.server.registry.live_count,
+            "draining": self.server.draining,
+        }
+        return Response(json.dumps(body), media_type="application/json", headers=PAGE_HEADERS)
+
+    async def _events(self, request: Request, call_sid: str) -> Response:
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        card = self.board.card(call_sid)
+        if card is None:
+            return Response(status_code=404)
+        if self.viewers >= MAX_VIEWERS:
+            return self._refuse("too_many_viewers", 503)
+        content = request.query_params.get("content") == "1"
+        self.viewers += 1
+        return _ViewerResponse(
+            call_event_stream(self.server, self.board, card, content=content),
+            release=self._release_viewer,
+            media_type="text/event-stream",
+            headers={**PAGE_HEADERS, "X-Accel-Buffering": "no"},
+        )
+
+    def _release_viewer(self) -> None:
+        self.viewers -= 1
 
     # ------------------------------------------------------------------ auth helpers
 
@@ -217,6 +259,20 @@ class WebConsole:
         headers.append((b"x-twilio-signature", signature.encode("ascii")))
         signed = WebSocket({**scope, "headers": headers}, receive, send)
         await self.server._routed_endpoint(signed, token)
+
+
+class _ViewerResponse(StreamingResponse):
+    """A streaming response that gives its viewer slot back however it ends."""
+
+    def __init__(self, content: Any, *, release: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class _Asgi:

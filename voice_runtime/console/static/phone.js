@@ -12,7 +12,7 @@ const stats = {
 window.phone = { stats, timeline: [] };
 
 let ws = null, ctx = null, node = null, mic = null, seq = 0, chunk = 0, t0 = 0;
-let call = null, markRun = null;
+let call = null, markRun = null, events = null;
 
 function hex(n) {
   const bytes = crypto.getRandomValues(new Uint8Array(n));
@@ -179,10 +179,33 @@ async function placeCall() {
     setStatus("<b>In call.</b> Speak; keys send DTMF.");
     $("hangup").disabled = false;
     node.port.postMessage({ capture: true });
+    watchEvents(stats.callSid, 5);
   };
   ws.onmessage = (e) => fromServer(e.data);
   ws.onclose = (e) => ended(e.code === 1000 || stats.state === "hanging up" ? "" : `code ${e.code}`);
   ws.onerror = () => stats.errors.push("websocket error");
+}
+
+// What the server made of the call (its event stream, as the console shows it): the words it
+// understood and each turn's latency appear in the timeline.
+function watchEvents(sid, tries) {
+  if (stats.state !== "in call" || tries <= 0) return;
+  events = new EventSource(`console/api/calls/${encodeURIComponent(sid)}/events?content=1`);
+  let opened = false;
+  events.onopen = () => { opened = true; };
+  events.onmessage = (e) => {
+    const ev = JSON.parse(e.data);
+    const d = ev.data || {};
+    if (ev.kind === "transcript_committed") log("server heard", `“${d.text}”`, "caller");
+    else if (ev.kind === "turn_latency") log("turn latency", `${Math.round(d.total_ms)} ms (speech end → reply heard)`, "agent");
+    else if (ev.kind === "barge_in") log("barge-in", "", "bad");
+  };
+  events.addEventListener("end", () => events.close());
+  events.onerror = () => {
+    events.close();
+    // The call may not be on the server's board yet: try again shortly.
+    if (!opened) setTimeout(() => watchEvents(sid, tries - 1), 700);
+  };
 }
 
 function pressKey(digit) {
@@ -203,6 +226,8 @@ function hangUp() {
 }
 
 function stopAudio() {
+  if (events) events.close();
+  events = null;
   if (node) node.port.postMessage({ capture: false });
   if (mic) mic.getTracks().forEach((t) => t.stop());
   if (ctx) ctx.close();
