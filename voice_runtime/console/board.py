@@ -196,9 +196,12 @@ class LevelTap:
     """
 
     CAP = 8000
+    WINDOW_S = 0.08
 
     def __init__(self, inner: Any = None) -> None:
         self.inner = inner
+        self._read_at = 0.0
+        self._levels = {"caller": 0.0, "agent": 0.0}
         self._caller = bytearray()
         self._agent = bytearray()
         self.viewers = 0
@@ -218,11 +221,19 @@ class LevelTap:
             self.inner.write_agent(data)
 
     def read(self) -> dict[str, float]:
-        """RMS levels (0..1) of each side since the last reading."""
-        levels = {"caller": _rms(self._caller), "agent": _rms(self._agent)}
+        """RMS levels (0..1) of each side over the last reading window.
+
+        Viewers of the same call share a window: one reading within ``WINDOW_S`` of the last
+        gets the same levels (each reading would otherwise see only the bytes since another's).
+        """
+        now = time.monotonic()
+        if now - self._read_at < self.WINDOW_S:
+            return self._levels
+        self._read_at = now
+        self._levels = {"caller": _rms(self._caller), "agent": _rms(self._agent)}
         self._caller.clear()
         self._agent.clear()
-        return levels
+        return self._levels
 
     @classmethod
     def watch(cls, session: VoiceSession) -> LevelTap:

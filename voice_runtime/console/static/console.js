@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let selected = null, source = null, rows = [];
-window.consoleState = { rows, events: [] };
+window.consoleState = { rows, events: [], levels: null, peak: { caller: 0, agent: 0 } };
 
 function ms(v) { return v === null || v === undefined ? "–" : `${Math.round(v)} ms`; }
 function dur(s) {
@@ -99,6 +99,9 @@ function select(sid) {
   source.onmessage = (e) => addEvent(JSON.parse(e.data));
   source.addEventListener("levels", (e) => {
     const l = JSON.parse(e.data);
+    const st = window.consoleState;
+    st.levels = l;
+    st.peak = { caller: Math.max(st.peak.caller, l.caller), agent: Math.max(st.peak.agent, l.agent) };
     $("caller-level").style.width = Math.min(100, l.caller * 400) + "%";
     $("agent-level").style.width = Math.min(100, l.agent * 400) + "%";
   });
