@@ -250,3 +250,22 @@ def test_install_console_after_construction_is_idempotent() -> None:
     assert install_console(voice) is console and voice.console is console
     assert console.url("http://127.0.0.1:8080", "phone").endswith("/phone?token=operator-token")
     assert console.url("http://127.0.0.1:8080", with_token=False) == "http://127.0.0.1:8080/console"
+
+
+def test_serve_prints_the_page_addresses_with_the_token_only_when_reachable_from_outside(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from argparse import Namespace
+
+    from voice_runtime.control_cli import _announce_console
+
+    local = VoiceServer()
+    _announce_console(local, Namespace(console=True, phone=True, host="127.0.0.1", port=8080))
+    out = capsys.readouterr().out
+    assert "console: http://127.0.0.1:8080/console " in out
+    assert "phone: http://127.0.0.1:8080/phone " in out and "token" not in out
+    exposed = VoiceServer()
+    _announce_console(exposed, Namespace(console=False, phone=True, host="0.0.0.0", port=8080))
+    out = capsys.readouterr().out
+    assert out.startswith(f"phone: http://127.0.0.1:8080/phone?token={exposed.console.token} ")
+    assert "console:" not in out
