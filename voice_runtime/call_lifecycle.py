@@ -104,7 +104,8 @@ class CallLifecycle:
         deadline = loop.time() + timeout
         goodbye_budget = min(10.0, timeout * 0.4)
         logger.info("draining", extra={"live_calls": self.registry.live_count})
-        self.events.publish(CallEvent(DRAINING, "", None, time.monotonic(), time.time(), {}))
+        live = {"live_calls": self.registry.live_count}
+        self.events.publish(CallEvent(DRAINING, "", None, time.monotonic(), time.time(), live))
         # Polls a thread-safe counter; 50 ms granularity is plenty for a drain.
         while self.registry.live_count and loop.time() < deadline - goodbye_budget:  # noqa: ASYNC110
             await asyncio.sleep(0.05)

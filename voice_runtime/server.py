@@ -32,6 +32,7 @@ from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.events import EventBus
 from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.observability import install as install_observability
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -133,6 +134,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
         stt: str | Callable[[], SttProvider] | None = None,
+        metrics: bool | None = None,
+        tracing: Any = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -190,6 +193,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         if app is not None:
             self._wrap_lifespan(app)
         self._install(self.app)
+        # Prometheus /metrics and OpenTelemetry spans from self.events (docs/observability.md).
+        self.observability = install_observability(self, metrics=metrics, tracing=tracing)
 
     @property
     def refusals(self) -> dict[str, int]:
