@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import runpy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from conftest import wait_for
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -29,6 +36,7 @@ from voice_runtime.testing.fake_realtime import (
 from voice_runtime.testing.server import serve_in_loop
 from voice_runtime.testing.simulator import CallerSimulator
 
+ROOT = Path(__file__).resolve().parent.parent
 CALLER = "+15557654321"
 GREETING = b"\x7f" * 2400  # 300 ms
 ANSWER = b"\x7f" * 3200  # 400 ms
@@ -221,3 +229,56 @@ async def test_realtime_agent_calls_trace_the_connect_the_tool_and_the_turn() ->
     )
     assert _value(m, "voice_runtime_realtime_tokens_total", vendor="openai", kind="input") >= 0
     assert _value(m, "voice_runtime_turn_latency_seconds_count") == 1
+
+
+_MP_SCRIPT = """
+import sys
+from voice_runtime import events as ev
+from voice_runtime.events import CallEvent
+from voice_runtime.observability.metrics import CallMetrics
+
+metrics = CallMetrics()
+if sys.argv[1] == "render":
+    sys.stdout.write(metrics.render().decode())
+else:
+    for i in range(int(sys.argv[1])):
+        metrics.on_event(CallEvent(ev.CALL_STARTED, f"CA{i}"))
+        metrics.on_event(CallEvent(ev.TURN_LATENCY, f"CA{i}", data={"total_ms": 500.0}))
+"""
+
+
+def test_metrics_of_several_worker_processes_add_up(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+    def run(arg: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _MP_SCRIPT, arg],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    run("2")
+    run("3")
+    m = _samples(run("render"))
+    assert _value(m, "voice_runtime_calls_started_total") == 5
+    assert _value(m, "voice_runtime_live_calls") == 5
+    assert _value(m, "voice_runtime_turn_latency_seconds_count") == 5
+
+
+def test_the_python_examples_of_the_observability_docs_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (ROOT / "docs" / "observability.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"block{i}.py"
+        path.write_text(block)
+        runpy.run_path(str(path), run_name="__docs__")
+    out = capsys.readouterr().out
+    assert "turn_latency" in out and "voice_runtime_live_calls 0.0" in out and "True" in out
