@@ -88,7 +88,8 @@ TRANSCRIPT_COMMITTED: Final = "transcript_committed"
 #: (1, 2, ... per call), ``position_ms`` (on the playback axis).
 AGENT_AUDIO_QUEUED: Final = "agent_audio_queued"
 #: The caller heard the first audio of a response (a mark echo confirmed it). data:
-#: ``response``, ``queued_to_heard_ms``, and ``since_start_ms`` for the first response.
+#: ``response``, ``queued_to_heard_ms``, ``mark_rtt_ms`` (the confirming mark's round trip,
+#: playback of the audio ahead of it included), and ``since_start_ms`` for the first response.
 AGENT_AUDIO_HEARD: Final = "agent_audio_heard"
 #: Agent audio not yet heard was discarded. data: ``played_ms``, ``dropped_chunks``.
 CLEAR: Final = "clear"
@@ -363,6 +364,8 @@ class CallEvents:
         "_response_start_ms",
         "_response_queued_t",
         "_heard_any",
+        "_mark_sent_t",
+        "turn_open",
     )
 
     def __init__(self, session: VoiceSession, bus: EventBus | None = None) -> None:
@@ -382,6 +385,10 @@ class CallEvents:
         self._response_start_ms = 0.0
         self._response_queued_t = 0.0
         self._heard_any = False
+        self._mark_sent_t = 0.0
+        # The caller finished a turn and no agent audio was queued since: the next audio
+        # starts a response even while earlier audio still plays.
+        self.turn_open = False
 
     @property
     def active(self) -> bool:
@@ -427,10 +434,12 @@ class CallEvents:
             self._started_t = t
         elif kind == CALLER_SPEECH_ENDED:
             self._speech_end_t, self._commit_t, self._queued_t = t, None, None
+            self.turn_open = True
         elif kind == TRANSCRIPT_COMMITTED:
             if self._speech_end_t is None:
                 # An STT that reports no speech end: the turn starts at its transcript.
                 self._speech_end_t = t
+                self.turn_open = True
             if self._commit_t is None:
                 self._commit_t = t
         elif kind == AGENT_AUDIO_QUEUED and self._speech_end_t is not None and not self._queued_t:
@@ -439,13 +448,24 @@ class CallEvents:
     # ------------------------------------------------------------------ responses (port side)
 
     def audio_queued(self, position_ms: float) -> None:
-        """The port queued agent audio while none was pending: a response starts (loop only)."""
+        """A response starts at ``position_ms`` (loop only).
+
+        The port calls this for audio queued while none was left to play, or the first audio
+        after the caller's turn.
+        """
         self._responses += 1
         self.awaiting_heard = True
+        self.turn_open = False
         self._response_start_ms = position_ms
         now = time.monotonic()
         self._response_queued_t = now
+        self._mark_sent_t = 0.0
         self.emit(AGENT_AUDIO_QUEUED, t=now, response=self._responses, position_ms=position_ms)
+
+    def mark_sent(self) -> None:
+        """A mark went to the far end (loop only): the first of a response is timed."""
+        if self.awaiting_heard and not self._mark_sent_t:
+            self._mark_sent_t = time.monotonic()
 
     def played(self, played_ms: float) -> None:
         """A mark echo moved playback to ``played_ms`` (loop only)."""
@@ -457,6 +477,9 @@ class CallEvents:
             "response": self._responses,
             "queued_to_heard_ms": (now - self._response_queued_t) * 1000.0,
         }
+        if self._mark_sent_t:
+            # The mark whose echo said so is the first one sent after the response began.
+            data["mark_rtt_ms"] = (now - self._mark_sent_t) * 1000.0
         if not self._heard_any:
             self._heard_any = True
             if self._started_t:

@@ -32,6 +32,7 @@ from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.events import EventBus
 from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.observability import install as install_observability
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -135,6 +136,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         stt: str | Callable[[], SttProvider] | None = None,
         console: bool = False,
         console_token: str | None = None,
+        metrics: bool | None = None,
+        tracing: Any = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -197,6 +200,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             from voice_runtime.console import install_console
 
             install_console(self, token=console_token)
+        # Prometheus /metrics and OpenTelemetry spans from self.events (docs/observability.md).
+        self.observability = install_observability(self, metrics=metrics, tracing=tracing)
 
     @property
     def refusals(self) -> dict[str, int]:

@@ -288,9 +288,12 @@ class StreamPort:
 
     def _on_outbound_put(self, item: bytes) -> None:
         ledger = self.ledger
-        if ledger.queued_ms <= ledger.played_ms + 0.5 and not self.events.awaiting_heard:
-            # Nothing was left to play: this audio starts a new response.
-            self.events.audio_queued(ledger.queued_ms)
+        events = self.events
+        if events.turn_open or (
+            ledger.queued_ms <= ledger.played_ms + 0.5 and not events.awaiting_heard
+        ):
+            # The caller's turn ended, or nothing was left to play: a new response starts.
+            events.audio_queued(ledger.queued_ms)
         ledger.queued_ms += len(item) / 8.0
         self.wakeup.set()
 
@@ -404,6 +407,7 @@ class StreamPort:
                 mark = ledger.next_mark(taken)
                 if mark is not None:
                     session.stats.marks_sent += 1
+                    self.events.mark_sent()
                     return mark
             if not out.empty():
                 return out.get_nowait()
@@ -448,6 +452,7 @@ class StreamPort:
         if ledger.sent_ms - ledger.last_position_ms < ledger.every_ms:
             return None
         stats.marks_sent += 1
+        self.events.mark_sent()
         return ledger.position_name()
 
     def position_mark(self, *, idle: bool = False) -> str | None:
@@ -455,6 +460,7 @@ class StreamPort:
         if not self.ledger.position_due(idle):
             return None
         self.session.stats.marks_sent += 1
+        self.events.mark_sent()
         return self.ledger.position_name()
 
     def clear_sent(self) -> None:

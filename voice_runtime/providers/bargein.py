@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio.codec import ulaw_decode
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart
+from voice_runtime.events import BARGE_IN
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -154,6 +155,15 @@ class BargeIn:
         self.stop_event.set()
         session.request_clear_buffer()
         self._reset()
+        port = getattr(session, "port", None)
+        if port is not None:
+            port.events.emit(
+                BARGE_IN,
+                t=detected,
+                source="vad",
+                latency_ms=event.latency_ms,
+                agent_played_ms=event.agent_played_ms,
+            )
         logger.info(
             "caller barged in",
             extra={"call_sid": session.call_sid, "latency_ms": round(event.latency_ms, 1)},

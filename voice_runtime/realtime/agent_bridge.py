@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
+from voice_runtime.events import BARGE_IN, PROVIDER_CONNECT, TOOL_CALL
 from voice_runtime.logutil import LogLimiter, describe_error
 from voice_runtime.playback import PlaybackLedger, Segment
 from voice_runtime.realtime.agent import RealtimeAgent
@@ -28,6 +29,7 @@ from voice_runtime.realtime.bridge_types import (
     TranscriptLine,
     Truncation,
 )
+from voice_runtime.realtime.call_events import call_events_of, publish
 from voice_runtime.realtime.events import (
     AgentError,
     AgentEvent,
@@ -128,6 +130,7 @@ class AgentBridge:
         self._turn_end = asyncio.Event()
         self._last_audio_at = 0.0
         self._provider = ""
+        self._events = call_events_of(self.session)
         every = self.options.mark_every_ms
         # Duck-typed sessions have no ledger: the bridge marks pieces of this length itself.
         self._step = int((DUCK_MARK_EVERY_MS if every is None else every) * 8)
@@ -198,6 +201,7 @@ class AgentBridge:
 
     async def _start_unless_call_ends(self) -> bool:
         """Start the agent; False (and no agent) when the caller hangs up first."""
+        t0 = time.monotonic()
         start = asyncio.ensure_future(self.agent.start())
         ended = asyncio.ensure_future(self.session.wait_until_disconnected_async())
         try:
@@ -205,6 +209,16 @@ class AgentBridge:
         finally:
             ended.cancel()
         if start.done():
+            ok = not start.cancelled() and start.exception() is None
+            if self._events is not None:
+                self._events.emit(
+                    PROVIDER_CONNECT,
+                    vendor=self.provider,
+                    role="agent",
+                    ok=ok,
+                    attempt=0,
+                    duration_ms=(time.monotonic() - t0) * 1000.0,
+                )
             start.result()  # raises the start error, if any
             return True
         start.cancel()
@@ -333,6 +347,7 @@ class AgentBridge:
         elif kind is AssistantText:
             at: AssistantText = event  # type: ignore[assignment]
             await self._transcript(TranscriptLine("assistant", at.text, at.final, at.item_id))
+        publish(self._events, event, self.provider)
         await self._deliver(event)
 
     async def _play(self, event: AssistantAudio) -> None:
@@ -427,6 +442,8 @@ class AgentBridge:
             await self.agent.cancel()
         if pending or truncations:
             self.barge_ins += 1
+            if self._events is not None:
+                self._events.emit(BARGE_IN, source="agent", agent_played_ms=played)
             logger.info(
                 "caller barged in",
                 extra={
@@ -479,6 +496,14 @@ class AgentBridge:
         else:
             result = await self.tools.execute(call, context)
         self.tool_calls += 1
+        if self._events is not None:
+            self._events.emit(
+                TOOL_CALL,
+                tool=call.name,
+                ok=not result.is_error,
+                duration_ms=result.duration_ms,
+                vendor=self.provider,
+            )
         await self.agent.send_tool_result(
             call.call_id, result.output, name=call.name, is_error=result.is_error
         )
