@@ -102,6 +102,9 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     a public URL (``public_url``, VOICE_PUBLIC_URL or VOICE_STREAM_URL) is required:
     :meth:`check_config` raises without one, :meth:`serve` refuses to start, and until one is
     set every webhook and media stream is refused.
+
+    ``console=True`` serves the live call console at ``/console`` and the browser phone at
+    ``/phone``, token-protected when reachable from outside (docs/console-and-phone.md).
     """
 
     def __init__(
