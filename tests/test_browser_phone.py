@@ -9,6 +9,7 @@ the README's pictures), else to the test's temporary directory.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ from voice_runtime.testing.metrics import word_accuracy  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 SENTENCE = "I would like to change my delivery address."
 REPLY = "Thank you. I heard every word, and I will change your delivery address right away."
+LONG_REPLY = "Let me read you the whole delivery policy, which takes a while. " * 3
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
@@ -70,10 +72,27 @@ class Bot:
             self.changed.notify_all()
 
     async def __call__(self, session: VoiceSession) -> None:
-        session.on_dtmf = lambda digit: self._note(self.digits, digit)
+        loop = asyncio.get_running_loop()
+        keys: asyncio.Queue[str] = asyncio.Queue()
+
+        def pressed(digit: str) -> None:  # on a callback thread
+            self._note(self.digits, digit)
+            loop.call_soon_threadsafe(keys.put_nowait, digit)
+
+        async def key(wanted: str) -> None:
+            while await keys.get() != wanted:
+                pass
+
+        session.on_dtmf = pressed
         conv = Conversation(session, MockTts(ms_per_char=50))
         self._note(self.heard, await conv.listen_async(timeout=20))
         self._note(self.replies, await conv.say_async(REPLY))
+        # "9": a long reply; "1" while it plays: the bot clears it (as barge-in would).
+        await key("9")
+        long_reply = asyncio.create_task(conv.say_async(LONG_REPLY))
+        await key("1")
+        session.request_clear_buffer()
+        self._note(self.replies, await long_reply)
         await session.wait_until_disconnected_async()
 
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -159,6 +178,21 @@ def test_a_call_from_the_browser_phone_is_heard_answered_and_shown_on_the_consol
             assert stats["playedMs"] >= 0.9 * reply_ms, (stats, reply_ms)
             assert stats["bytesReceived"] >= 0.9 * reply_ms * 8
             assert stats["errors"] == []
+
+            # Clear: the page drops the queued reply and echoes its pending marks at once.
+            played = stats["playedMs"]
+            phone.click("#keypad button[data-digit='9']")
+            assert wait_page(phone, f"window.phone.stats.playedMs > {played + 400}", 10)
+            phone.click("#keypad button[data-digit='1']")
+            assert bot.wait(lambda: len(bot.replies) == 2, 5), "the cleared reply never returned"
+            assert wait_page(phone, "window.phone.stats.clears === 1", 5)
+            echoed = "window.phone.stats.marksEchoed === window.phone.stats.marksReceived"
+            assert wait_page(phone, echoed, 5), phone.evaluate("window.phone.stats")
+            stats = phone.evaluate("window.phone.stats")
+            long_ms = len(MockTts(ms_per_char=50).audio_for(LONG_REPLY)) / 8
+            assert stats["playedMs"] < played + 0.5 * long_ms, stats
+            timeline = phone.evaluate("window.phone.timeline")
+            assert any(e["kind"] == "mark echoed (cleared)" for e in timeline), timeline
 
             phone.click("#hangup")
             assert wait_page(console, "window.consoleState.rows[0]?.live === false", 5)
