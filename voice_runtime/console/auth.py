@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
@@ -28,14 +29,14 @@ _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip
 class ConsoleAuth:
     """Checks a request against the console token and the loopback exemption."""
 
-    def __init__(self, token: str | None, public_url: object) -> None:
+    def __init__(self, token: str | None, public_url: Callable[[], str | None]) -> None:
         # A blank token would match a blank cookie: refuse to run with one.
         self.token = token if token and token.strip() else secrets.token_urlsafe(18)
-        self._public_url = public_url  # () -> str | None: read per request, it may change
+        self._public_url = public_url  # read per request: the public URL may be set later
 
     def is_local(self, conn: HTTPConnection) -> bool:
         """True for the operator's own browser on this machine (no token needed)."""
-        if self._public_url():  # type: ignore[operator]
+        if self._public_url():
             return False
         client = conn.client
         if client is None or not is_local_host(client.host):
@@ -48,10 +49,9 @@ class ConsoleAuth:
 
     def token_ok(self, presented: str | None) -> bool:
         """Constant-time comparison with the console token."""
-        return bool(presented) and hmac.compare_digest(
-            presented.encode("utf-8", "replace"),  # type: ignore[union-attr]
-            self.token.encode("utf-8"),
-        )
+        if not presented:
+            return False
+        return hmac.compare_digest(presented.encode("utf-8", "replace"), self.token.encode())
 
     def presented(self, conn: HTTPConnection) -> str | None:
         """The token a request carries: its cookie or an Authorization bearer."""

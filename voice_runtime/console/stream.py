@@ -60,21 +60,21 @@ async def call_event_stream(
                 if pending is None:
                     pending = asyncio.ensure_future(anext(stream))
                 done, _ = await asyncio.wait({pending}, timeout=LEVELS_EVERY_S)
-                event = None
+                got: CallEvent | None = None
                 if done:
                     try:
-                        event = pending.result()
+                        got = pending.result()
                     except StopAsyncIteration:
                         break
                     finally:
                         pending = None
                 now = time.monotonic()
-                if event is not None and id(event) in seen:
-                    seen.discard(id(event))  # already sent in the replay
-                elif event is not None:
-                    yield _message(event, card, content)
+                if got is not None and id(got) in seen:
+                    seen.discard(id(got))  # already sent in the replay
+                elif got is not None:
+                    yield _message(got, card, content)
                     last_sent = now
-                    if event.kind == CALL_ENDED:
+                    if got.kind == CALL_ENDED:
                         break
                 if tap is not None and now - last_levels >= LEVELS_EVERY_S:
                     last_levels = now
