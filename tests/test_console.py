@@ -269,3 +269,17 @@ def test_serve_prints_the_page_addresses_with_the_token_only_when_reachable_from
     out = capsys.readouterr().out
     assert out.startswith(f"phone: http://127.0.0.1:8080/phone?token={exposed.console.token} ")
     assert "console:" not in out
+
+
+async def test_event_streams_end_when_the_server_drains() -> None:
+    async with served(drain_timeout=2.0) as (voice, srv, client):
+        async with CallerSimulator(srv.ws_url + "/voice") as sim:
+            assert await wait_for(lambda: voice.console.board.card(sim.call_sid) is not None)
+            reader = SseReader(client, f"/console/api/calls/{sim.call_sid}/events")
+            assert await wait_for(lambda: reader.events("call_started"), timeout=5)
+            drain = asyncio.create_task(voice.drain())
+            # The viewer's stream ends at once; it does not hold the shutdown for the call.
+            assert await wait_for(lambda: reader.ended, timeout=2)
+            assert reader.named("end")
+            await drain
+        assert voice.console.viewers == 0
