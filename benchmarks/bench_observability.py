@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -173,13 +174,125 @@ def run_levels(levels: list[int], window: float, rounds: int) -> list[dict[str, 
     return out
 
 
+def _call_minute(sid: str, t0: float, turns: int) -> list[Any]:
+    """The events of one call-minute: a greeting, ``turns`` turns, a DTMF key, the end."""
+    from voice_runtime import events as ev
+    from voice_runtime.events import CallEvent
+
+    out: list[Any] = []
+
+    def add(kind: str, at: float, **data: Any) -> None:
+        out.append(CallEvent(kind, sid, "MZ" + sid[2:], at, at, data))
+
+    add(ev.CALL_STARTED, t0, tracks=["inbound"])
+    add(ev.PROVIDER_CONNECT, t0 + 0.1, vendor="mock", role="stt", ok=True, duration_ms=80.0)
+    add(ev.AGENT_AUDIO_QUEUED, t0 + 0.2, response=1, position_ms=0.0)
+    add(ev.AGENT_AUDIO_HEARD, t0 + 0.5, response=1, queued_to_heard_ms=300.0, since_start_ms=500.0)
+    for i in range(turns):
+        t = t0 + 2.0 + i * 5.5
+        add(ev.CALLER_SPEECH_STARTED, t, source="stt")
+        add(ev.CALLER_SPEECH_ENDED, t + 1.5, source="stt", speech_ms=1500.0)
+        add(ev.TRANSCRIPT_COMMITTED, t + 1.8, vendor="mock", text="a few words")
+        add(ev.AGENT_AUDIO_QUEUED, t + 2.3, response=i + 2, position_ms=1000.0 * i)
+        add(
+            ev.AGENT_AUDIO_HEARD,
+            t + 2.6,
+            response=i + 2,
+            queued_to_heard_ms=300.0,
+            mark_rtt_ms=250.0,
+        )
+        parts = {"to_commit_ms": 300.0, "to_queued_ms": 800.0, "queued_to_heard_ms": 300.0}
+        add(ev.TURN_LATENCY, t + 2.6, total_ms=1100.0, **parts)
+    add(ev.DTMF, t0 + 59.0, digit="1")
+    add(
+        ev.CALL_ENDED,
+        t0 + 60.0,
+        reason="caller_hangup",
+        duration_s=60.0,
+        frames_in=3000,
+        frames_out=1500,
+        inbound_dropped=0,
+        outbound_dropped=0,
+        bad_frames={},
+        marks_sent=600,
+        marks_echoed=600,
+        clears=0,
+    )
+    return out
+
+
+def event_cost(calls: int, turns: int = 10) -> dict[str, Any]:
+    """In-process CPU of the listeners and of one scrape, per call-minute (no sockets, no noise
+    from other processes): ``calls`` call-minutes of events through a server's bus with metrics
+    and traces on, and ``/metrics`` rendered with ``calls`` calls live."""
+    sys.path.insert(0, str(HERE.parent))
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from voice_runtime.server import VoiceServer
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = VoiceServer(metrics=True, tracing=provider)
+    t0 = time.time()
+    minutes = [_call_minute(f"CA{i:032d}", t0, turns) for i in range(calls)]
+    n_events = sum(len(m) for m in minutes)
+    publish = server.events.publish
+    start = time.process_time()
+    for m in minutes:
+        for event in m[:-1]:
+            publish(event)
+    render_start = time.process_time()
+    renders = 5
+    for _ in range(renders):
+        body = server.observability.metrics.render()
+    render_s = (time.process_time() - render_start) / renders
+    ended_start = time.process_time()
+    for m in minutes:
+        publish(m[-1])
+    listeners_s = (render_start - start) + (time.process_time() - ended_start)
+    return {
+        "table": "observability_cost",
+        "calls": calls,
+        "events_per_call_minute": n_events / calls,
+        "listener_us_per_event": 1e6 * listeners_s / n_events,
+        "listener_ms_per_call_minute": 1e3 * listeners_s / calls,
+        "render_ms": 1e3 * render_s,
+        "metrics_bytes": len(body),
+        # Scraped every 5 s: 12 renders a minute, shared by the live calls.
+        "scrape_ms_per_call_minute": 1e3 * render_s * (60.0 / SCRAPE_EVERY_S) / calls,
+        "spans": len(exporter.get_finished_spans()),
+    }
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """The benchmark runner's entry point."""
-    return run_levels([50] if quick else [50, 350], 10.0 if quick else 20.0, 2 if quick else 3)
+    levels = [50] if quick else [50, 350]
+    rows = run_levels(levels, 10.0 if quick else 20.0, 2 if quick else 3)
+    return rows + [event_cost(n) for n in levels]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A text table of the summary rows."""
+    cost = [r for r in rows if r["table"] == "observability_cost"]
+    rows = [r for r in rows if r["table"] == "observability"]
+    out = []
+    if cost:
+        out += [
+            "| calls | events/call-min | µs/event | listeners ms/call-min | render ms "
+            "| scrape ms/call-min |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        out += [
+            f"| {r['calls']} | {r['events_per_call_minute']:.0f} "
+            f"| {r['listener_us_per_event']:.1f} | {r['listener_ms_per_call_minute']:.2f} "
+            f"| {r['render_ms']:.1f} | {r['scrape_ms_per_call_minute']:.3f} |"
+            for r in cost
+        ]
+    if not rows:
+        return "\n".join(out)
     head = "| calls | off CPU s/call-min (median) | on (median) | on/off | overhead | rounds |"
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -188,7 +301,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {statistics.median(r['on_cpu_s_per_call_min']):.4f} | {r['ratio']:.3f} "
             f"| {r['overhead_pct']:+.1f} % | {r['rounds']} |"
         )
-    return "\n".join(lines)
+    return "\n".join(out + ([""] if out else []) + lines)
 
 
 def main() -> None:
@@ -213,9 +326,13 @@ def main() -> None:
     p_level.add_argument("calls", type=int, nargs="+")
     p_level.add_argument("--window", type=float, default=20.0)
     p_level.add_argument("--rounds", type=int, default=2)
+    p_cost = sub.add_parser("cost", help="in-process cost of the listeners and of a scrape")
+    p_cost.add_argument("calls", type=int, nargs="+")
     args = parser.parse_args(sys.argv[1:] or ["run"])
     if args.cmd == "level":
         rows = run_levels(args.calls, args.window, args.rounds)
+    elif args.cmd == "cost":
+        rows = [event_cost(n) for n in args.calls]
     else:
         rows = run(quick=args.quick)
     for row in rows:

@@ -135,3 +135,18 @@ async def test_async_for_ends_when_the_stream_is_closed() -> None:
     stream.close()
     await asyncio.wait_for(task, 2)
     assert not bus.active
+
+
+async def test_leaving_an_async_for_early_unsubscribes() -> None:
+    bus = EventBus()
+
+    async def first() -> CallEvent:
+        async for event in bus.stream():
+            return event
+        raise AssertionError("the stream ended")
+
+    task = asyncio.create_task(first())
+    assert await wait_for(lambda: bus.active)
+    bus.publish(CallEvent(ev.CALL_STARTED, "CA1"))
+    assert (await asyncio.wait_for(task, 2)).kind == ev.CALL_STARTED
+    assert await wait_for(lambda: not bus.active)

@@ -22,11 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from voice_runtime import events as ev
 from voice_runtime.audio import silence_ulaw, tone_ulaw
-from voice_runtime.events import emit_from
+from voice_runtime.events import CallEvent, CallEvents, EventBus, attach, emit_from
 from voice_runtime.mock.stt import MockStt
+from voice_runtime.observability.metrics import CallMetrics
+from voice_runtime.providers.elevenlabs_stt import PersistentSttSession
 from voice_runtime.realtime import AgentOptions, OpenAIRealtimeAgent, ToolRegistry, attach_agent
 from voice_runtime.server import VoiceServer
 from voice_runtime.session import VoiceSession
+from voice_runtime.testing.fake_elevenlabs import FakeScribeServer, ScribePlan, ScribeUtterance
 from voice_runtime.testing.fake_realtime import (
     FakeOpenAIRealtime,
     FakeResponse,
@@ -282,3 +285,34 @@ def test_the_python_examples_of_the_observability_docs_run(
         runpy.run_path(str(path), run_name="__docs__")
     out = capsys.readouterr().out
     assert "turn_latency" in out and "voice_runtime_live_calls 0.0" in out and "True" in out
+
+
+async def test_a_vendor_stt_reports_its_connects_reconnects_and_transcripts() -> None:
+    speech = bytes((i * 7 + (i // 256) * 13) % 256 for i in range(8000))
+    utterance = ScribeUtterance("cancel my order", audio=speech, partial_at=None)
+    bus = EventBus()
+    metrics = CallMetrics()
+    metrics.attach(bus)
+    seen: list[CallEvent] = []
+    bus.subscribe(seen.append)
+    async with FakeScribeServer([utterance], plans=[ScribePlan(drop_after_bytes=4000)]) as fake:
+        stt = PersistentSttSession(api_key="test-key", base_url=fake.base_url)
+        stt.reconnect_base_delay = 0.05
+        attach(stt, CallEvents(VoiceSession(call_sid="CA1"), bus))
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        await stt.start(queue)
+        for i in range(0, len(speech) + 1600, 160):
+            queue.put_nowait((speech + b"\xff" * 1600)[i : i + 160])
+            await asyncio.sleep(0.02)
+        assert await wait_for(lambda: ev.TRANSCRIPT_COMMITTED in [e.kind for e in seen], 5)
+        await stt.stop()
+    connects = [e.data for e in seen if e.kind == ev.PROVIDER_CONNECT]
+    assert [(c["vendor"], c["role"], c["attempt"], c["ok"]) for c in connects] == [
+        ("elevenlabs", "stt", 0, True),
+        ("elevenlabs", "stt", 1, True),
+    ]
+    m = _samples(metrics.render().decode())
+    assert (
+        _value(m, "voice_runtime_provider_reconnects_total", vendor="elevenlabs", role="stt") == 1
+    )
+    assert _value(m, "voice_runtime_transcripts_total", vendor="elevenlabs") == 1

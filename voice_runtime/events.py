@@ -243,9 +243,10 @@ class EventBus:
     def stream(self, call_sid: str | None = None, *, maxsize: int | None = None) -> EventStream:
         """An async iterator of events (of one call with ``call_sid``) from now on.
 
-        Use it as ``async for event in bus.stream(): ...`` (it unsubscribes when the loop
-        ends) or ``async with bus.stream() as events:``. At most ``maxsize`` events wait for
-        the reader; beyond that the oldest are dropped and counted.
+        Use it as ``async for event in bus.stream(): ...`` (leaving the loop unsubscribes)
+        or ``async with bus.stream() as events:`` with ``await events.get()``. At most
+        ``maxsize`` events wait for the reader; beyond that the oldest are dropped and
+        counted.
         """
         return EventStream(self, call_sid, maxsize or self.stream_queue_size)
 
@@ -309,7 +310,20 @@ class EventStream:
 
     def __aiter__(self) -> AsyncIterator[CallEvent]:
         self._open()
-        return self
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[CallEvent]:
+        # A generator, so leaving an ``async for`` early unsubscribes too (when the loop
+        # finalises the generator), not only close() or ``async with``.
+        try:
+            while True:
+                try:
+                    event = await self.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            self.close()
 
     async def __anext__(self) -> CallEvent:
         self._open()

@@ -354,9 +354,12 @@ class ReconnectingStt(abc.ABC):
         emit_from(self, ERROR, vendor=self.vendor, role="stt", reason="gave_up")
         self._emit(self.on_error, reason)
 
+    def _committed(self, text: str) -> None:
+        """The vendor committed ``text``: publish it and call ``on_committed``."""
+        emit_from(self, TRANSCRIPT_COMMITTED, vendor=self.vendor, text=text)
+        self._emit(self.on_committed, text)
+
     def _emit(self, callback: Callable[[str], None] | None, text: str) -> None:
-        if callback is not None and callback is self.on_committed:
-            emit_from(self, TRANSCRIPT_COMMITTED, vendor=self.vendor, text=text)
         if callback is None:
             return
         try:
