@@ -74,6 +74,9 @@ function parseParams(text) {
 }
 
 async function startAudio() {
+  if (!window.isSecureContext || !navigator.mediaDevices || !window.AudioWorkletNode) {
+    throw new Error("the browser allows the microphone only on https:// or http://localhost pages");
+  }
   ctx = new AudioContext();
   await ctx.audioWorklet.addModule("console/static/phone-worklet.js");
   mic = await navigator.mediaDevices.getUserMedia({
