@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("faster_whisper", reason="the offline STT is not installed")
-pytest.importorskip("piper", reason="the offline TTS (piper) is not installed")
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 from voice_runtime import Conversation, VoiceServer, VoiceSession  # noqa: E402
@@ -37,6 +35,11 @@ SENTENCE = "I would like to change my delivery address."
 REPLY = "Thank you. I heard every word, and I will change your delivery address right away."
 LONG_REPLY = "Let me read you the whole delivery policy, which takes a while. " * 3
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     not os.access(CHROMIUM, os.X_OK),
@@ -114,6 +117,8 @@ def wait_page(page: Any, script: str, timeout: float = 15.0) -> Any:
 def test_a_call_from_the_browser_phone_is_heard_answered_and_shown_on_the_console(
     tmp_path: Path,
 ) -> None:
+    pytest.importorskip("faster_whisper", reason="the offline STT is not installed")
+    pytest.importorskip("piper", reason="the offline TTS (piper) is not installed")
     wav = speech_wav(tmp_path / "caller.wav", SENTENCE)
     shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     if not shots.is_absolute():
@@ -121,12 +126,7 @@ def test_a_call_from_the_browser_phone_is_heard_answered_and_shown_on_the_consol
     shots.mkdir(parents=True, exist_ok=True)
     bot = Bot()
     voice = VoiceServer(on_call=bot, stt="offline", console=True)
-    args = [
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}%noloop",
-    ]  # fmt: skip
+    args = [*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={wav}%noloop"]
     with (
         BackgroundVoiceServer(voice) as server,
         playwright_sync.sync_playwright() as pw,
@@ -199,3 +199,55 @@ def test_a_call_from_the_browser_phone_is_heard_answered_and_shown_on_the_consol
         finally:
             browser.close()
     assert (shots / "console.png").stat().st_size > 0 and (shots / "phone.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(60)
+def test_with_signatures_enforced_the_phone_opens_with_the_token_and_its_call_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "browser-test-auth-token")
+    for name in ("TWILIO_SKIP_SIGNATURE_VALIDATION", "VOICE_PUBLIC_URL", "VOICE_STREAM_URL"):
+        monkeypatch.delenv(name, raising=False)
+    digits: list[str] = []
+    calls: list[VoiceSession] = []
+    changed = threading.Condition()
+
+    async def bot(session: VoiceSession) -> None:
+        def pressed(digit: str) -> None:
+            with changed:
+                digits.append(digit)
+                changed.notify_all()
+
+        session.on_dtmf = pressed
+        with changed:
+            calls.append(session)
+            changed.notify_all()
+        await session.wait_until_disconnected_async()
+
+    voice = VoiceServer(on_call=bot, console=True)
+    with (
+        BackgroundVoiceServer(voice) as server,
+        playwright_sync.sync_playwright() as pw,
+    ):
+        voice.public_url = server.url  # signed as Twilio would reach it: the token is needed
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            phone = browser.new_page()
+            assert phone.goto(server.url + "/phone").status == 401
+            phone.goto(f"{server.url}/phone?token={voice.console.token}")
+            assert phone.url == server.url + "/phone"  # the token left the address bar
+            phone.click("#call")
+            with changed:
+                assert changed.wait_for(lambda: bool(calls), 10), "the call never started"
+            params = calls[0].call_info.custom_parameters
+            assert params["caller"] == "browser-phone"
+            phone.click("#keypad button[data-digit='#']")
+            with changed:
+                assert changed.wait_for(lambda: digits == ["#"], 5), digits
+            phone.click("#hangup")
+            assert wait_page(phone, "window.phone.stats.state === 'ended'", 5)
+            assert phone.evaluate("window.phone.stats.errors") == []
+        finally:
+            browser.close()
