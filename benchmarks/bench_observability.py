@@ -165,6 +165,16 @@ def run_levels(levels: list[int], window: float, rounds: int) -> list[dict[str, 
                 "overhead_pct": 100.0 * (ratio - 1.0),
                 "passed_levels": [r["passed"] for r in rows["off"] + rows["on"]],
                 "scrapes": [r.get("scrapes") for r in rows["on"]],
+                # Why a level did not pass: a saturated caller farm or server says nothing
+                # about the overhead.
+                "callers_saturated": [r["callers_saturated"] for r in rows["off"] + rows["on"]],
+                "server_core_pct": [
+                    round(r["server_core_pct"], 1) for r in rows["off"] + rows["on"]
+                ],
+                "lost_frames": [
+                    r["caller_frames_lost"] + r["agent_frames_lost"]
+                    for r in rows["off"] + rows["on"]
+                ],
                 "others_core_pct": [
                     round(r["others_core_pct"], 1) for r in rows["off"] + rows["on"]
                 ],
