@@ -96,3 +96,5 @@ def publish(
     elif kind is AgentFailover:
         fo: AgentFailover = event
         events.emit(ev.ERROR, vendor=fo.from_provider, role="agent", reason="failover")
+        # The next provider took over on a connection of its own.
+        events.emit(ev.PROVIDER_CONNECT, vendor=fo.to_provider, role="agent", ok=True, attempt=1)
