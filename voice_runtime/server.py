@@ -192,9 +192,12 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         )
         if app is not None:
             self._wrap_lifespan(app)
-        self._install(self.app)
-        # Prometheus /metrics and OpenTelemetry spans from self.events (docs/observability.md).
+        # Prometheus /metrics (on an app of our own unless asked) and OpenTelemetry spans,
+        # from self.events (docs/observability.md); before the routes, so {path} stays last.
+        if metrics is None and app is not None:
+            metrics = False
         self.observability = install_observability(self, metrics=metrics, tracing=tracing)
+        self._install(self.app)
 
     @property
     def refusals(self) -> dict[str, int]:
