@@ -54,6 +54,7 @@ async def test_a_call_publishes_its_events_in_order_without_the_callers_number()
             assert await wait_for(lambda: any(e.kind == ev.DTMF for e in seen), 5)
             session.stt.inject("hello there")  # type: ignore[union-attr]
             assert await wait_for(lambda: any(e.kind == ev.TURN_LATENCY for e in seen), 5)
+            assert await wait_for(lambda: any(e.kind == ev.AGENT_AUDIO_DONE for e in seen), 5)
             session.request_clear_buffer()
             assert await wait_for(lambda: any(e.kind == ev.CLEAR for e in seen), 5)
         assert await wait_for(lambda: any(e.kind == ev.CALL_ENDED for e in seen), 5)
@@ -65,6 +66,7 @@ async def test_a_call_publishes_its_events_in_order_without_the_callers_number()
         ev.AGENT_AUDIO_QUEUED,
         ev.AGENT_AUDIO_HEARD,
         ev.TURN_LATENCY,
+        ev.AGENT_AUDIO_DONE,
         ev.CLEAR,
         ev.CALL_ENDED,
     ]
@@ -82,6 +84,7 @@ async def test_a_call_publishes_its_events_in_order_without_the_callers_number()
     # 400 ms of audio paced 120 ms ahead: the first echo comes back well within a second.
     assert 0 < turn["queued_to_heard_ms"] <= turn["total_ms"] < 3000
     assert turn["to_commit_ms"] == 0.0
+    assert by_kind[ev.AGENT_AUDIO_DONE].data["audio_ms"] == len(AGENT_AUDIO) / 8
     ended = by_kind[ev.CALL_ENDED].data
     assert ended["reason"] == "caller_hangup"
     assert ended["frames_out"] > 0 and ended["frames_in"] > 0

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import wait_for
+from fastapi import FastAPI
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -316,3 +317,14 @@ async def test_a_vendor_stt_reports_its_connects_reconnects_and_transcripts() ->
         _value(m, "voice_runtime_provider_reconnects_total", vendor="elevenlabs", role="stt") == 1
     )
     assert _value(m, "voice_runtime_transcripts_total", vendor="elevenlabs") == 1
+
+
+def test_metrics_are_served_on_an_app_of_yours_only_when_asked() -> None:
+    def paths(app: FastAPI) -> list[str]:
+        return [getattr(r, "path", "") for r in app.routes]
+
+    assert "/metrics" in paths(VoiceServer().app)
+    assert "/metrics" not in paths(VoiceServer(metrics=False).app)
+    assert "/metrics" not in paths(VoiceServer(app=FastAPI()).app)
+    mine = VoiceServer(app=FastAPI(), metrics=True).app
+    assert paths(mine).index("/metrics") < paths(mine).index("/voice")

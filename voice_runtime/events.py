@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AGENT_AUDIO_DONE",
     "AGENT_AUDIO_HEARD",
     "AGENT_AUDIO_QUEUED",
     "BARGE_IN",
@@ -91,6 +92,9 @@ AGENT_AUDIO_QUEUED: Final = "agent_audio_queued"
 #: ``response``, ``queued_to_heard_ms``, ``mark_rtt_ms`` (the confirming mark's round trip,
 #: playback of the audio ahead of it included), and ``since_start_ms`` for the first response.
 AGENT_AUDIO_HEARD: Final = "agent_audio_heard"
+#: The caller heard all the audio of a response (the end of what was queued). data:
+#: ``response``, ``audio_ms``.
+AGENT_AUDIO_DONE: Final = "agent_audio_done"
 #: Agent audio not yet heard was discarded. data: ``played_ms``, ``dropped_chunks``.
 CLEAR: Final = "clear"
 #: The caller talked over the agent and the agent stopped. data: ``source``,
@@ -127,6 +131,7 @@ KINDS: Final = frozenset(
         TRANSCRIPT_COMMITTED,
         AGENT_AUDIO_QUEUED,
         AGENT_AUDIO_HEARD,
+        AGENT_AUDIO_DONE,
         CLEAR,
         BARGE_IN,
         DTMF,
@@ -380,6 +385,7 @@ class CallEvents:
         "_heard_any",
         "_mark_sent_t",
         "turn_open",
+        "playing",
     )
 
     def __init__(self, session: VoiceSession, bus: EventBus | None = None) -> None:
@@ -403,6 +409,8 @@ class CallEvents:
         # The caller finished a turn and no agent audio was queued since: the next audio
         # starts a response even while earlier audio still plays.
         self.turn_open = False
+        # Set from a response's first audio until all of it was heard (or cleared).
+        self.playing = False
 
     @property
     def active(self) -> bool:
@@ -468,7 +476,7 @@ class CallEvents:
         after the caller's turn.
         """
         self._responses += 1
-        self.awaiting_heard = True
+        self.awaiting_heard = self.playing = True
         self.turn_open = False
         self._response_start_ms = position_ms
         now = time.monotonic()
@@ -481,10 +489,21 @@ class CallEvents:
         if self.awaiting_heard and not self._mark_sent_t:
             self._mark_sent_t = time.monotonic()
 
-    def played(self, played_ms: float) -> None:
-        """A mark echo moved playback to ``played_ms`` (loop only)."""
-        if not self.awaiting_heard or played_ms <= self._response_start_ms:
-            return
+    @property
+    def watching(self) -> bool:
+        """True while a response waits to be heard or to finish playing."""
+        return self.awaiting_heard or self.playing
+
+    def played(self, played_ms: float, queued_ms: float) -> None:
+        """A mark echo moved playback to ``played_ms`` of ``queued_ms`` queued (loop only)."""
+        start = self._response_start_ms
+        if self.awaiting_heard and played_ms > start:
+            self._heard()
+        if self.playing and not self.awaiting_heard and played_ms >= queued_ms - 0.5:
+            self.playing = False
+            self.emit(AGENT_AUDIO_DONE, response=self._responses, audio_ms=played_ms - start)
+
+    def _heard(self) -> None:
         self.awaiting_heard = False
         now = time.monotonic()
         data: dict[str, Any] = {
@@ -514,7 +533,7 @@ class CallEvents:
 
     def cleared(self, played_ms: float, dropped_chunks: int) -> None:
         """Agent audio was cleared; the response in progress ends unheard (loop only)."""
-        self.awaiting_heard = False
+        self.awaiting_heard = self.playing = False
         self.emit(CLEAR, played_ms=played_ms, dropped_chunks=dropped_chunks)
 
 

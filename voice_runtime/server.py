@@ -197,14 +197,17 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         )
         if app is not None:
             self._wrap_lifespan(app)
-        self._install(self.app)
+        # Prometheus /metrics (on an app of our own unless asked) and OpenTelemetry spans,
+        # from self.events (docs/observability.md); before the routes, so {path} stays last.
+        if metrics is None and app is not None:
+            metrics = False
+        self.observability = install_observability(self, metrics=metrics, tracing=tracing)
         self.console: Any = None  # /console and /phone: voice_runtime.console.WebConsole
         if console:
             from voice_runtime.console import install_console
 
             install_console(self, token=console_token)
-        # Prometheus /metrics and OpenTelemetry spans from self.events (docs/observability.md).
-        self.observability = install_observability(self, metrics=metrics, tracing=tracing)
+        self._install(self.app)
 
     @property
     def refusals(self) -> dict[str, int]:

@@ -142,8 +142,8 @@ class StreamPort:
         stats = session.stats
         stats.marks_echoed += 1
         echo = self.ledger.echo(name)
-        if self.events.awaiting_heard:
-            self.events.played(self.ledger.played_ms)
+        if self.events.watching:
+            self.events.played(self.ledger.played_ms, self.ledger.queued_ms)
         if echo.kind != "user":
             if echo.kind == "bad" or echo.generation < 0:
                 stats.unknown_marks += 1
@@ -164,8 +164,8 @@ class StreamPort:
                 )
             return
         waiter.resolve("played" if self.ledger.mark_played(waiter.mark) else "cleared")
-        if self.events.awaiting_heard:
-            self.events.played(self.ledger.played_ms)
+        if self.events.watching:
+            self.events.played(self.ledger.played_ms, self.ledger.queued_ms)
 
     def deliver_dtmf(self, digit: str) -> None:
         """Queue a digit for the DTMF readers and fire ``on_dtmf`` (``signal_dtmf``'s work)."""

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
-from voice_runtime.events import BARGE_IN, PROVIDER_CONNECT, TOOL_CALL
 from voice_runtime.logutil import LogLimiter, describe_error
 from voice_runtime.playback import PlaybackLedger, Segment
 from voice_runtime.realtime.agent import RealtimeAgent
@@ -29,7 +28,7 @@ from voice_runtime.realtime.bridge_types import (
     TranscriptLine,
     Truncation,
 )
-from voice_runtime.realtime.call_events import call_events_of, publish
+from voice_runtime.realtime.call_events import call_events_of, connected, publish, tool_ran
 from voice_runtime.realtime.events import (
     AgentError,
     AgentEvent,
@@ -209,16 +208,7 @@ class AgentBridge:
         finally:
             ended.cancel()
         if start.done():
-            ok = not start.cancelled() and start.exception() is None
-            if self._events is not None:
-                self._events.emit(
-                    PROVIDER_CONNECT,
-                    vendor=self.provider,
-                    role="agent",
-                    ok=ok,
-                    attempt=0,
-                    duration_ms=(time.monotonic() - t0) * 1000.0,
-                )
+            connected(self._events, self.provider, start, t0)
             start.result()  # raises the start error, if any
             return True
         start.cancel()
@@ -442,8 +432,7 @@ class AgentBridge:
             await self.agent.cancel()
         if pending or truncations:
             self.barge_ins += 1
-            if self._events is not None:
-                self._events.emit(BARGE_IN, source="agent", agent_played_ms=played)
+            publish(self._events, "barge_in", self.provider, played_ms=played)
             logger.info(
                 "caller barged in",
                 extra={
@@ -496,14 +485,7 @@ class AgentBridge:
         else:
             result = await self.tools.execute(call, context)
         self.tool_calls += 1
-        if self._events is not None:
-            self._events.emit(
-                TOOL_CALL,
-                tool=call.name,
-                ok=not result.is_error,
-                duration_ms=result.duration_ms,
-                vendor=self.provider,
-            )
+        tool_ran(self._events, self.provider, call.name, result)
         await self.agent.send_tool_result(
             call.call_id, result.output, name=call.name, is_error=result.is_error
         )

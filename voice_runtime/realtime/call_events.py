@@ -6,6 +6,7 @@ start are published by the bridge where it knows their outcome and timing.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from voice_runtime import events as ev
@@ -18,7 +19,7 @@ from voice_runtime.realtime.events import (
     UserTranscript,
 )
 
-__all__ = ["call_events_of", "publish"]
+__all__ = ["call_events_of", "connected", "publish", "tool_ran"]
 
 
 def call_events_of(session: Any) -> ev.CallEvents | None:
@@ -27,9 +28,39 @@ def call_events_of(session: Any) -> ev.CallEvents | None:
     return events if isinstance(events, ev.CallEvents) else None
 
 
-def publish(events: ev.CallEvents | None, event: Any, provider: str) -> None:
-    """Publish what ``event`` (an agent event) says about the call, if anything."""
+def connected(events: ev.CallEvents | None, provider: str, start: Any, t0: float) -> None:
+    """The agent's ``start()`` (a done future, begun at ``t0``) connected or failed."""
+    if events is not None:
+        events.emit(
+            ev.PROVIDER_CONNECT,
+            vendor=provider,
+            role="agent",
+            ok=not start.cancelled() and start.exception() is None,
+            attempt=0,
+            duration_ms=(time.monotonic() - t0) * 1000.0,
+        )
+
+
+def tool_ran(events: ev.CallEvents | None, provider: str, name: str, result: Any) -> None:
+    """A tool run ended with ``result`` (a ToolResult)."""
+    if events is not None:
+        events.emit(
+            ev.TOOL_CALL,
+            tool=name,
+            ok=not result.is_error,
+            duration_ms=result.duration_ms,
+            vendor=provider,
+        )
+
+
+def publish(
+    events: ev.CallEvents | None, event: Any, provider: str, *, played_ms: float = 0.0
+) -> None:
+    """Publish what ``event`` (an agent event, or ``"barge_in"``) says about the call."""
     if events is None or not events.active:
+        return
+    if event == "barge_in":
+        events.emit(ev.BARGE_IN, source="agent", agent_played_ms=played_ms)
         return
     kind = type(event)
     if kind is UserSpeechStarted:
@@ -65,3 +96,5 @@ def publish(events: ev.CallEvents | None, event: Any, provider: str) -> None:
     elif kind is AgentFailover:
         fo: AgentFailover = event
         events.emit(ev.ERROR, vendor=fo.from_provider, role="agent", reason="failover")
+        # The next provider took over on a connection of its own.
+        events.emit(ev.PROVIDER_CONNECT, vendor=fo.to_provider, role="agent", ok=True, attempt=1)
