@@ -171,7 +171,10 @@ class WebConsole:
         given = request.query_params.get("token")
         if given is not None:
             if not self.auth.token_ok(given):
-                return self._refuse("bad_token")
+                self._refuse("bad_token")
+                return Response(
+                    _NEED_TOKEN, status_code=401, media_type="text/html", headers=PAGE_HEADERS
+                )
             # Move the token into a cookie and out of the address bar and history.
             response = RedirectResponse(request.url.path, status_code=303)
             response.set_cookie(
