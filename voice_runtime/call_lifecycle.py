@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from voice_runtime import calls as _handlers
 from voice_runtime._callbacks import is_async_callable as _is_async_callable
 from voice_runtime.calls import CallRegistry, HandlerPool
+from voice_runtime.events import DRAINING, CallEvent, EventBus
 from voice_runtime.logutil import call_log_context, set_call_context
 from voice_runtime.providers import TtsProvider
 from voice_runtime.providers.base import speak_async
@@ -29,6 +31,7 @@ class CallLifecycle:
 
     on_call: Callable[[VoiceSession], Any] | None
     registry: CallRegistry
+    events: EventBus
     draining: bool
     drain_timeout: float
     goodbye: str
@@ -102,6 +105,8 @@ class CallLifecycle:
         deadline = loop.time() + timeout
         goodbye_budget = min(10.0, timeout * 0.4)
         logger.info("draining", extra={"live_calls": self.registry.live_count})
+        live = {"live_calls": self.registry.live_count}
+        self.events.publish(CallEvent(DRAINING, "", None, time.monotonic(), time.time(), live))
         # Polls a thread-safe counter; 50 ms granularity is plenty for a drain.
         while self.registry.live_count and loop.time() < deadline - goodbye_budget:  # noqa: ASYNC110
             await asyncio.sleep(0.05)

@@ -22,6 +22,7 @@ from typing import Any
 from voice_runtime._compat import maybe_await
 from voice_runtime._sync import cancel_and_wait
 from voice_runtime.errors import ConfigurationError, MissingCredentialError
+from voice_runtime.events import attach
 from voice_runtime.logutil import describe_error
 
 __all__ = [
@@ -214,6 +215,7 @@ class CallWiring:
         def started(session: Any) -> Any:
             stt, self._built_stt = build_stt(session)
             if stt is not None:
+                attach(stt, session.port.events)
                 task = asyncio.create_task(self._ready_then_start(stt), name="vr-stt-start")
                 self._tasks.append(task)
             return then(session) if then is not None else None

@@ -150,6 +150,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         voice.drain_timeout = args.drain_timeout
     if args.allow_unrouted:
         voice.allow_unrouted_streams = True
+    if args.console or args.phone:
+        _announce_console(voice, args)
     try:
         limits = _limits(args)
         if args.trust_proxy is not None:
@@ -165,6 +167,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigurationError, ValueError) as exc:
         return _fail(str(exc))
     return 0
+
+
+def _announce_console(voice: VoiceServer, args: argparse.Namespace) -> None:
+    """Turn on /console and /phone and print the addresses to open."""
+    from voice_runtime.console import install_console
+    from voice_runtime.urls import http_base, is_local_host
+
+    console = install_console(voice)
+    public = voice.public_url or settings().voice_public_url or settings().voice_stream_url
+    port = settings().voice_server_port if args.port is None else args.port
+    if public:
+        base, local = http_base(public), False
+    else:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        local = is_local_host(args.host)
+    # The token goes to the operator's terminal only (never to a log): from this machine on
+    # a loopback bind no token is needed.
+    pages = (["console"] if args.console else []) + (["phone"] if args.phone else [])
+    for page in pages:
+        what = "call your bot from the browser" if page == "phone" else "live calls"
+        print(f"{page}: {console.url(base, page, with_token=not local)}  ({what})", flush=True)
 
 
 # ``serve`` option -> ConnectionLimits field (the option's value None keeps the default).
@@ -358,6 +382,17 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         action="store_true",
         help="serve /voice without a route token even while signatures are enforced (e.g. "
         "for TwiML from call --twiml-only; a captured signature of it can be replayed)",
+    )
+    serve.add_argument(
+        "--console",
+        action="store_true",
+        help="serve the live call console at /console and print its address (off by default)",
+    )
+    serve.add_argument(
+        "--phone",
+        action="store_true",
+        help="serve the browser phone at /phone (talk to your bot from the microphone, no "
+        "Twilio number needed) and print its address",
     )
     serve.add_argument(
         "--log-level",

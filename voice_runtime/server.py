@@ -30,7 +30,9 @@ from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
+from voice_runtime.events import EventBus
 from voice_runtime.logutil import LogLimiter, clip
+from voice_runtime.observability import install as install_observability
 from voice_runtime.providers import SttProvider, TtsProvider
 from voice_runtime.session import VoiceSession
 from voice_runtime.transports.security import (
@@ -100,6 +102,9 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     a public URL (``public_url``, VOICE_PUBLIC_URL or VOICE_STREAM_URL) is required:
     :meth:`check_config` raises without one, :meth:`serve` refuses to start, and until one is
     set every webhook and media stream is refused.
+
+    ``console=True`` serves the live call console at ``/console`` and the browser phone at
+    ``/phone``, token-protected when reachable from outside (docs/console-and-phone.md).
     """
 
     def __init__(
@@ -132,6 +137,10 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
         stt: str | list[str] | Callable[[], SttProvider] | None = None,
+        console: bool = False,
+        console_token: str | None = None,
+        metrics: bool | None = None,
+        tracing: Any = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -140,6 +149,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         if public_url is not None:
             check_public_url(public_url)
         self.on_call = on_call
+        #: The call event stream of every call this server runs (see voice_runtime.events).
+        self.events = EventBus()
         # Every call's STT: a provider name (create_stt) or a factory; a session's own wins.
         self.stt_factory = stt_factory_for(stt)
         self.session_factory = session_factory
@@ -186,6 +197,16 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         )
         if app is not None:
             self._wrap_lifespan(app)
+        # Prometheus /metrics (on an app of our own unless asked) and OpenTelemetry spans,
+        # from self.events (docs/observability.md); before the routes, so {path} stays last.
+        if metrics is None and app is not None:
+            metrics = False
+        self.observability = install_observability(self, metrics=metrics, tracing=tracing)
+        self.console: Any = None  # /console and /phone: voice_runtime.console.WebConsole
+        if console:
+            from voice_runtime.console import install_console
+
+            install_console(self, token=console_token)
         self._install(self.app)
 
     @property
@@ -455,6 +476,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
         session.port.callbacks.runner = self.callbacks
+        session.port.events.bus = self.events
         wiring = CallWiring(session, self.hangup_regions, stt_factory=self.stt_factory)
         call = MediaStreamCall(
             websocket,

@@ -21,6 +21,7 @@ from voice_runtime._callbacks import CallbackLane
 from voice_runtime._marks import MarkWaiters
 from voice_runtime._queues import SessionStats, _AudioQueue, _CountingQueue
 from voice_runtime._sync import Flag, running_loop
+from voice_runtime.events import CALL_STARTED, DTMF, CallEvents
 from voice_runtime.logutil import LogLimiter, clip
 from voice_runtime.playback import CLEAR, END_PREFIX, OutboundClear, OutboundMark, PlaybackLedger
 
@@ -60,6 +61,8 @@ class StreamPort:
         self.callbacks = CallbackLane(id(session))
         #: The consumer's ``send_mark_and_wait`` waiters, by wire name.
         self.marks = MarkWaiters()
+        #: This call's event publisher (``events.bus`` is the server's bus when it has one).
+        self.events = CallEvents(session)
         self.dtmf_queue: asyncio.Queue[str | None] = asyncio.Queue(DTMF_MAXSIZE)
         #: Readers waiting for a DTMF digit now (``dtmf()``, ``iter_dtmf()``); tests wait on it.
         self.dtmf_readers = 0
@@ -107,6 +110,7 @@ class StreamPort:
         if prepare is not None:
             prepare(session)
         session.signal_ws_connected(stream_sid)
+        self.events.emit(CALL_STARTED, tracks=list(info.tracks) if info is not None else [])
 
     def caller_audio(self, data: bytes) -> None:
         """A caller frame (μ-law): to the inbound queue and the mixer."""
@@ -142,6 +146,8 @@ class StreamPort:
         stats = session.stats
         stats.marks_echoed += 1
         echo = self.ledger.echo(name)
+        if self.events.watching:
+            self.events.played(self.ledger.played_ms, self.ledger.queued_ms)
         if echo.kind != "user":
             if echo.kind == "bad" or echo.generation < 0:
                 stats.unknown_marks += 1
@@ -162,11 +168,14 @@ class StreamPort:
                 )
             return
         waiter.resolve("played" if self.ledger.mark_played(waiter.mark) else "cleared")
+        if self.events.watching:
+            self.events.played(self.ledger.played_ms, self.ledger.queued_ms)
 
     def deliver_dtmf(self, digit: str) -> None:
         """Queue a digit for the DTMF readers and fire ``on_dtmf`` (``signal_dtmf``'s work)."""
         session = self.session
         session.stats.dtmf_digits += 1
+        self.events.emit(DTMF, digit=digit)
         try:
             self.dtmf_queue.put_nowait(digit)
         except asyncio.QueueFull:
@@ -263,6 +272,7 @@ class StreamPort:
         self.ledger.reset()
         session.stats = SessionStats()
         session._log_limit = LogLimiter()
+        self.events.reset()
         self.reset()
         self.bind_outbound()
         for q in (session.inbound, session.outbound):
@@ -282,6 +292,12 @@ class StreamPort:
 
     def _on_outbound_put(self, item: bytes) -> None:
         ledger = self.ledger
+        events = self.events
+        if events.turn_open or (
+            ledger.queued_ms <= ledger.played_ms + 0.5 and not events.awaiting_heard
+        ):
+            # The caller's turn ended, or nothing was left to play: a new response starts.
+            events.audio_queued(ledger.queued_ms)
         ledger.queued_ms += len(item) / 8.0
         if ledger.protecting:
             ledger.protected_ms = ledger.queued_ms
@@ -401,6 +417,7 @@ class StreamPort:
                 mark = ledger.next_mark(taken)
                 if mark is not None:
                     session.stats.marks_sent += 1
+                    self.events.mark_sent()
                     return mark
             if not out.empty():
                 item = out.get_nowait()
@@ -450,6 +467,7 @@ class StreamPort:
         if ledger.sent_ms - ledger.last_position_ms < ledger.every_ms:
             return None
         stats.marks_sent += 1
+        self.events.mark_sent()
         return ledger.position_name()
 
     def position_mark(self, *, idle: bool = False) -> str | None:
@@ -457,6 +475,7 @@ class StreamPort:
         if not self.ledger.position_due(idle):
             return None
         self.session.stats.marks_sent += 1
+        self.events.mark_sent()
         return self.ledger.position_name()
 
     def clear_sent(self) -> None:
@@ -497,6 +516,7 @@ class StreamPort:
                 break
             dropped += 1
         session.stats.outbound_cleared += dropped
+        self.events.cleared(self.ledger.played_ms, dropped)
         live = session.stream_sid is not None and not session._disconnected.is_set()
         for mark in self.ledger.clear(send=live):
             if mark.name.startswith(END_PREFIX):

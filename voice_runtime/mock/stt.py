@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from voice_runtime.events import TRANSCRIPT_COMMITTED, CallEvents, emit_from
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import EchoGate
 
@@ -21,6 +22,8 @@ class MockStt:
     """STT provider that commits injected text and records the caller audio it received."""
 
     capabilities = Capabilities(native_ulaw=True, interim_results=False, needs_network=False)
+    #: Where this provider publishes call events (set by the server layer per call).
+    call_events: CallEvents | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         self.on_committed: Callable[[str], None] | None = None
@@ -71,6 +74,7 @@ class MockStt:
         if not self._echo.allow_committed():
             return
         self.committed.append(text)
+        emit_from(self, TRANSCRIPT_COMMITTED, vendor="mock", text=text)
         if self.on_committed is not None:
             self.on_committed(text)
 

@@ -329,7 +329,7 @@ class AzurePersistentStt(ReconnectingStt):
             if not self._echo.allow_committed():
                 logger.info("recognized text discarded as echo")
                 return
-            self._emit(self.on_committed, text)
+            self._committed(text)
         elif kind == "canceled":
             reason, code, _details = args
             if reason == "Error":

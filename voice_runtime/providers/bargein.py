@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from voice_runtime._compat import clear_for_barge_in
 from voice_runtime.audio.codec import ulaw_decode
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart, UtteranceEnd
+from voice_runtime.events import BARGE_IN
 from voice_runtime.turns import (
     SentTail,
     discard_paused,
@@ -353,6 +354,15 @@ class BargeIn:
         self.stop_event.set()
         clear_for_barge_in(session)
         self._reset()
+        port = getattr(session, "port", None)
+        if port is not None:
+            port.events.emit(
+                BARGE_IN,
+                t=detected,
+                source="vad",
+                latency_ms=event.latency_ms,
+                agent_played_ms=event.agent_played_ms,
+            )
         logger.info(
             "caller barged in",
             extra={"call_sid": session.call_sid, "latency_ms": round(event.latency_ms, 1)},

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from voice_runtime._compat import is_voice_session, number
 from voice_runtime._sync import forbid_on_loop, running_loop
+from voice_runtime.events import ERROR
 from voice_runtime.playback import Segment
 from voice_runtime.providers.stt_base import (
     ECHO_TAIL_S,
@@ -381,6 +382,9 @@ def _report_error(
 ) -> dict[str, Any]:
     """The error result of a failed synthesis; ``on_error`` hears about it too."""
     logger.warning("synthesis failed", extra={"provider": provider}, exc_info=exc)
+    events = getattr(getattr(result.session, "port", None), "events", None)
+    if events is not None:
+        events.emit(ERROR, vendor=provider, role="tts", reason="synthesis_failed")
     if on_error is not None:
         try:
             on_error(f"{_ERROR_LABELS.get(provider, provider + '_tts_failed')}: {exc}")

@@ -343,7 +343,7 @@ class PersistentSttSession(ReconnectingStt):
             if not self._echo.allow_committed():
                 logger.info("committed transcript discarded as echo")
                 return
-            self._emit(self.on_committed, text)
+            self._committed(text)
         elif kind == "session_started":
             logger.debug("ElevenLabs STT session started")
         elif kind in IGNORED_NOTICES:

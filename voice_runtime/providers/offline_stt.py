@@ -20,6 +20,14 @@ import numpy as np
 
 from voice_runtime.audio import resample, ulaw_decode
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart, UtteranceEnd
+from voice_runtime.events import (
+    CALLER_SPEECH_ENDED,
+    CALLER_SPEECH_STARTED,
+    ERROR,
+    TRANSCRIPT_COMMITTED,
+    CallEvents,
+    emit_from,
+)
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import EchoGate
 from voice_runtime.turns import EndOfTurn, TurnJoiner
@@ -40,6 +48,8 @@ class OfflineStt:
     """
 
     capabilities = Capabilities(native_ulaw=False, interim_results=False, needs_network=False)
+    #: Where this provider publishes call events (set by the server layer per call).
+    call_events: CallEvents | None = None
 
     def __init__(
         self,
@@ -100,9 +110,20 @@ class OfflineStt:
                     if isinstance(event, SpeechStart):
                         self._last_start = event.start
                         turns.speech_started()
+                        emit_from(self, CALLER_SPEECH_STARTED, source="stt")
                         if self.on_recognizing is not None and self._echo.allow_partial():
                             self.on_recognizing("")
                     elif isinstance(event, UtteranceEnd):
+                        # The segmenter says so after its silence window: date the event
+                        # back to when the speech ended.
+                        lag = max(0.0, segmenter.position - event.end)
+                        emit_from(
+                            self,
+                            CALLER_SPEECH_ENDED,
+                            t=time.monotonic() - lag,
+                            source="stt",
+                            speech_ms=(event.end - event.start) * 1000.0,
+                        )
                         self._utterances.put_nowait(event)
                 if frame is None:
                     return
@@ -151,6 +172,7 @@ class OfflineStt:
                 text = await asyncio.to_thread(self._transcribe_blocking, audio, item.sample_rate)
             except Exception as exc:
                 logger.warning("offline transcription failed", exc_info=True)
+                emit_from(self, ERROR, vendor="offline", role="stt", reason="transcribe_failed")
                 if self.on_error is not None:
                     self.on_error(f"offline STT failed: {exc}")
                 self._commit(turns.flush())  # what was held had been transcribed already
@@ -173,6 +195,7 @@ class OfflineStt:
         if not text or not self._echo.allow_committed():
             return
         self.committed.append(text)
+        emit_from(self, TRANSCRIPT_COMMITTED, vendor="offline", text=text)
         if self.on_committed is not None:
             self.on_committed(text)
 

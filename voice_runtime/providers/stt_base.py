@@ -10,8 +10,9 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
+from voice_runtime.events import ERROR, PROVIDER_CONNECT, TRANSCRIPT_COMMITTED, emit_from
 from voice_runtime.logutil import clip
 
 # The name these logs had before the STT half moved out of providers/base.py.
@@ -178,6 +179,8 @@ class ReconnectingStt(abc.ABC):
     _logger: ClassVar[logging.Logger] = logger
     #: False: once the caller's audio has ended, no further connection is attempted.
     _connect_after_input_end: ClassVar[bool] = True
+    #: Where this provider publishes call events (set by the server layer per call).
+    call_events: Any = None
 
     def __init__(
         self,
@@ -196,7 +199,8 @@ class ReconnectingStt(abc.ABC):
         self.on_recognizing: Callable[[str], None] | None = None
         self.on_error: Callable[[str], None] | None = None
 
-        self.connections = 0  # vendor connections opened, for operators and tests
+        self._connections = 0  # vendor connections opened, for operators and tests
+        self._connect_t0 = time.monotonic()
         self.reconnects = 0
         self.failed = False  # True once on_error said the provider gave up
         # A callable tail is asked each time the agent stops speaking (a patched module
@@ -210,6 +214,30 @@ class ReconnectingStt(abc.ABC):
         self._stopping = False
         self._pump_task: asyncio.Task[None] | None = None
         self._run_task: asyncio.Task[None] | None = None
+
+    @property
+    def vendor(self) -> str:
+        """The vendor's short name (for events and metrics)."""
+        return self._task_name.split("-")[0]
+
+    @property
+    def connections(self) -> int:
+        """Vendor connections opened so far; counting one publishes ``provider_connect``."""
+        return self._connections
+
+    @connections.setter
+    def connections(self, value: int) -> None:
+        if value > self._connections:
+            emit_from(
+                self,
+                PROVIDER_CONNECT,
+                vendor=self.vendor,
+                role="stt",
+                ok=True,
+                attempt=self.reconnects,
+                duration_ms=(time.monotonic() - self._connect_t0) * 1000.0,
+            )
+        self._connections = value
 
     @property
     def running(self) -> bool:
@@ -306,7 +334,11 @@ class ReconnectingStt(abc.ABC):
             self._healthy = False
             # The new connection hears the unconfirmed utterance in progress again.
             self._buffer.rewind()
+            self._connect_t0 = time.monotonic()
+            before = self._connections
             kind, reason = await self._session_once()
+            if self._connections == before and kind in ("fatal", "terminal"):
+                emit_from(self, ERROR, vendor=self.vendor, role="stt", reason="connect_failed")
             if self._healthy:
                 attempt = 0
             if kind in ("stopped", "end_of_input") or self._stopping:
@@ -319,7 +351,13 @@ class ReconnectingStt(abc.ABC):
         self.failed = True
         self._buffer.clear()
         self._logger.error("STT gave up: %s", clip(reason), extra={"reason": reason})
+        emit_from(self, ERROR, vendor=self.vendor, role="stt", reason="gave_up")
         self._emit(self.on_error, reason)
+
+    def _committed(self, text: str) -> None:
+        """The vendor committed ``text``: publish it and call ``on_committed``."""
+        emit_from(self, TRANSCRIPT_COMMITTED, vendor=self.vendor, text=text)
+        self._emit(self.on_committed, text)
 
     def _emit(self, callback: Callable[[str], None] | None, text: str) -> None:
         if callback is None:

@@ -22,14 +22,16 @@ from voice_runtime._compat import clear_for_barge_in
 from voice_runtime.errors import ConfigurationError, ProviderError, SessionError
 from voice_runtime.idle import IdleClock, watch_realtime_idle
 from voice_runtime.logutil import LogLimiter, describe_error
-from voice_runtime.playback import PlaybackLedger, Segment
+from voice_runtime.playback import PlaybackLedger
 from voice_runtime.realtime.agent import RealtimeAgent
 from voice_runtime.realtime.bridge_types import (
+    AgentItem,
     BridgeOptions,
     BridgeResult,
     TranscriptLine,
     Truncation,
 )
+from voice_runtime.realtime.call_events import call_events_of, connected, publish, tool_ran
 from voice_runtime.realtime.events import (
     AgentError,
     AgentEvent,
@@ -71,32 +73,6 @@ _MAX_ITEMS = 64
 __all__ = ["MARK_NAME", "MARK_TIMEOUT_S", "AgentBridge", "Callback"]
 
 
-@dataclass(eq=False)
-class _Item:
-    """One assistant item's audio on the call's playback axis."""
-
-    key: str
-    item_id: str | None
-    response_id: str | None
-    start_ms: float  # session.queued_ms when its first audio was queued
-    generation: int  # the session's clear generation then (a clear restarts the axis)
-    queued_ms: float = 0.0
-    done: bool = False
-    protected: bool = False  # uninterruptible: barge-in neither clears nor truncates it
-
-    def segment(self, played_ms: float) -> Segment:
-        """This item on the playback axis when ``played_ms`` of the call has played."""
-        return Segment.at(self.start_ms, self.queued_ms, played_ms)
-
-    def heard_ms(self, played_ms: float) -> float:
-        """What the caller heard of this item when ``played_ms`` of the call has played."""
-        return self.segment(played_ms).heard_ms
-
-    def fully_heard(self, played_ms: float) -> bool:
-        """True when the item is complete and every byte of it has played."""
-        return self.done and self.segment(played_ms).fully_heard
-
-
 Callback = Callable[[Any], Any]
 
 
@@ -121,7 +97,7 @@ class AgentBridge:
         self.dropped_audio_ms = 0.0
         self._failures = LogLimiter(first=1, every=1000)
         # Items whose audio may still be unheard, in queue order.
-        self._items: collections.OrderedDict[str, _Item] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, AgentItem] = collections.OrderedDict()
         self._interrupted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mark_tasks: set[asyncio.Task[Any]] = set()
@@ -131,6 +107,7 @@ class AgentBridge:
         self._turn_end = asyncio.Event()
         self._last_audio_at = 0.0
         self._provider = ""
+        self._events = call_events_of(self.session)
         every = self.options.mark_every_ms
         # Duck-typed sessions have no ledger: the bridge marks pieces of this length itself.
         self._step = int((DUCK_MARK_EVERY_MS if every is None else every) * 8)
@@ -207,6 +184,7 @@ class AgentBridge:
 
     async def _start_unless_call_ends(self) -> bool:
         """Start the agent; False (and no agent) when the caller hangs up first."""
+        t0 = time.monotonic()
         start = asyncio.ensure_future(self.agent.start())
         ended = asyncio.ensure_future(self.session.wait_until_disconnected_async())
         try:
@@ -214,6 +192,7 @@ class AgentBridge:
         finally:
             ended.cancel()
         if start.done():
+            connected(self._events, self.provider, start, t0)
             start.result()  # raises the start error, if any
             return True
         start.cancel()
@@ -344,6 +323,7 @@ class AgentBridge:
         elif kind is AssistantText:
             at: AssistantText = event  # type: ignore[assignment]
             await self._transcript(TranscriptLine("assistant", at.text, at.final, at.item_id))
+        publish(self._events, event, self.provider)
         await self._deliver(event)
 
     async def _play(self, event: AssistantAudio) -> None:
@@ -399,7 +379,7 @@ class AgentBridge:
         """Make the next response the agent starts uninterruptible (a disclosure, say)."""
         self._protect_next = True
 
-    def _track(self, key: str, event: AssistantAudio) -> _Item:
+    def _track(self, key: str, event: AssistantAudio) -> AgentItem:
         """Start tracking a new item whose first audio is about to be queued."""
         session = self.session
         played = session.played_ms
@@ -412,7 +392,7 @@ class AgentBridge:
                 del self._items[old.key]
         while len(self._items) >= _MAX_ITEMS:
             self._items.popitem(last=False)
-        item = _Item(key, event.item_id, event.response_id, session.queued_ms, generation)
+        item = AgentItem(key, event.item_id, event.response_id, session.queued_ms, generation)
         rid = event.response_id
         if self._protect_next or (rid is not None and rid == self._protected_response):
             item.protected, self._protect_next, self._protected_response = True, False, rid
@@ -464,6 +444,7 @@ class AgentBridge:
             await self.agent.cancel()
         if pending or truncations:
             self.barge_ins += 1
+            publish(self._events, "barge_in", self.provider, played_ms=played)
             logger.info(
                 "caller barged in",
                 extra={
@@ -516,6 +497,7 @@ class AgentBridge:
         else:
             result = await self.tools.execute(call, context)
         self.tool_calls += 1
+        tool_ran(self._events, self.provider, call.name, result)
         await self.agent.send_tool_result(
             call.call_id, result.output, name=call.name, is_error=result.is_error
         )

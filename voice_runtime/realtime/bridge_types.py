@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from voice_runtime.idle import IdlePolicy
+from voice_runtime.playback import Segment
 from voice_runtime.realtime.events import AgentError, Usage
 
 __all__ = ["BridgeOptions", "BridgeResult", "TranscriptLine", "Truncation"]
@@ -80,3 +81,29 @@ class BridgeResult:
     truncations: tuple[Truncation, ...] = ()
     tool_calls: int = 0
     bad_messages: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class AgentItem:
+    """One assistant item's audio on the call's playback axis."""
+
+    key: str
+    item_id: str | None
+    response_id: str | None
+    start_ms: float  # session.queued_ms when its first audio was queued
+    generation: int  # the session's clear generation then (a clear restarts the axis)
+    queued_ms: float = 0.0
+    done: bool = False
+    protected: bool = False  # uninterruptible: barge-in neither clears nor truncates it
+
+    def segment(self, played_ms: float) -> Segment:
+        """This item on the playback axis when ``played_ms`` of the call has played."""
+        return Segment.at(self.start_ms, self.queued_ms, played_ms)
+
+    def heard_ms(self, played_ms: float) -> float:
+        """What the caller heard of this item when ``played_ms`` of the call has played."""
+        return self.segment(played_ms).heard_ms
+
+    def fully_heard(self, played_ms: float) -> bool:
+        """True when the item is complete and every byte of it has played."""
+        return self.done and self.segment(played_ms).fully_heard

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_runtime._sync import cancel_and_wait
+from voice_runtime.events import CALL_ENDED
 from voice_runtime.logutil import LogLimiter, log_limiter, set_call_context
 from voice_runtime.session import FRAME_BYTES, OutboundClear, OutboundMark, VoiceSession
 from voice_runtime.transports import twilio_protocol as proto
@@ -424,12 +425,42 @@ class MediaStreamCall:
         # The user callbacks this call fired (on_dtmf, on_disconnected, ...) end with it.
         await self.port.callbacks.drain()
         duration = 0.0 if self._started_at is None else time.monotonic() - self._started_at
+        if self._started_at is not None:
+            _publish_ended(session, self._reason, duration)
         logger.info(
             "call ended after %.1f s: %s",
             duration,
             self._reason or ("the connection closed" if self._started_at else "never started"),
             extra={"call_sid": session.call_sid, "bad_frames": dict(session.stats.bad_frames)},
         )
+
+
+# Short, fixed codes for the event stream (and metric labels) by the reason logged.
+_END_CODES = {
+    "the caller hung up (stream stop)": "caller_hangup",
+    "the app hung up (REST)": "app_hangup",
+    "the app hung up": "app_hangup",
+}
+
+
+def _publish_ended(session: VoiceSession, reason: str | None, duration: float) -> None:
+    events = session.port.events
+    if not events.active:
+        return
+    stats = session.stats
+    events.emit(
+        CALL_ENDED,
+        reason=_END_CODES.get(reason or "", "connection_closed"),
+        duration_s=duration,
+        frames_in=stats.inbound_frames,
+        frames_out=stats.outbound_chunks,
+        inbound_dropped=stats.inbound_dropped,
+        outbound_dropped=stats.outbound_dropped,
+        bad_frames=dict(stats.bad_frames),
+        marks_sent=stats.marks_sent,
+        marks_echoed=stats.marks_echoed,
+        clears=stats.clears_sent,
+    )
 
 
 def __getattr__(name: str) -> Any:
