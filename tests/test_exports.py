@@ -113,6 +113,7 @@ TESTING_ALL = [
     "FakeTwilioRest",
     "FakeXaiRealtime",
     "ManualClock",
+    "free_port",
     "serve_in_loop",
     "word_accuracy",
 ]

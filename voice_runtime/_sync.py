@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from voice_runtime.errors import LoopThreadError
@@ -16,6 +18,35 @@ def running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+logger = logging.getLogger(__name__)
+
+# Per-loop cleanups: pools a provider opened on a server's loop must close on that loop,
+# before it ends (a loop has no close hook of its own).
+_cleanups: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[int, Callable[[], Awaitable[None]]]
+] = weakref.WeakKeyDictionary()
+_cleanups_lock = threading.Lock()
+
+
+def at_loop_shutdown(
+    loop: asyncio.AbstractEventLoop, key: object, cleanup: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``cleanup()`` on ``loop`` when a server shuts down there (one per ``key``)."""
+    with _cleanups_lock:
+        _cleanups.setdefault(loop, {})[id(key)] = cleanup
+
+
+async def run_loop_cleanups() -> None:
+    """Run (once) the cleanups registered for the running loop; errors are logged."""
+    with _cleanups_lock:
+        pending = _cleanups.pop(asyncio.get_running_loop(), {})
+    for cleanup in pending.values():
+        try:
+            await cleanup()
+        except Exception:
+            logger.warning("a provider's loop cleanup failed", exc_info=True)
 
 
 def forbid_on_loop(

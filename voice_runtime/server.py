@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
+from voice_runtime._sync import run_loop_cleanups
 from voice_runtime.call_lifecycle import CallLifecycle
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
@@ -262,6 +263,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     async def _on_shutdown(self) -> None:
         await self.drain()
         await self.callbacks.aclose()
+        await run_loop_cleanups()
 
     def check_config(self) -> None:
         """Raise ConfigurationError for a malformed public URL, or none with signatures on."""

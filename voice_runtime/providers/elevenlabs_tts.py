@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from voice_runtime._sync import running_loop
+from voice_runtime._sync import at_loop_shutdown, running_loop
 from voice_runtime.config import ModuleConstants, settings
 from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, resolve_credential
 from voice_runtime.errors import (
@@ -273,6 +273,9 @@ class ElevenLabsTTS:
             for old in [lp for lp in self._aclients if lp.is_closed()]:
                 del self._aclients[old]  # its loop is gone, and its sockets with it
             self._aclients[loop] = made
+        if http is not None:
+            # A server's loop ends with its shutdown: the pool must close before it.
+            at_loop_shutdown(loop, self, self._release_async_client)
         return made
 
     def _drop_async_client(self, loop: asyncio.AbstractEventLoop) -> None:

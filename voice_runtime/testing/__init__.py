@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from voice_runtime._lazy import lazy_attributes
 
 if TYPE_CHECKING:
+    from voice_runtime.testing._serve import free_port
     from voice_runtime.testing.clock import ManualClock
     from voice_runtime.testing.fake_azure import FakeSpeechSdk
     from voice_runtime.testing.fake_elevenlabs import FakeElevenLabsTts, FakeScribeServer
@@ -35,6 +36,7 @@ _LAZY = {
     "FakeTwilioRest": "voice_runtime.testing.fake_twilio_rest",
     "FakeXaiRealtime": "voice_runtime.testing.fake_realtime",
     "ManualClock": "voice_runtime.testing.clock",
+    "free_port": "voice_runtime.testing._serve",
     "serve_in_loop": "voice_runtime.testing.server",
     "word_accuracy": "voice_runtime.testing.metrics",
 }
@@ -51,6 +53,7 @@ __all__ = [
     "FakeTwilioRest",
     "FakeXaiRealtime",
     "ManualClock",
+    "free_port",
     "serve_in_loop",
     "word_accuracy",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["FakeService", "bind_free_socket", "close_server", "port_of"]
+__all__ = ["FakeService", "bind_free_socket", "close_server", "free_port", "port_of"]
 
 
 def bind_free_socket(host: str = "127.0.0.1", *, blocking: bool = False) -> socket.socket:
@@ -31,6 +31,12 @@ def bind_free_socket(host: str = "127.0.0.1", *, blocking: bool = False) -> sock
         sock.close()
         raise
     return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port of ``host`` free a moment ago (to know a server's public URL before it starts)."""
+    with bind_free_socket(host, blocking=True) as sock:
+        return port_of(sock)
 
 
 def port_of(sock: socket.socket) -> int:
