@@ -28,6 +28,7 @@ from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
 from voice_runtime.call_lifecycle import CallLifecycle
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
+from voice_runtime.cluster import Cluster, cluster_for
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.logutil import LogLimiter, clip
@@ -132,6 +133,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         callback_workers: int = 8,
         max_pending_callbacks: int = 64,
         stt: str | Callable[[], SttProvider] | None = None,
+        cluster: Cluster | str | bool | None = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -187,6 +189,10 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         if app is not None:
             self._wrap_lifespan(app)
         self._install(self.app)
+        # A Cluster, a Redis URL, or None: VOICE_REDIS_URL when set, else one process alone.
+        self.cluster = cluster_for(cluster)
+        if self.cluster is not None:
+            self.cluster.attach(self)
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -213,7 +219,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        self._on_startup()
+        await self._on_startup_async()
         yield
         await self._on_shutdown()
 
@@ -222,7 +228,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
         @contextlib.asynccontextmanager
         async def lifespan(a: Any) -> AsyncIterator[Any]:
-            self._on_startup()
+            await self._on_startup_async()
             async with inner(a) as state:
                 yield state
             await self._on_shutdown()
@@ -238,8 +244,15 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             # One fixed message per cause, naming what to set; it carries no secret.
             logger.error(str(exc))
 
+    async def _on_startup_async(self) -> None:
+        self._on_startup()
+        if self.cluster is not None:
+            await self.cluster.start()
+
     async def _on_shutdown(self) -> None:
         await self.drain()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.callbacks.aclose()
 
     def check_config(self) -> None:
@@ -279,7 +292,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         call_sid: str | None = None,
     ) -> Route:
         """Create a one-time route token for a stream this server expects."""
-        route = make_route(self.route_ttl_s, parameters, session, call_sid)
+        token = self._route_token(self.route_ttl_s, call_sid)
+        route = make_route(self.route_ttl_s, parameters, session, call_sid, token=token)
         self.registry.add_route(route)
         return route
 
@@ -289,8 +303,13 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             return self.registry.by_call_sid(call_sid)
         return self.registry.wait_for_call(call_sid, timeout)
 
+    def _route_token(self, ttl_s: float, call_sid: str | None = None) -> str | None:
+        # In a cluster a token is signed and names this instance; alone, a random one.
+        return None if self.cluster is None else self.cluster.issue_token(ttl_s, call_sid)
+
     def _public_base(self) -> str:
-        base = self.public_url or settings().voice_public_url or settings().voice_stream_url
+        own = self.cluster.instance_url if self.cluster is not None else None
+        base = own or self.public_url or settings().voice_public_url or settings().voice_stream_url
         if not base:
             raise MissingStreamUrlError()
         return base
@@ -350,6 +369,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         session.call_sid = call_sid
         route.call_sid = call_sid
         self.registry.bind_call(call_sid, session)
+        if self.cluster is not None:
+            self.cluster.call_started(call_sid, "outbound")
 
     def _default_callbacks(self, options: dict[str, Any]) -> None:
         # Status posts and async AMD results come back to /twilio/status as session events;
@@ -399,9 +420,15 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             return
         route: Route | None = None
         if token is not None:
-            route = self.registry.claim(token)
+            why = None
+            if self.cluster is None:
+                route = self.registry.claim(token)
+            else:  # refused before accept when another instance owns it, forged or expired
+                route, why = self.cluster.claim_route(token, self.registry)
             if route is None:
-                self._refuse("bad_route", "media stream refused: unknown or expired route token")
+                self._refuse(
+                    "bad_route", why or "media stream refused: unknown or expired route token"
+                )
                 await websocket.close(code=1008)
                 return
         elif not self.unrouted_streams_allowed(policy):
@@ -442,6 +469,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         finally:
             self.registry.ended(session)
             self.registry.release()
+            if self.cluster is not None:
+                self.cluster.call_ended(session.call_sid)
 
     async def _new_session(self) -> VoiceSession:
         if self.session_factory is VoiceSession:
@@ -471,6 +500,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     def _check_start(self, session: VoiceSession, start: Any, expected: str | None) -> str | None:
         reason = self.registry.claim_call(session, start.call_sid, start.stream_sid, expected)
+        if reason is None and self.cluster is not None:
+            self.cluster.call_started(start.call_sid, start.custom_parameters.get("direction", ""))
         if reason is not None:
             self._refuse(
                 reason,
