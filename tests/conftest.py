@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from hypothesis import settings
+from redis_server import redis_server as redis_server  # noqa: F401 - a fixture
 
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
