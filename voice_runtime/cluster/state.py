@@ -130,9 +130,10 @@ class Cluster:
         prefix: str = "vr",
     ) -> None:
         current = settings()
-        self.redis_url = redis_url or current.voice_redis_url
-        if not self.redis_url:
+        url = redis_url or current.voice_redis_url
+        if not url:
             raise ConfigurationError("a cluster needs Redis: set VOICE_REDIS_URL (redis://host)")
+        self.redis_url: str = url
         self.instance_id = instance_id or current.voice_instance_id or "vr-" + secrets.token_hex(4)
         if not valid_instance_id(self.instance_id):
             raise ConfigurationError("VOICE_INSTANCE_ID: 1-64 letters, digits, '-' or '_'")
