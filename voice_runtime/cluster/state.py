@@ -261,7 +261,13 @@ class Cluster:
 
     def base_url(self) -> str | None:
         """This instance's public base URL (VOICE_INSTANCE_URL, else the server's)."""
-        return self.instance_url
+        if self.instance_url or self.server is None:
+            return self.instance_url
+        try:
+            base: str = self.server._public_base()
+        except ConfigurationError:  # no public URL yet
+            return None
+        return base
 
     def call_started(self, call_sid: str, direction: str) -> None:
         """Note a call this instance now owns (any thread; Redis learns it in the background)."""

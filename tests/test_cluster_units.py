@@ -1,0 +1,84 @@
+"""Cluster pieces in one process: signed route tokens, configuration, and a server whose Redis
+is down (its calls flow anyway, the outage is counted and the server still stops quickly)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from abuse_kit import free_port
+
+from voice_runtime.cluster import Cluster, RouteSigner, cluster_for
+from voice_runtime.errors import ConfigurationError
+from voice_runtime.server import VoiceServer
+from voice_runtime.session import VoiceSession
+from voice_runtime.testing.server import serve_in_loop
+from voice_runtime.testing.simulator import CallerSimulator
+from voice_runtime.transports.twilio_ws import StreamOptions
+
+
+def test_a_token_serves_only_its_instance_once_and_only_until_it_expires() -> None:
+    a, b = RouteSigner(b"k", "a"), RouteSigner(b"k", "b")
+    token = a.issue(30, call_sid="CA1")
+    assert token.startswith("a.") and "/" not in token and "?" not in token
+    assert b.check(token).reason == "foreign"  # another instance refuses it
+    assert RouteSigner(b"other", "a").check(token).reason == "forged"
+    assert a.check(token[:-2] + "xx").reason == "forged"
+    assert a.check("a.1.2.3").reason == "forged"
+    check = a.check(token)
+    assert (check.reason, check.call_sid) == (None, "CA1")
+    assert a.check(token).reason == "used"
+    assert a.check(a.issue(-5)).reason == "expired"
+    # Any instance can hand a call to another: B's token, issued at A.
+    assert b.check(a.issue(30, instance_id="b")).reason is None
+
+
+def test_cluster_configuration_comes_from_arguments_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("VOICE_REDIS_URL", "VOICE_CLUSTER_SECRET", "VOICE_INSTANCE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster_for(None) is None  # no Redis: one process, as before
+    assert VoiceServer().cluster is None
+    with pytest.raises(ConfigurationError, match="VOICE_REDIS_URL"):
+        Cluster()
+    with pytest.raises(ConfigurationError, match="VOICE_CLUSTER_SECRET"):
+        VoiceServer(cluster="redis://127.0.0.1:1/0")
+    monkeypatch.setenv("VOICE_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("VOICE_CLUSTER_SECRET", "s")
+    monkeypatch.setenv("VOICE_INSTANCE_ID", "east-1")
+    server = VoiceServer()
+    assert server.cluster is not None and server.cluster.instance_id == "east-1"
+    assert VoiceServer(cluster=False).cluster is None
+    with pytest.raises(ConfigurationError, match="VOICE_INSTANCE_ID"):
+        Cluster(instance_id="no spaces")
+
+
+async def test_with_redis_down_calls_flow_the_outage_is_counted_and_stop_is_quick() -> None:
+    cluster = Cluster(
+        f"redis://127.0.0.1:{free_port()}/0", secret="s", instance_id="lonely", heartbeat_s=0.2
+    )
+    heard = asyncio.Event()
+
+    async def on_call(session: VoiceSession) -> None:
+        await session.put_outbound(b"\xff" * 1600)
+        heard.set()
+
+    server = VoiceServer(on_call=on_call, cluster=cluster, stream_options=StreamOptions(lead_ms=60))
+    async with serve_in_loop(server.app) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        server.public_url = srv.url
+        answer = await http.post(
+            "/twilio/voice", data={"CallSid": "CA" + "1" * 32, "From": "+1", "To": "+2"}
+        )
+        token = answer.text.split("/voice/", 1)[1].split('"', 1)[0]
+        assert token.startswith("lonely.")
+        async with CallerSimulator(f"{srv.ws_url}/voice/{token}", call_sid="CA" + "1" * 32) as sim:
+            assert await sim.wait_for_heard(200, timeout=5)
+        body = (await http.get("/health")).json()
+        assert body["cluster"]["redis"] == "down"
+        assert body["cluster"]["redis_outages"] == 1  # one outage, however many retries
+        assert (await http.get("/ready")).json()["instance"] == "lonely"
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
