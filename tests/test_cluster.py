@@ -241,6 +241,17 @@ def test_outbound_call_stream_and_callbacks_reach_its_owner_and_control_from_a_s
         assert {"kind": "call_status", "status": "ringing"} in events
         assert {"kind": "answered_by", "answered_by": "human"} in events
         assert b.get_json(f"/test/events/{sid}") == [] == c.get_json(f"/test/events/{sid}")
+        # An SMS from the callee, posted to C, reaches the call on A.
+        sms = {"MessageSid": "SM" + "1" * 32, "From": "+15550002222", "To": "+15550009999",
+               "Body": "running late"}  # fmt: skip
+        assert post(c, "/twilio/sms", sms)[0] == 200
+        wait_until(
+            lambda: any(e["kind"] == "sms" for e in a.get_json(f"/test/events/{sid}")),
+            what="the SMS on A",
+        )
+        got = next(e for e in a.get_json(f"/test/events/{sid}") if e["kind"] == "sms")
+        assert got == {"kind": "sms", "message_sid": sms["MessageSid"], "body": "running late",
+                       "media_urls": []}  # fmt: skip
         wait_until(lambda: any(x.call_sid == sid for x in cluster_calls(cluster3.redis_url)))
         # A fourth process with only Redis: digits and a transfer, executed by A over REST.
         result = control_process(

@@ -17,6 +17,7 @@ from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
 from voice_runtime.testing.simulator import CallerSimulator
 from voice_runtime.transports.twilio_ws import StreamOptions
+from voice_runtime.types import SessionEvent
 
 
 def test_a_token_serves_only_its_instance_once_and_only_until_it_expires() -> None:
@@ -82,3 +83,23 @@ async def test_with_redis_down_calls_flow_the_outage_is_counted_and_stop_is_quic
         assert (await http.get("/ready")).json()["instance"] == "lonely"
         started = time.monotonic()
     assert time.monotonic() - started < 5
+
+
+async def test_an_sms_from_a_live_callers_number_reaches_that_call_as_an_event() -> None:
+    events: list[SessionEvent] = []
+    server = VoiceServer(session_factory=lambda: VoiceSession(on_event=events.append))
+    async with serve_in_loop(server.app) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        sim = CallerSimulator(srv.ws_url + "/voice", parameters={"caller_number": "+15550100"})
+        async with sim:
+            await asyncio.to_thread(server.session_for_call, sim.call_sid, 5)
+            sms = {"MessageSid": "SM" + "2" * 32, "From": "+15550100", "To": "+1555", "Body": "hi"}
+            other = {**sms, "MessageSid": "SM" + "3" * 32, "From": "+15550199"}
+            assert (await http.post("/twilio/sms", data=other)).status_code == 200
+            assert (await http.post("/twilio/sms", data=sms)).status_code == 200
+            for _ in range(200):
+                if events:
+                    break
+                await asyncio.sleep(0.01)
+    assert [(e.kind, e.data["message_sid"], e.data["body"]) for e in events if e.kind == "sms"] == [
+        ("sms", sms["MessageSid"], "hi")
+    ]

@@ -184,19 +184,26 @@ def _workers(args: argparse.Namespace) -> int | None:
         os.environ["VOICE_REDIS_URL"] = args.redis_url
     if args.instance_url:
         os.environ["VOICE_INSTANCE_URL"] = args.instance_url
-    workers = (
-        args.workers if args.workers is not None else (os.cpu_count() or 1) if redis_url else 1
-    )
+    template = args.instance_url or current.voice_instance_url
+    # Default: one worker per core with Redis, unless this instance was given one fixed URL.
+    per_worker_urls = template is None or "{port}" in template or "{worker}" in template
+    workers = args.workers
+    if workers is None:
+        workers = (os.cpu_count() or 1) if redis_url and per_worker_urls else 1
     if workers < 1:
         return _fail("--workers must be at least 1")
+    port = current.voice_server_port if args.port is None else args.port
     if workers == 1:
+        if template is not None and per_worker_urls:  # one worker of a template: worker 0
+            from voice_runtime.cluster.workers import instance_urls
+
+            os.environ["VOICE_INSTANCE_URL"] = instance_urls(template, args.host, [port])[0]
         return None
     if not redis_url:
         return _fail(
             f"--workers {workers} needs Redis to share calls between workers: set "
             "VOICE_REDIS_URL (or --redis-url), or serve with --workers 1"
         )
-    port = current.voice_server_port if args.port is None else args.port
     if port == 0:
         return _fail("--workers needs a first port (worker i listens on port + i), not 0")
     from voice_runtime.cluster.workers import run_workers, serve_argv
@@ -208,7 +215,7 @@ def _workers(args: argparse.Namespace) -> int | None:
             port=port,
             redis_url=redis_url,
             host=args.host,
-            instance_url=current.voice_instance_url if not args.instance_url else args.instance_url,
+            instance_url=template,
             instance_id=current.voice_instance_id,
         )
     except ValueError as exc:

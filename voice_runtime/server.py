@@ -334,7 +334,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             parameters=route.parameters,
             **options,
         )
-        self._bind_outbound(session, route, call_sid)
+        self._bind_outbound(session, route, call_sid, phone)
         return session
 
     async def place_call_async(
@@ -352,7 +352,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             parameters=route.parameters,
             **options,
         )
-        self._bind_outbound(session, route, call_sid)
+        self._bind_outbound(session, route, call_sid, phone)
         return session
 
     def _outbound_route(
@@ -365,12 +365,14 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         params = {"direction": "outbound", **dict(parameters or {})}
         return session, self.new_route(parameters=params, session=session)
 
-    def _bind_outbound(self, session: VoiceSession, route: Route, call_sid: str) -> None:
+    def _bind_outbound(
+        self, session: VoiceSession, route: Route, call_sid: str, phone: str = ""
+    ) -> None:
         session.call_sid = call_sid
         route.call_sid = call_sid
         self.registry.bind_call(call_sid, session)
         if self.cluster is not None:
-            self.cluster.call_started(call_sid, "outbound")
+            self.cluster.call_started(call_sid, "outbound", phone)
 
     def _default_callbacks(self, options: dict[str, Any]) -> None:
         # Status posts and async AMD results come back to /twilio/status as session events;
@@ -501,7 +503,10 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     def _check_start(self, session: VoiceSession, start: Any, expected: str | None) -> str | None:
         reason = self.registry.claim_call(session, start.call_sid, start.stream_sid, expected)
         if reason is None and self.cluster is not None:
-            self.cluster.call_started(start.call_sid, start.custom_parameters.get("direction", ""))
+            params = start.custom_parameters
+            self.cluster.call_started(
+                start.call_sid, params.get("direction", ""), params.get("caller_number")
+            )
         if reason is not None:
             self._refuse(
                 reason,

@@ -14,6 +14,7 @@ they read (declared below). Nothing unbounded is read before a request is authen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -299,7 +300,23 @@ class WebhookRoutes:
             reply = await self._user_callback(self.on_sms, sms)
             if isinstance(reply, Response):
                 return reply
+        await self._sms_to_call(sms)
         return Response(sms_reply_twiml(None if reply is None else str(reply)), media_type=TWIML)
+
+    async def _sms_to_call(self, sms: Any) -> None:
+        """An SMS from the far party of a live call: ``SessionEvent("sms")`` on that call."""
+        fields = {
+            "message_sid": sms.message_sid,
+            "body": sms.body,
+            "media_urls": list(sms.media_urls),
+        }
+        if self.cluster is not None:  # wherever the call lives
+            await self.cluster.deliver_sms(sms.from_, fields)
+            return
+        for session in self.registry.live_sessions():
+            if session.caller_number and session.caller_number == sms.from_:
+                with contextlib.suppress(CallbacksBusyError):
+                    await self._emit(session, SessionEvent("sms", fields))
 
     async def _health(self) -> JSONResponse:
         extra = self.cluster.health() if self.cluster is not None else {}

@@ -25,7 +25,7 @@ __all__ = ["OPS", "CallHandle", "execute", "send"]
 
 OPS = frozenset(
     {"hangup", "transfer", "send_digits", "start_recording", "stop_recording", "clear",
-     "publish_event", "status"}
+     "publish_event", "status", "sms"}
 )  # fmt: skip
 
 
@@ -101,6 +101,9 @@ async def run_op(cluster: Cluster, op: str, call_sid: str, args: Mapping[str, An
         raise ClusterError("the call is not on this instance")
     if op == "status":
         await server._apply_status(session, dict(args["form"]))
+        return None
+    if op == "sms":  # an SMS from the call's far party, posted to another instance
+        await server._emit(session, SessionEvent("sms", dict(args)))
         return None
     if op == "publish_event":
         await server._emit(session, SessionEvent(str(args["kind"]), dict(args.get("data") or {})))

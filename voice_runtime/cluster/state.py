@@ -157,6 +157,8 @@ class Cluster:
         self._calls: dict[str, ClusterCall] = {}
         self._gone: set[str] = set()
         self._dirty: set[str] = set()
+        self._numbers: dict[str, str] = {}
+        self._gone_numbers: set[str] = set()
         self._view: list[InstanceInfo] = []
         self._redis: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -269,11 +271,17 @@ class Cluster:
             return None
         return base
 
-    def call_started(self, call_sid: str, direction: str) -> None:
-        """Note a call this instance now owns (any thread; Redis learns it in the background)."""
+    def call_started(self, call_sid: str, direction: str, far_number: str | None = None) -> None:
+        """Note a call this instance now owns (any thread; Redis learns it in the background).
+
+        ``far_number`` (the caller, or the callee of a call placed here) lets an SMS from it
+        reach the call; Redis only sees a keyed hash of it.
+        """
         if not call_sid:
             return
         with self._lock:
+            if far_number and self.signer is not None:
+                self._numbers[call_sid] = self._number_key(far_number)
             old = self._calls.get(call_sid)
             started = old.started_at if old is not None else time.time()
             self._calls[call_sid] = ClusterCall(call_sid, self.instance_id, direction, started)
@@ -290,6 +298,9 @@ class Cluster:
                 return
             self._dirty.discard(call_sid)
             self._gone.add(call_sid)
+            number = self._numbers.pop(call_sid, None)
+            if number is not None:
+                self._gone_numbers.add(number)
         self._wake()
 
     def _wake(self) -> None:
@@ -364,6 +375,8 @@ class Cluster:
                 self._calls[s] for s in self._dirty if s in self._calls
             ]  # fmt: skip
             gone, self._gone = self._gone, set()
+            gone_numbers, self._gone_numbers = self._gone_numbers, set()
+            numbers = [(k, s) for s, k in self._numbers.items() if full or s in self._dirty]
             self._dirty.clear()
             owned = list(self._calls)
         try:
@@ -373,6 +386,10 @@ class Cluster:
             pipe.sadd(self._key("instances"), me)
             for call in write:
                 pipe.set(self._key("call", call.call_sid), json.dumps(asdict(call)), px=ttl)
+            for number, sid in numbers:
+                pipe.set(number, sid, px=ttl)
+            if gone_numbers:
+                pipe.delete(*gone_numbers)
             if gone:
                 pipe.delete(*(self._key("call", sid) for sid in gone))
                 pipe.srem(self._key("calls", me), *gone)
@@ -388,6 +405,7 @@ class Cluster:
         except BaseException:
             with self._lock:  # not written: try again on the next beat
                 self._gone |= {s for s in gone if s not in self._calls}
+                self._gone_numbers |= gone_numbers
                 self._full_beat = True
             raise
         self._view = await self.instances()
@@ -489,6 +507,29 @@ class Cluster:
         except _redis_errors() as exc:
             self._down(exc)
             return False
+
+    def _number_key(self, number: str) -> str:
+        assert self.signer is not None
+        return self._key("num", self.signer.digest(number.strip()))
+
+    async def deliver_sms(self, sender: str, fields: Mapping[str, Any]) -> bool:
+        """``SessionEvent("sms", fields)`` on the live call with ``sender``, on any instance."""
+        if self.signer is None or not sender:
+            return False
+        try:
+            call_sid = await self.client().get(self._number_key(sender))
+        except _redis_errors() as exc:
+            self._down(exc)
+            return False
+        if call_sid is None:
+            return False
+        session = self.server.registry.by_call_sid(call_sid) if self.server is not None else None
+        if session is not None:
+            from voice_runtime.types import SessionEvent
+
+            await self.server._emit(session, SessionEvent("sms", dict(fields)))
+            return True
+        return await self.forward(call_sid, "sms", fields)
 
     # ------------------------------------------------------------------ anyone's side
 

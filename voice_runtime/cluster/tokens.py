@@ -52,6 +52,10 @@ class RouteSigner:
         mac = hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:24]).decode("ascii")
 
+    def digest(self, value: str) -> str:
+        """A keyed hash of ``value`` (a phone number is never written to Redis in clear)."""
+        return hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
     def issue(self, ttl_s: float, *, instance_id: str | None = None, call_sid: str = "") -> str:
         """A token for a stream to ``instance_id`` (default this one), valid ``ttl_s``."""
         owner = instance_id or self.instance_id

@@ -53,7 +53,9 @@ def instance_urls(template: str | None, host: str, ports: Sequence[int]) -> list
             "with --workers every worker needs its own URL: put {port} or {worker} in "
             "VOICE_INSTANCE_URL (or --instance-url), e.g. https://voice.example.com/w{worker}"
         )
-    return [template.format(port=p, worker=i) for i, p in enumerate(ports)]
+    return [
+        template.replace("{port}", str(p)).replace("{worker}", str(i)) for i, p in enumerate(ports)
+    ]
 
 
 def run_workers(
