@@ -103,3 +103,27 @@ async def test_an_sms_from_a_live_callers_number_reaches_that_call_as_an_event()
     assert [(e.kind, e.data["message_sid"], e.data["body"]) for e in events if e.kind == "sms"] == [
         ("sms", sms["MessageSid"], "hi")
     ]
+
+
+async def test_an_instance_accepts_signatures_for_the_public_url_and_its_own_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from twilio.request_validator import RequestValidator
+
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "tok")
+    public, own = "https://voice.example.com", "https://voice.example.com/w1"
+    cluster = Cluster(
+        f"redis://127.0.0.1:{free_port()}/0", secret="s", instance_url=own, heartbeat_s=5
+    )
+    server = VoiceServer(cluster=cluster, public_url=public)
+    form = {"MessageSid": "SM" + "4" * 32, "From": "+15550100", "To": "+1555", "Body": "x"}
+    sign = RequestValidator("tok").compute_signature
+    async with serve_in_loop(server.app) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        for url, status in (
+            (public + "/twilio/sms", 200),  # the number's webhook, through the shared URL
+            (own + "/twilio/sms", 200),  # a callback this instance asked for at its own URL
+            ("https://voice.example.com/w2/twilio/sms", 403),  # another instance's
+        ):
+            headers = {"X-Twilio-Signature": sign(url, form)}
+            answer = await http.post("/twilio/sms", data=form, headers=headers)
+            assert answer.status_code == status, url

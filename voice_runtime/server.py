@@ -269,8 +269,12 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         self._trusted_proxies = trusted_networks(value)
 
     def _policy(self) -> SignaturePolicy:
+        # A cluster instance is also reached (and signed for) at its own URL.
+        own = self.cluster.instance_url if self.cluster is not None else None
         return SignaturePolicy.from_settings(
-            public_base_url=self.public_url, trust_forwarded_headers=self._trusted_proxies
+            public_base_url=self.public_url,
+            trust_forwarded_headers=self._trusted_proxies,
+            other_base_urls=(own,) if own else (),
         )
 
     def _install(self, app: FastAPI) -> None:
