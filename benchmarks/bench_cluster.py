@@ -228,8 +228,18 @@ async def _control_latency(redis_url: str, window_s: float) -> list[float]:
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_level(workers: int, calls: int, window_s: float) -> dict[str, Any]:
-    """Hold ``calls`` paced calls on ``workers`` instances for ``window_s``; one row."""
+    """Hold ``calls`` paced calls on ``workers`` instances for ``window_s``; one row.
+
+    ``workers`` 0 is the baseline: one process with no Redis (no cluster at all).
+    """
+    solo = workers == 0
+    workers = max(1, workers)
     redis = _Redis()
     port = _free_port(workers)
     ports = [port + i for i in range(workers)]
@@ -240,6 +250,8 @@ def run_level(workers: int, calls: int, window_s: float) -> dict[str, Any]:
         "VOICE_INSTANCE_ID": "bench",
         "PYTHONPATH": str(ROOT),
     })  # fmt: skip
+    if solo:
+        env.pop("VOICE_REDIS_URL")
     server = subprocess.Popen(
         [sys.executable, "-m", "voice_runtime.cli", "serve", "bench_cluster:voice",
          "--app-dir", str(HERE), "--workers", str(workers), "--port", str(port),
@@ -272,8 +284,14 @@ def run_level(workers: int, calls: int, window_s: float) -> dict[str, Any]:
         time.sleep(1.5)  # first utterances, marks and heartbeats settle
         for p in ports:
             _get(p, "/bench/reset", "POST")
-        control_ms = asyncio.run(_control_latency(redis.url, window_s))
+        client_cpu0, t0 = _cpu_s(client.pid), time.monotonic()
+        if solo:
+            time.sleep(window_s)
+            control_ms: list[float] = []
+        else:
+            control_ms = asyncio.run(_control_latency(redis.url, window_s))
         stats = [_get(p, "/bench/stats") for p in ports]
+        callers_pct = 100.0 * (_cpu_s(client.pid) - client_cpu0) / (time.monotonic() - t0)
         for p in ports:
             _get(p, "/bench/finish", "POST")
         client.stdin.write("stop\n")
@@ -314,7 +332,7 @@ def run_level(workers: int, calls: int, window_s: float) -> dict[str, Any]:
         lost_out += max(0, rec["agent_bytes_queued"] - call["heard_bytes"])
     window = max(s["window_s"] for s in stats)
     row = {
-        "workers": workers,
+        "workers": "1, no Redis" if solo else workers,
         "calls": calls,
         "connected": connected,
         "connect_errors": result["connect_errors"] + calls - connected,
@@ -326,6 +344,8 @@ def run_level(workers: int, calls: int, window_s: float) -> dict[str, Any]:
         "caller_frames_lost": lost_in,
         "agent_frames_lost": -(-lost_out // 160),
         "servers_core_pct": 100.0 * sum(s["cpu_s"] for s in stats) / window,
+        "callers_core_pct": callers_pct,
+        "load_avg_1m": os.getloadavg()[0],
         "control_n": len(control_ms),
         "control_p50_ms": kit.percentile(control_ms, 50),
         "control_p99_ms": kit.percentile(control_ms, 99),
@@ -345,7 +365,9 @@ def run(quick: bool = False, levels: dict[int, list[int]] | None = None) -> list
     if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
         raise RuntimeError("bench_cluster needs redis-server (apt-get install redis-server)")
     window = 5.0 if quick else 15.0
-    chosen = levels or ({1: [50], 2: [100]} if quick else {1: [100, 200], 2: [200, 400]})
+    chosen = levels or (
+        {0: [50], 1: [50], 2: [100]} if quick else {0: [200], 1: [100, 200], 2: [200, 400]}
+    )
     rows = []
     for workers, counts in chosen.items():
         for calls in counts:
@@ -358,8 +380,8 @@ def run(quick: bool = False, levels: dict[int, list[int]] | None = None) -> list
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
     cols = ["workers", "calls", "connected", "in_p99_ms", "lag_p99_ms", "caller_frames_lost",
-            "agent_frames_lost", "servers_core_pct", "control_p50_ms", "control_p99_ms",
-            "passed"]  # fmt: skip
+            "agent_frames_lost", "servers_core_pct", "callers_core_pct", "control_p50_ms",
+            "control_p99_ms", "load_avg_1m", "passed"]  # fmt: skip
 
     def cell(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -385,7 +407,9 @@ def main() -> None:
     client.add_argument("--ports", required=True)
     client.add_argument("--calls", type=int, required=True)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--levels", nargs="*", help="WORKERS:CALLS[,CALLS] ...")
+    parser.add_argument(
+        "--levels", nargs="*", help="WORKERS:CALLS[,CALLS] ... (WORKERS 0: one process, no Redis)"
+    )
     args = parser.parse_args()
     if args.role == "client":
         asyncio.run(_client_main(args))
