@@ -101,6 +101,11 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     a public URL (``public_url``, VOICE_PUBLIC_URL or VOICE_STREAM_URL) is required:
     :meth:`check_config` raises without one, :meth:`serve` refuses to start, and until one is
     set every webhook and media stream is refused.
+
+    ``cluster``: a :class:`~voice_runtime.cluster.Cluster` or a Redis URL makes this server one
+    instance of a cluster (signed route tokens naming it, call owners and control on Redis,
+    hand-off when full; see docs/scaling.md); None uses VOICE_REDIS_URL when set, and without
+    it the server runs alone and never imports Redis; False never joins one.
     """
 
     def __init__(
