@@ -13,7 +13,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from voice_runtime.cluster.state import ClusterError, _redis_errors
+from voice_runtime.cluster.instance import _redis_errors
+from voice_runtime.cluster.state import ClusterError
 from voice_runtime.types import SessionEvent
 
 if TYPE_CHECKING:
