@@ -112,19 +112,29 @@ async def run_op(cluster: Cluster, op: str, call_sid: str, args: Mapping[str, An
     if op == "clear":
         session.request_clear_buffer()
         return None
+    from voice_runtime.transports.call_control import CallControl
+
     control = session.control
     if control is None:  # placed here, its stream not started yet
-        from voice_runtime.transports.call_control import CallControl
-
         control = session.control = CallControl(session, stream_url=cluster.base_url())
     if op == "hangup":
         control.hangup(after_playback=bool(args.get("after_playback")))
         return None
     if op == "transfer":
         return await control.transfer_async(str(args["target"]), caller_id=args.get("caller_id"))
+    if op == "send_digits" and isinstance(control, CallControl) and cluster.signer is not None:
+        # The stream restarts after the digits: on this instance, with a token naming it.
+        from voice_runtime.transports import twilio_call
+
+        return await twilio_call.send_digits_async(
+            call_sid,
+            str(args["digits"]),
+            stream_url=control.stream_url or cluster.base_url(),
+            route_token=cluster.signer.issue(60.0, call_sid=call_sid),
+            parameters=control._stream_parameters(),
+            client=control.client,
+        )
     if op == "send_digits":
-        if getattr(control, "stream_url", "") is None:  # the stream restarts on its owner
-            control.stream_url = cluster.base_url()
         return await control.send_digits_async(str(args["digits"]))
     if op == "start_recording":
         return await control.start_recording_async(**dict(args.get("options") or {}))

@@ -257,12 +257,17 @@ class InstanceRole:
             },
         }
 
-    async def forward(self, call_sid: str, op: str, args: Mapping[str, Any]) -> bool:
-        """Hand a webhook's event to the call's owner; False when no owner was found."""
+    async def forward(
+        self, call_sid: str, op: str, args: Mapping[str, Any], patience_s: float = 2.0
+    ) -> bool:
+        """Hand a webhook's event to the call's owner; False when no owner was found.
+
+        A call placed a moment ago may not be in Redis yet: look again for ``patience_s``.
+        """
         from voice_runtime.cluster.control import send
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2.0
+        deadline = loop.time() + patience_s
         try:
             while True:
                 owner = await self.owner_of(call_sid)
@@ -297,8 +302,10 @@ class InstanceRole:
             return False
         session = self.server.registry.by_call_sid(call_sid) if self.server is not None else None
         if session is not None:
+            from voice_runtime._callbacks import CallbacksBusyError
             from voice_runtime.types import SessionEvent
 
-            await self.server._emit(session, SessionEvent("sms", dict(fields)))
+            with contextlib.suppress(CallbacksBusyError):
+                await self.server._emit(session, SessionEvent("sms", dict(fields)))
             return True
-        return await self.forward(call_sid, "sms", fields)
+        return await self.forward(call_sid, "sms", fields, patience_s=0.0)
