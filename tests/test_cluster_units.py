@@ -127,3 +127,21 @@ async def test_an_instance_accepts_signatures_for_the_public_url_and_its_own_url
             headers = {"X-Twilio-Signature": sign(url, form)}
             answer = await http.post("/twilio/sms", data=form, headers=headers)
             assert answer.status_code == status, url
+
+
+def test_hand_offs_go_to_the_least_loaded_and_stop_when_the_cluster_is_full() -> None:
+    from voice_runtime.cluster import InstanceInfo
+
+    cluster = Cluster("redis://127.0.0.1:1/0", secret="s", instance_id="a")
+    now = time.time()
+
+    def info(name: str, live: int, ready: bool = True) -> InstanceInfo:
+        return InstanceInfo(name, f"http://{name}", live, live, 2, ready, not ready, now)
+
+    # What the last heartbeat showed (normally read from Redis by the heartbeat).
+    cluster._view = [info("a", 2), info("b", 0), info("c", 1), info("d", 0, ready=False)]
+    targets = [getattr(cluster.hand_off(), "instance_id", None) for _ in range(5)]
+    # b was emptiest; calls handed since the heartbeat count (b is then as loaded as c, and
+    # the tie goes by URL), so c gets its free slot too; then every instance is full (d
+    # drains) and the caller hears busy.
+    assert targets == ["b", "b", "c", None, None]

@@ -214,7 +214,7 @@ class WebhookRoutes:
 
     def _hand_off(self, ttl: float, params: dict[str, str], call_sid: str) -> Response:
         """Full or draining: TwiML to the least-loaded ready instance, else busy."""
-        target = self.cluster.pick_instance() if self.cluster is not None else None
+        target = self.cluster.hand_off() if self.cluster is not None else None
         if target is None:
             return self._busy_answer()
         from voice_runtime.transports.twilio_call import build_route_stream_xml

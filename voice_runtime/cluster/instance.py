@@ -51,6 +51,7 @@ class InstanceRole:
     _numbers: dict[str, str]
     _gone_numbers: set[str]
     _view: list[InstanceInfo]
+    _handed: dict[str, int]
     _loop: asyncio.AbstractEventLoop | None
     _poke: asyncio.Event | None
     _tasks: set[asyncio.Task[Any]]
@@ -179,6 +180,7 @@ class InstanceRole:
                 self._full_beat = True
             raise
         self._view = await self.instances()
+        self._handed = {}  # the new view counts them
 
     async def _beat_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,16 +233,32 @@ class InstanceRole:
             await asyncio.sleep(min(1.0, self.heartbeat_s / 2))
 
     def pick_instance(self) -> InstanceInfo | None:
-        """The least-loaded other ready instance with a free slot (from the last heartbeat)."""
+        """The least-loaded other ready instance with a free slot (from the last heartbeat).
+
+        Calls handed to an instance since its last heartbeat count as taken slots, so a
+        burst of hand-offs spreads instead of piling onto one instance.
+        """
         fresh = time.time() - self.expiry_s
+        handed = self._handed
+
+        def taken(i: InstanceInfo) -> int:
+            return max(i.live_calls, i.reserved) + handed.get(i.instance_id, 0)
+
         best = [
             i for i in self._view
-            if i.instance_id != self.instance_id and i.ready and i.url and i.free > 0
-            and i.heartbeat_at >= fresh
+            if i.instance_id != self.instance_id and i.ready and i.url
+            and taken(i) < i.capacity and i.heartbeat_at >= fresh
         ]  # fmt: skip
         if not best:
             return None
-        return min(best, key=lambda i: (max(i.live_calls, i.reserved) / max(1, i.capacity), i.url))
+        return min(best, key=lambda i: (taken(i) / max(1, i.capacity), i.url))
+
+    def hand_off(self) -> InstanceInfo | None:
+        """:meth:`pick_instance`, counting the call handed to it."""
+        target = self.pick_instance()
+        if target is not None:
+            self._handed[target.instance_id] = self._handed.get(target.instance_id, 0) + 1
+        return target
 
     def health(self) -> dict[str, Any]:
         """The instance and the cluster as this instance last saw them (no Redis request)."""

@@ -153,6 +153,7 @@ class Cluster(InstanceRole):
         self._numbers: dict[str, str] = {}
         self._gone_numbers: set[str] = set()
         self._view: list[InstanceInfo] = []
+        self._handed: dict[str, int] = {}
         self._redis: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poke: asyncio.Event | None = None
