@@ -8,6 +8,7 @@ Keys (``prefix`` default ``vr``)::
     {p}:calls:{id}    set of the call SIDs an instance owns; expires
     {p}:ctl:{id}      pub/sub channel: commands for the calls of instance ``id``
     {p}:reply:{uuid}  list: a command's answer (BLPOP by whoever sent it)
+    {p}:num:{hash}    the call SID of a live call's far party (an HMAC of the number)
 
 Everything an instance writes expires after ``expiry_heartbeats`` heartbeats, so a dead
 instance and its calls leave within a few heartbeats. An instance keeps the truth about its
