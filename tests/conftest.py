@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from hypothesis import settings
-from redis_server import redis_server as redis_server  # noqa: F401 - a fixture
 
 from voice_runtime.session import VoiceSession
 from voice_runtime.testing.server import serve_in_loop
@@ -149,6 +148,14 @@ async def single_session_server(
     async with serve_in_loop(app, **config) as srv:
         yield VoiceServer(session, app, srv.ws_url, srv.url)
     session.signal_disconnected()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A private redis-server for this test session (tests/redis_server.py)."""
+    from redis_server import private_redis_server
+
+    yield from private_redis_server()
 
 
 @pytest.fixture

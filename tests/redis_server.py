@@ -1,7 +1,8 @@
 """A private ``redis-server`` for the cluster tests: started once per test session, stopped after.
 
 Tests use the real server (never a mock of it). Without ``redis-server`` on the machine the
-tests that need it are skipped with the reason (``.ci/run`` installs it).
+tests that need it are skipped with the reason (``.ci/run`` installs it). conftest.py makes
+:func:`private_redis_server` the session-scoped ``redis_server`` fixture.
 """
 
 from __future__ import annotations
@@ -78,9 +79,8 @@ class RedisServer:
         self._dir.cleanup()
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A private redis-server for this test session (skipped when redis-server is missing)."""
+def private_redis_server() -> Iterator[RedisServer]:
+    """The ``redis_server`` fixture of conftest.py: start, yield, stop (or skip if missing)."""
     binary = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
