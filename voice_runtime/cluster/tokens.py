@@ -46,6 +46,7 @@ class RouteSigner:
         self._key = secret
         self.instance_id = instance_id
         self._used: dict[str, float] = {}
+        self._prune_at = 10_000
         self._lock = threading.Lock()
 
     def _sign(self, body: str) -> str:
@@ -82,8 +83,10 @@ class RouteSigner:
         if expired:
             return TokenCheck("expired")
         with self._lock:
-            if len(self._used) > 10_000:  # forget tokens that expired since
+            if len(self._used) > self._prune_at:  # forget tokens that expired since
                 self._used = {n: e for n, e in self._used.items() if e >= now}
+                # Amortised: the next sweep waits until the table has doubled.
+                self._prune_at = max(10_000, 2 * len(self._used))
             if nonce in self._used:
                 return TokenCheck("used")
             self._used[nonce] = int(expires, 16)
