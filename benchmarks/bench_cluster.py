@@ -222,7 +222,7 @@ async def _control_latency(redis_url: str, window_s: float) -> list[float]:
         while loop.time() < end:
             sid = rng.choice(sids)
             t0 = time.perf_counter()
-            await cluster.control(sid).publish_event("bench", {"n": len(out)})
+            await cluster.control(sid).publish_event_async("bench", {"n": len(out)})
             out.append((time.perf_counter() - t0) * 1e3)
             await asyncio.sleep(0.02)
     return out

@@ -103,6 +103,11 @@ def control_process(redis_url: str, script: str) -> dict[str, Any]:
         "        print(json.dumps(await main(cluster)))\n"
         "asyncio.run(run())\n"
     )
+    return run_script(code)
+
+
+def run_script(code: str) -> dict[str, Any]:
+    """Run a Python script in a new process whose environment names nothing but Python."""
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
@@ -258,8 +263,8 @@ def test_outbound_call_stream_and_callbacks_reach_its_owner_and_control_from_a_s
             cluster3.redis_url,
             f"""
 call = cluster.control({sid!r})
-digits = await call.send_digits("1234#")
-transferred = await call.transfer("+15550003333")
+digits = await call.send_digits_async("1234#")
+transferred = await call.transfer_async("+15550003333")
 return {{"digits": digits, "transfer": transferred}}
 """,
         )
@@ -281,11 +286,13 @@ async def test_hangup_from_a_fourth_process_ends_the_call_after_its_last_words(
     sim = CallerSimulator(url, call_sid=sid, parameters={**params, "abuse_play_ms": "1500"})
     async with sim:
         assert await sim.wait_for_heard(100, timeout=10)
-        result = await asyncio.to_thread(
-            control_process,
-            cluster3.redis_url,
-            f"await cluster.control({sid!r}).hangup(after_playback=True)\nreturn {{'ok': 1}}",
+        # A plain sync script: nothing but the Redis URL and the call SID.
+        script = (
+            "from voice_runtime.cluster import Cluster\n"
+            f"Cluster({cluster3.redis_url!r}).control({sid!r}).hangup(after_playback=True)\n"
+            "print('{\"ok\": 1}')\n"
         )
+        result = await asyncio.to_thread(run_script, script)
         assert result == {"ok": 1}
         assert await sim.wait_closed(15)
         # Every word queued before the hang-up was heard.
@@ -348,7 +355,7 @@ def test_redis_restart_keeps_audio_and_control_resumes(
 
         async def clear() -> None:
             async with Cluster(cluster3.redis_url) as cluster:
-                await cluster.control(sid).clear()
+                await cluster.control(sid).clear_async()
 
         wait_until(lambda: _try(lambda: asyncio.run(clear())), what="control after the outage")
         assert health(a)["cluster"]["redis_outages"] >= 1

@@ -145,3 +145,11 @@ def test_hand_offs_go_to_the_least_loaded_and_stop_when_the_cluster_is_full() ->
     # the tie goes by URL), so c gets its free slot too; then every instance is full (d
     # drains) and the caller hears busy.
     assert targets == ["b", "b", "c", None, None]
+
+
+async def test_a_blocking_control_on_the_event_loop_is_a_clear_error() -> None:
+    from voice_runtime.errors import LoopThreadError
+
+    handle = Cluster("redis://127.0.0.1:1/0").control("CA" + "5" * 32)
+    with pytest.raises(LoopThreadError, match="hangup_async"):
+        handle.hangup()

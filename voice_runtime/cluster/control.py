@@ -8,6 +8,7 @@ runs it on the call's session with ``session.control`` semantics. Forwarded webh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.cluster.instance import _redis_errors
 from voice_runtime.cluster.state import ClusterError
+from voice_runtime.errors import LoopThreadError
 from voice_runtime.types import SessionEvent
 
 if TYPE_CHECKING:
@@ -145,9 +147,11 @@ async def run_op(cluster: Cluster, op: str, call_sid: str, args: Mapping[str, An
 class CallHandle:
     """The controls of one call, wherever it lives (``cluster.control(call_sid)``).
 
-    Each method finds the call's owner in Redis, sends the command on its channel and waits
-    for the owner's answer; ClusterError when the call is unknown, its owner is gone or does
-    not answer within ``cluster.control_timeout_s``, or the command failed there.
+    Named like ``session.control``: each sync method blocks (use it from a plain script or a
+    worker thread; on an event loop it raises LoopThreadError) and has an ``*_async`` twin.
+    Each finds the call's owner in Redis, sends the command on its channel and waits for the
+    owner's answer; ClusterError when the call is unknown, its owner is gone or does not
+    answer within ``cluster.control_timeout_s``, or the command failed there.
     """
 
     def __init__(self, cluster: Cluster, call_sid: str) -> None:
@@ -166,33 +170,89 @@ class CallHandle:
         except _redis_errors() as exc:
             raise ClusterError(f"Redis unreachable: {type(exc).__name__}") from exc
 
-    async def hangup(self, *, after_playback: bool = False) -> None:
+    def _do_sync(self, op: str, **args: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise LoopThreadError(f"cluster.control(...).{op}", f"{op}_async")
+        # A private loop and client for this call: the cluster's own client belongs to the
+        # loop that serves (a Redis client cannot cross event loops).
+        src = self.cluster
+        clone = type(src)(
+            src.redis_url,
+            instance_id=src.instance_id,
+            heartbeat_s=src.heartbeat_s,
+            control_timeout_s=src.control_timeout_s,
+            prefix=src.prefix,
+            secret=b"control only",
+        )
+
+        async def run() -> Any:
+            async with clone:
+                return await CallHandle(clone, self.call_sid)._do(op, **args)
+
+        return asyncio.run(run())
+
+    def hangup(self, *, after_playback: bool = False) -> None:
         """End the call; with ``after_playback`` once its queued audio has been heard."""
+        self._do_sync("hangup", after_playback=after_playback)
+
+    async def hangup_async(self, *, after_playback: bool = False) -> None:
+        """Async twin of :meth:`hangup`."""
         await self._do("hangup", after_playback=after_playback)
 
-    async def transfer(self, target: str, *, caller_id: str | None = None) -> str:
+    def transfer(self, target: str, *, caller_id: str | None = None) -> str:
         """Hand the call to a number or ``sip:`` address; returns the call status."""
+        result: str = self._do_sync("transfer", target=target, caller_id=caller_id)
+        return result
+
+    async def transfer_async(self, target: str, *, caller_id: str | None = None) -> str:
+        """Async twin of :meth:`transfer`."""
         result: str = await self._do("transfer", target=target, caller_id=caller_id)
         return result
 
-    async def send_digits(self, digits: str) -> str:
+    def send_digits(self, digits: str) -> str:
         """Play DTMF ``digits`` into the call (its stream restarts on its owner)."""
+        result: str = self._do_sync("send_digits", digits=digits)
+        return result
+
+    async def send_digits_async(self, digits: str) -> str:
+        """Async twin of :meth:`send_digits`."""
         result: str = await self._do("send_digits", digits=digits)
         return result
 
-    async def start_recording(self, **options: Any) -> str:
+    def start_recording(self, **options: Any) -> str:
         """Start a Twilio recording of the call; returns the recording SID."""
+        result: str = self._do_sync("start_recording", options=options)
+        return result
+
+    async def start_recording_async(self, **options: Any) -> str:
+        """Async twin of :meth:`start_recording`."""
         result: str = await self._do("start_recording", options=options)
         return result
 
-    async def stop_recording(self, recording_sid: str | None = None) -> None:
+    def stop_recording(self, recording_sid: str | None = None) -> None:
         """Stop a recording (default: the one started through the call's control)."""
+        self._do_sync("stop_recording", recording_sid=recording_sid)
+
+    async def stop_recording_async(self, recording_sid: str | None = None) -> None:
+        """Async twin of :meth:`stop_recording`."""
         await self._do("stop_recording", recording_sid=recording_sid)
 
-    async def clear(self) -> None:
+    def clear(self) -> None:
         """Drop the agent audio queued for the caller (Twilio ``clear``)."""
+        self._do_sync("clear")
+
+    async def clear_async(self) -> None:
+        """Async twin of :meth:`clear`."""
         await self._do("clear")
 
-    async def publish_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+    def publish_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         """Deliver ``SessionEvent(kind, data)`` to the call's ``on_event`` (JSON data)."""
+        self._do_sync("publish_event", kind=kind, data=dict(data or {}))
+
+    async def publish_event_async(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        """Async twin of :meth:`publish_event`."""
         await self._do("publish_event", kind=kind, data=dict(data or {}))
