@@ -49,6 +49,7 @@ class _Counter:
         self._lock = threading.Lock()
         self.calls: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, VoiceSession] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
 
     async def handle(self, session: VoiceSession) -> None:
         sid = session.call_sid or ""
@@ -148,6 +149,25 @@ async def call_record(call_sid: str) -> dict[str, Any]:
         record["queued_bytes"] = sum(len(f) for f in session.inbound._queue if f)  # type: ignore[attr-defined]
         record["callbacks"] = list(getattr(session, "callback_log", []))
     return record
+
+
+@app.post("/test/place")
+async def place(async_amd: bool = False) -> dict[str, str]:
+    """Place a call with ``voice.place_call_async`` (TWILIO_* point at a fake REST API)."""
+    options: dict[str, Any] = {}
+    if async_amd:
+        options = {"machine_detection": "Enable", "async_amd": True}
+    session = await voice.place_call_async("+15550002222", **options)
+    sid = session.call_sid or ""
+    got = counter.events.setdefault(sid, [])
+    session.on_event = lambda event: got.append({"kind": event.kind, **event.data})
+    return {"call_sid": sid}
+
+
+@app.get("/test/events/{call_sid}")
+async def call_events(call_sid: str) -> list[dict[str, Any]]:
+    """The session events of a call placed with ``/test/place``."""
+    return list(counter.events.get(call_sid, []))
 
 
 @app.get("/test/admission")

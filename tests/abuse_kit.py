@@ -259,8 +259,8 @@ class ServedApp:
         self._kept_chars = 0
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 20.0) -> ServedApp:
-        """Start the process and wait until ``/health`` answers."""
+    def launch(self) -> ServedApp:
+        """Start the process without waiting for it (several start in parallel)."""
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
@@ -268,6 +268,13 @@ class ServedApp:
         self._reader = threading.Thread(target=self._read_output, name="served-app-output")
         self._reader.daemon = True
         self._reader.start()
+        return self
+
+    def start(self, timeout: float = 20.0) -> ServedApp:
+        """Start the process (unless :meth:`launch` did) and wait until ``/health`` answers."""
+        if self.proc is None:
+            self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -357,9 +364,10 @@ class ServedApp:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self._reap()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._reap()  # also after a test killed it: its output pipe is closed here
 
 
 def assert_no_frame_lost(app: ServedApp, caller: PacedCaller) -> None:

@@ -150,6 +150,14 @@ async def single_session_server(
     session.signal_disconnected()
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A private redis-server for this test session (tests/redis_server.py)."""
+    from redis_server import private_redis_server
+
+    yield from private_redis_server()
+
+
 @pytest.fixture
 async def voice_server() -> AsyncIterator[VoiceServer]:
     """A real uvicorn server in the test's loop with one session registered."""

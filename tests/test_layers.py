@@ -19,6 +19,7 @@ SERVER_LAYER = (
     "voice_runtime.call_lifecycle",
     "voice_runtime.single_session",
     "voice_runtime._duck_call",
+    "voice_runtime.cluster",
 )
 # The session and what it is made of: the consumer facade and the transport's port.
 SESSION_CORE = (

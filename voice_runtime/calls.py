@@ -419,10 +419,12 @@ def make_route(
     parameters: Mapping[str, str] | None,
     session: VoiceSession | None,
     call_sid: str | None,
+    *,
+    token: str | None = None,
 ) -> Route:
-    """A new route with a random token, expiring ``ttl_s`` seconds from now."""
+    """A new route expiring ``ttl_s`` seconds from now (``token``, default a random one)."""
     return Route(
-        token=secrets.token_urlsafe(24),
+        token=token or secrets.token_urlsafe(24),
         expires_at=time.monotonic() + ttl_s,
         parameters=dict(parameters or {}),
         session=session,

@@ -55,6 +55,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("AZURE_TTS_VOICE", "fi-FI-NooraNeural", "Azure TTS voice"),
     EnvVar("VOICE_MONITOR", "", "1/true plays both call legs through ffplay"),
     EnvVar("TRANSPORT", "twilio", "twilio, or mock for the loopback bridge"),
+    EnvVar("VOICE_REDIS_URL", None, "Redis URL of the cluster; unset: one process, no Redis"),
+    EnvVar("VOICE_INSTANCE_URL", None, "this instance's own public base URL"),
+    EnvVar("VOICE_INSTANCE_ID", None, "this instance's id in the cluster (default: random)"),
+    EnvVar("VOICE_CLUSTER_SECRET", None, "HMAC key of route tokens (same on every instance)"),
+    EnvVar("VOICE_CLUSTER_HEARTBEAT_S", "2", "seconds between cluster heartbeats"),
 )
 
 
@@ -88,6 +93,11 @@ class Settings:
     azure_tts_voice: str = "fi-FI-NooraNeural"
     voice_monitor: bool = False
     transport: str = "twilio"
+    voice_redis_url: str | None = field(default=None, repr=False)
+    voice_instance_url: str | None = None
+    voice_instance_id: str | None = None
+    voice_cluster_secret: str | None = field(default=None, repr=False)
+    voice_cluster_heartbeat_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -35,6 +36,11 @@ SERVE_ENV = (
     "TWILIO_SKIP_SIGNATURE_VALIDATION",
     "TWILIO_ACCOUNT_SID",
     "TWILIO_HTTP_TIMEOUT",
+    "VOICE_REDIS_URL",
+    "VOICE_INSTANCE_URL",
+    "VOICE_INSTANCE_ID",
+    "VOICE_CLUSTER_SECRET",
+    "VOICE_CLUSTER_HEARTBEAT_S",
 )
 CALL_ENV = (
     "VOICE_SERVER_PORT",
@@ -129,6 +135,9 @@ def _fail(message: str) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    code = _workers(args)
+    if code is not None:
+        return code
     try:
         target = load_target(args.app, args.app_dir)
         factory = load_target(args.session_factory, args.app_dir) if args.session_factory else None
@@ -189,6 +198,52 @@ def _announce_console(voice: VoiceServer, args: argparse.Namespace) -> None:
     for page in pages:
         what = "call your bot from the browser" if page == "phone" else "live calls"
         print(f"{page}: {console.url(base, page, with_token=not local)}  ({what})", flush=True)
+
+
+def _workers(args: argparse.Namespace) -> int | None:
+    """None to serve here; else run ``--workers`` instances (or refuse): the exit code."""
+    current = settings()
+    redis_url = args.redis_url or current.voice_redis_url
+    if args.redis_url:  # the worker's VoiceServer finds its cluster through the environment
+        os.environ["VOICE_REDIS_URL"] = args.redis_url
+    if args.instance_url:
+        os.environ["VOICE_INSTANCE_URL"] = args.instance_url
+    template = args.instance_url or current.voice_instance_url
+    # Default: one worker per core with Redis, unless this instance was given one fixed URL.
+    per_worker_urls = template is None or "{port}" in template or "{worker}" in template
+    workers = args.workers
+    if workers is None:
+        workers = (os.cpu_count() or 1) if redis_url and per_worker_urls else 1
+    if workers < 1:
+        return _fail("--workers must be at least 1")
+    port = current.voice_server_port if args.port is None else args.port
+    if workers == 1:
+        if template is not None and per_worker_urls:  # one worker of a template: worker 0
+            from voice_runtime.cluster.workers import instance_urls
+
+            os.environ["VOICE_INSTANCE_URL"] = instance_urls(template, args.host, [port])[0]
+        return None
+    if not redis_url:
+        return _fail(
+            f"--workers {workers} needs Redis to share calls between workers: set "
+            "VOICE_REDIS_URL (or --redis-url), or serve with --workers 1"
+        )
+    if port == 0:
+        return _fail("--workers needs a first port (worker i listens on port + i), not 0")
+    from voice_runtime.cluster.workers import run_workers, serve_argv
+
+    try:
+        return run_workers(
+            serve_argv(args.serve_parser, args),
+            workers=workers,
+            port=port,
+            redis_url=redis_url,
+            host=args.host,
+            instance_url=template,
+            instance_id=current.voice_instance_id,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
 
 
 # ``serve`` option -> ConnectionLimits field (the option's value None keeps the default).
@@ -369,6 +424,20 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "--drain-timeout", type=float, help="seconds live calls get on shutdown (default 30)"
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run N instances on ports PORT..PORT+N-1 sharing Redis (default: one per core "
+        "with VOICE_REDIS_URL, else 1); SIGTERM drains them all",
+    )
+    serve.add_argument("--redis-url", help="Redis of the cluster (VOICE_REDIS_URL)")
+    serve.add_argument(
+        "--instance-url",
+        metavar="TEMPLATE",
+        help="this instance's public base URL (VOICE_INSTANCE_URL); with --workers use {port} "
+        "or {worker}, e.g. https://voice.example.com/w{worker}",
+    )
+    serve.add_argument(
         "--trust-proxy",
         nargs="?",
         const="127.0.0.0/8,::1",
@@ -457,7 +526,7 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         help="websocket frames a second one connection may send on average, bursts of 2000 "
         "allowed, 0 for no limit (default 500)",
     )
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=_cmd_serve, serve_parser=serve)
 
     check = subparsers.add_parser(
         "tunnel-check",

@@ -19,6 +19,7 @@ elsewhere (to avoid import cycles or a vendor SDK import here) are marked with t
     │   ├── LoopThreadError             a blocking call made on the event-loop thread
     │   └── CallRejectedError           realtime.hooks: a session resolver refused the call
     ├── CallbacksBusyError              _callbacks: too many user callbacks waiting
+    ├── ClusterError                    cluster.state: no such call, owner gone, Redis down
     ├── ProtocolError                   a wire message we cannot use
     │   ├── MediaStreamError            transports.twilio_protocol: a bad Twilio frame
     │   ├── WebSocketProtocolError      transports.fastws: the peer broke RFC 6455

@@ -29,6 +29,7 @@ from voice_runtime._sync import run_loop_cleanups
 from voice_runtime.call_lifecycle import CallLifecycle
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
+from voice_runtime.cluster import Cluster, cluster_for
 from voice_runtime.config import settings
 from voice_runtime.errors import ConfigurationError, MissingStreamUrlError
 from voice_runtime.events import EventBus
@@ -106,6 +107,10 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     ``console=True`` serves the live call console at ``/console`` and the browser phone at
     ``/phone``, token-protected when reachable from outside (docs/console-and-phone.md).
+    ``cluster``: a :class:`~voice_runtime.cluster.Cluster` or a Redis URL makes this server one
+    instance of a cluster (signed route tokens naming it, call owners and control on Redis,
+    hand-off when full; see docs/scaling.md); None uses VOICE_REDIS_URL when set, and without
+    it the server runs alone and never imports Redis; False never joins one.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         console_token: str | None = None,
         metrics: bool | None = None,
         tracing: Any = None,
+        cluster: Cluster | str | bool | None = None,
     ) -> None:
         if max_webhook_bytes < 1:
             raise ConfigurationError("max_webhook_bytes must be at least 1")
@@ -209,6 +215,10 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
             install_console(self, token=console_token)
         self._install(self.app)
+        # A Cluster, a Redis URL, or None: VOICE_REDIS_URL when set, else one process alone.
+        self.cluster = cluster_for(cluster)
+        if self.cluster is not None:
+            self.cluster.attach(self)
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -235,7 +245,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        self._on_startup()
+        await self._on_startup_async()
         yield
         await self._on_shutdown()
 
@@ -244,7 +254,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
         @contextlib.asynccontextmanager
         async def lifespan(a: Any) -> AsyncIterator[Any]:
-            self._on_startup()
+            await self._on_startup_async()
             async with inner(a) as state:
                 yield state
             await self._on_shutdown()
@@ -260,8 +270,15 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             # One fixed message per cause, naming what to set; it carries no secret.
             logger.error(str(exc))
 
+    async def _on_startup_async(self) -> None:
+        self._on_startup()
+        if self.cluster is not None:
+            await self.cluster.start()
+
     async def _on_shutdown(self) -> None:
         await self.drain()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.callbacks.aclose()
         await run_loop_cleanups()
 
@@ -279,8 +296,12 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         self._trusted_proxies = trusted_networks(value)
 
     def _policy(self) -> SignaturePolicy:
+        # A cluster instance is also reached (and signed for) at its own URL.
+        own = self.cluster.instance_url if self.cluster is not None else None
         return SignaturePolicy.from_settings(
-            public_base_url=self.public_url, trust_forwarded_headers=self._trusted_proxies
+            public_base_url=self.public_url,
+            trust_forwarded_headers=self._trusted_proxies,
+            other_base_urls=(own,) if own else (),
         )
 
     def _install(self, app: FastAPI) -> None:
@@ -305,7 +326,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         call_sid: str | None = None,
     ) -> Route:
         """Create a one-time route token for a stream this server expects."""
-        route = make_route(self.route_ttl_s, parameters, session, call_sid)
+        token = self._route_token(self.route_ttl_s, call_sid)
+        route = make_route(self.route_ttl_s, parameters, session, call_sid, token=token)
         self.registry.add_route(route)
         return route
 
@@ -315,8 +337,13 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             return self.registry.by_call_sid(call_sid)
         return self.registry.wait_for_call(call_sid, timeout)
 
+    def _route_token(self, ttl_s: float, call_sid: str | None = None) -> str | None:
+        # In a cluster a token is signed and names this instance; alone, a random one.
+        return None if self.cluster is None else self.cluster.issue_token(ttl_s, call_sid)
+
     def _public_base(self) -> str:
-        base = self.public_url or settings().voice_public_url or settings().voice_stream_url
+        own = self.cluster.instance_url if self.cluster is not None else None
+        base = own or self.public_url or settings().voice_public_url or settings().voice_stream_url
         if not base:
             raise MissingStreamUrlError()
         return base
@@ -341,7 +368,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             parameters=route.parameters,
             **options,
         )
-        self._bind_outbound(session, route, call_sid)
+        self._bind_outbound(session, route, call_sid, phone)
         return session
 
     async def place_call_async(
@@ -359,7 +386,7 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             parameters=route.parameters,
             **options,
         )
-        self._bind_outbound(session, route, call_sid)
+        self._bind_outbound(session, route, call_sid, phone)
         return session
 
     def _outbound_route(
@@ -372,10 +399,14 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         params = {"direction": "outbound", **dict(parameters or {})}
         return session, self.new_route(parameters=params, session=session)
 
-    def _bind_outbound(self, session: VoiceSession, route: Route, call_sid: str) -> None:
+    def _bind_outbound(
+        self, session: VoiceSession, route: Route, call_sid: str, phone: str = ""
+    ) -> None:
         session.call_sid = call_sid
         route.call_sid = call_sid
         self.registry.bind_call(call_sid, session)
+        if self.cluster is not None:
+            self.cluster.call_started(call_sid, "outbound", phone)
 
     def _default_callbacks(self, options: dict[str, Any]) -> None:
         # Status posts and async AMD results come back to /twilio/status as session events;
@@ -425,9 +456,15 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
             return
         route: Route | None = None
         if token is not None:
-            route = self.registry.claim(token)
+            why = None
+            if self.cluster is None:
+                route = self.registry.claim(token)
+            else:  # refused before accept when another instance owns it, forged or expired
+                route, why = self.cluster.claim_route(token, self.registry)
             if route is None:
-                self._refuse("bad_route", "media stream refused: unknown or expired route token")
+                self._refuse(
+                    "bad_route", why or "media stream refused: unknown or expired route token"
+                )
                 await websocket.close(code=1008)
                 return
         elif not self.unrouted_streams_allowed(policy):
@@ -468,6 +505,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         finally:
             self.registry.ended(session)
             self.registry.release()
+            if self.cluster is not None:
+                self.cluster.call_ended(session.call_sid)
 
     async def _new_session(self) -> VoiceSession:
         if self.session_factory is VoiceSession:
@@ -498,6 +537,11 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
 
     def _check_start(self, session: VoiceSession, start: Any, expected: str | None) -> str | None:
         reason = self.registry.claim_call(session, start.call_sid, start.stream_sid, expected)
+        if reason is None and self.cluster is not None:
+            params = start.custom_parameters
+            self.cluster.call_started(
+                start.call_sid, params.get("direction", ""), params.get("caller_number")
+            )
         if reason is not None:
             self._refuse(
                 reason,

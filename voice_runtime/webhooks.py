@@ -15,6 +15,7 @@ they read (declared below). Nothing unbounded is read before a request is authen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ class WebhookRoutes:
     webhook_refusals: LogLimiter
     registry: CallRegistry
     draining: bool
+    cluster: Any
 
     if TYPE_CHECKING:
 
@@ -87,6 +89,8 @@ class WebhookRoutes:
         def _public_base(self) -> str: ...
 
         def _refuse(self, reason: str, message: str, **extra: Any) -> None: ...
+
+        def _route_token(self, ttl_s: float, call_sid: str | None = None) -> str | None: ...
 
     def _refuse_webhook(self, status: int, kind: str, message: str | None = None) -> Response:
         """A refusal; the connection closes, so an unread body is never read."""
@@ -180,7 +184,8 @@ class WebhookRoutes:
         if isinstance(signed, Response):
             return signed
         form, call_sid = signed
-        if self.draining or self.registry.reserved_count >= self.max_calls:
+        full = self.draining or self.registry.reserved_count >= self.max_calls
+        if full and (self.cluster is None or self.cluster.pick_instance() is None):
             # Refused before any user callback runs; the reservation below is the real check.
             return self._busy_answer()
         from voice_runtime.transports.twilio_call import build_route_stream_xml
@@ -200,12 +205,25 @@ class WebhookRoutes:
             params.update({str(k): str(v) for k, v in extra.items()})
         params = {k: v for k, v in params.items() if v}
         ttl = min(self.route_ttl_s, self.inbound_route_ttl_s)
-        route = make_route(ttl, params, None, call_sid)
+        token = self._route_token(ttl, call_sid)
+        route = make_route(ttl, params, None, call_sid, token=token)
         # The route holds a max_calls slot until its stream claims it or it expires.
         if self.draining or not self.registry.add_reserved_route(route, self.max_calls):
-            return self._busy_answer()
+            return self._hand_off(ttl, params, call_sid)
         base = self._public_base_for(request)
         xml = build_route_stream_xml(base, route.token, parameters=params, path=self.path)
+        return Response(xml, media_type=TWIML)
+
+    def _hand_off(self, ttl: float, params: dict[str, str], call_sid: str) -> Response:
+        """Full or draining: TwiML to the least-loaded ready instance, else busy."""
+        target = self.cluster.hand_off() if self.cluster is not None else None
+        if target is None:
+            return self._busy_answer()
+        from voice_runtime.transports.twilio_call import build_route_stream_xml
+
+        token = self.cluster.signer.issue(ttl, instance_id=target.instance_id, call_sid=call_sid)
+        xml = build_route_stream_xml(target.url, token, parameters=params, path=self.path)
+        logger.info("incoming call handed to another instance", extra={"call_sid": call_sid})
         return Response(xml, media_type=TWIML)
 
     def _public_base_for(self, request: Request) -> str:
@@ -243,22 +261,11 @@ class WebhookRoutes:
         form, call_sid = signed
         session = self.registry.by_call_sid(call_sid)
         if session is None:
+            if self.cluster is not None:  # another instance's call: its owner handles it
+                await self.cluster.forward(call_sid, "status", {"form": form})
             return Response(status_code=204)
-        status = form.get("CallStatus")
-        answered_by = form.get("AnsweredBy")
         try:
-            if status:
-                fields = {"status": status, **_status_fields(form)}
-                await self._emit(session, SessionEvent("call_status", fields))
-            if answered_by:
-                # Recorded first: leave_voicemail reads it whether or not on_event is set.
-                note_answered_by(session, answered_by)
-                await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
-            if status in ENDED_STATUSES and not session.is_connected:
-                # The call never reached the stream (busy, no answer, ...): release its
-                # waiters, after its events (on_disconnected is a user callback too).
-                await self.callbacks.run(session.signal_disconnected, key=id(session))
-                self.registry.ended(session)
+            await self._apply_status(session, form)
         except CallbacksBusyError:
             return self._refuse_webhook(503, "callbacks_busy", "webhook refused: callbacks busy")
         return Response(status_code=204)
@@ -272,6 +279,25 @@ class WebhookRoutes:
 
         xml = whisper_answer(self, token, step)
         return Response(status_code=404) if xml is None else Response(xml, media_type=TWIML)
+
+    async def _apply_status(self, session: VoiceSession, form: Mapping[str, str]) -> None:
+        """A status/AMD callback's events for ``session`` (raises CallbacksBusyError)."""
+        status = form.get("CallStatus")
+        answered_by = form.get("AnsweredBy")
+        if status:
+            fields = {"status": status, **_status_fields(form)}
+            await self._emit(session, SessionEvent("call_status", fields))
+        if answered_by:
+            # Recorded first: leave_voicemail reads it whether or not on_event is set.
+            note_answered_by(session, answered_by)
+            await self._emit(session, SessionEvent("answered_by", {"answered_by": answered_by}))
+        if status in ENDED_STATUSES and not session.is_connected:
+            # The call never reached the stream (busy, no answer, ...): release its
+            # waiters, after its events (on_disconnected is a user callback too).
+            await self.callbacks.run(session.signal_disconnected, key=id(session))
+            self.registry.ended(session)
+            if self.cluster is not None:
+                self.cluster.call_ended(session.call_sid)
 
     async def _sms_webhook(self, request: Request) -> Response:
         form = await self._form(request)
@@ -288,17 +314,39 @@ class WebhookRoutes:
             reply = await self._user_callback(self.on_sms, sms)
             if isinstance(reply, Response):
                 return reply
+        await self._sms_to_call(sms)
         return Response(sms_reply_twiml(None if reply is None else str(reply)), media_type=TWIML)
 
+    async def _sms_to_call(self, sms: Any) -> None:
+        """An SMS from the far party of a live call: ``SessionEvent("sms")`` on that call."""
+        fields = {
+            "message_sid": sms.message_sid,
+            "body": sms.body,
+            "media_urls": list(sms.media_urls),
+        }
+        if self.cluster is not None:  # wherever the call lives
+            await self.cluster.deliver_sms(sms.from_, fields)
+            return
+        for session in self.registry.live_sessions():
+            if session.caller_number and session.caller_number == sms.from_:
+                with contextlib.suppress(CallbacksBusyError):
+                    await self._emit(session, SessionEvent("sms", fields))
+
     async def _health(self) -> JSONResponse:
+        extra = self.cluster.health() if self.cluster is not None else {}
         return JSONResponse(
-            {"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining}
-        )
+            {"status": "ok", "live_calls": self.registry.live_count, "draining": self.draining,
+             **extra}
+        )  # fmt: skip
 
     async def _ready(self) -> JSONResponse:
+        # In a cluster a full instance is not ready either: the balancer should go elsewhere.
+        mine = {} if self.cluster is None else {"instance": self.cluster.instance_id}
         if self.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return JSONResponse({"status": "ready", "live_calls": self.registry.live_count})
+            return JSONResponse({"status": "draining", **mine}, status_code=503)
+        if mine and self.registry.reserved_count >= self.max_calls:
+            return JSONResponse({"status": "full", **mine}, status_code=503)
+        return JSONResponse({"status": "ready", "live_calls": self.registry.live_count, **mine})
 
 
 def _twiml_busy(message: str) -> str:

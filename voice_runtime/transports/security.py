@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from starlette.requests import HTTPConnection
@@ -108,6 +108,8 @@ class SignaturePolicy:
     public_base_url: str | None = None
     trust_forwarded_headers: TrustedProxies = False
     skip: bool = False
+    # More base URLs Twilio may sign for this server (a cluster instance's own URL).
+    other_base_urls: tuple[str, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,14 +122,17 @@ class SignaturePolicy:
         *,
         public_base_url: str | None = None,
         trust_forwarded_headers: TrustedProxies = False,
+        other_base_urls: tuple[str, ...] = (),
     ) -> SignaturePolicy:
         """Build the policy from the environment's settings and explicit overrides."""
         cfg = cfg or settings()
+        base = public_base_url or cfg.voice_public_url or cfg.voice_stream_url
         return cls(
             auth_token=cfg.twilio_auth_token,
-            public_base_url=public_base_url or cfg.voice_public_url or cfg.voice_stream_url,
+            public_base_url=base or (other_base_urls[0] if other_base_urls else None),
             trust_forwarded_headers=trust_forwarded_headers,
             skip=cfg.twilio_skip_signature_validation,
+            other_base_urls=other_base_urls,
         )
 
     @property
@@ -209,6 +214,15 @@ def public_url_for(conn: HTTPConnection, policy: SignaturePolicy, *, websocket: 
     return urlunsplit((scheme, netloc, path, conn.url.query, ""))
 
 
+def _signed_urls(conn: HTTPConnection, policy: SignaturePolicy, *, websocket: bool) -> list[str]:
+    """Every URL Twilio may have signed for this request (public URL first)."""
+    urls = [public_url_for(conn, policy, websocket=websocket)]
+    for base in policy.other_base_urls:
+        other = replace(policy, public_base_url=base, other_base_urls=())
+        urls.append(public_url_for(conn, other, websocket=websocket))
+    return urls
+
+
 def _allowed_without_check(policy: SignaturePolicy) -> bool | None:
     global _warned_no_token, _warned_skip
     mode = policy.mode
@@ -261,9 +275,11 @@ def check_websocket_signature(conn: HTTPConnection, policy: SignaturePolicy | No
         return _refuse("no_public_url", NO_PUBLIC_URL)
     from twilio.request_validator import RequestValidator
 
-    url = public_url_for(conn, policy, websocket=True)
+    validator = RequestValidator(policy.auth_token)
     signature = conn.headers.get("x-twilio-signature", "")
-    ok = bool(signature) and RequestValidator(policy.auth_token).validate(url, {}, signature)
+    ok = bool(signature) and any(
+        validator.validate(url, {}, signature) for url in _signed_urls(conn, policy, websocket=True)
+    )
     if not ok:
         return _refuse(
             "stream_signature", "media stream refused: bad or missing X-Twilio-Signature"
@@ -283,11 +299,14 @@ def check_request_signature(
         return _refuse("no_public_url", NO_PUBLIC_URL)
     from twilio.request_validator import RequestValidator
 
-    url = public_url_for(conn, policy, websocket=False)
+    validator = RequestValidator(policy.auth_token)
     signature = conn.headers.get("x-twilio-signature", "")
     # A multi-dict (``getlist``) keeps repeated fields, which Twilio signs one by one.
     params = form if hasattr(form, "getlist") else dict(form)
-    ok = bool(signature) and RequestValidator(policy.auth_token).validate(url, params, signature)
+    ok = bool(signature) and any(
+        validator.validate(url, params, signature)
+        for url in _signed_urls(conn, policy, websocket=False)
+    )
     if not ok:
         return _refuse("webhook_signature", "webhook refused: bad or missing X-Twilio-Signature")
     return True
