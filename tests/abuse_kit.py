@@ -303,6 +303,10 @@ class ServedApp:
         self.proc.wait()
         if self._reader is not None:
             self._reader.join(10)
+            if self._reader.is_alive():
+                # A child of the server still holds the pipe: closing it under the blocked
+                # reader would hang; the daemon reader ends with the pipe.
+                return
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

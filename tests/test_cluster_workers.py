@@ -81,6 +81,28 @@ def test_workers_share_redis_and_sigterm_drains_them_all(redis_server: Any) -> N
         assert not _alive(second + "/health")
 
 
+def test_workers_do_not_outlive_a_killed_supervisor(redis_server: Any) -> None:
+    app = ServedApp(
+        {
+            "VOICE_REDIS_URL": redis_server.url,
+            "VOICE_CLUSTER_SECRET": "workers-secret",
+            "VOICE_CLUSTER_HEARTBEAT_S": "0.3",
+            "TWILIO_SKIP_SIGNATURE_VALIDATION": "1",
+        },
+        args=["--workers", "2"],
+    )
+    second = f"http://127.0.0.1:{app.port + 1}"
+    with app:
+        wait_until(lambda: _alive(second + "/health"), what="the second worker")
+        assert app.proc is not None
+        app.proc.kill()  # no chance to forward anything: the kernel tells the workers
+        wait_until(
+            lambda: not _alive(app.url + "/health") and not _alive(second + "/health"),
+            timeout=15,
+            what="both workers to exit after their supervisor was killed",
+        )
+
+
 def test_workers_without_redis_are_refused_with_a_clear_message() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

@@ -91,6 +91,8 @@ def test_fragments_join_and_controls_pass_between_them() -> None:
         (frame(b"p" * 126, OP_PING), 1002),  # oversized control frame
         (frame(b"x" * 2000), 1009),  # over max_size
     ],
+    # Named: the frames carry random masks, and ids must match across pytest-xdist workers.
+    ids=["unmasked", "rsv1", "unknown-opcode", "stray-continuation", "big-control", "too-big"],
 )
 def test_a_peer_breaking_the_protocol_gets_the_close_code_to_answer(wire: bytes, code: int) -> None:
     sink = Sink(max_size=1000)

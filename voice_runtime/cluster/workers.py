@@ -58,6 +58,21 @@ def instance_urls(template: str | None, host: str, ports: Sequence[int]) -> list
     ]
 
 
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGTERM (a drain) when the supervisor dies, even by SIGKILL.
+
+    Orphaned workers would keep their ports and calls with nobody to stop them. Linux only
+    (prctl PR_SET_PDEATHSIG); elsewhere a worker outlives a killed supervisor.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def run_workers(
     argv: Sequence[str],
     *,
@@ -82,7 +97,7 @@ def run_workers(
         })  # fmt: skip
         cmd = [sys.executable, "-m", "voice_runtime.cli", "serve", *argv,
                "--workers", "1", "--port", str(worker_port), "--host", host]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
     logger.info("workers started", extra={"workers": workers, "first_port": port})
     stopping = False
 
