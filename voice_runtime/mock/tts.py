@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from voice_runtime.audio import tone_ulaw
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import SpeakResult, play_chunks_async, speak_sync
+from voice_runtime.providers.base import SpeakFromAsync, SpeakResult, play_chunks_async
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -23,7 +23,7 @@ CHUNK_MS = 100.0
 __all__ = ["MockTts"]
 
 
-class MockTts:
+class MockTts(SpeakFromAsync):
     """Records spoken text in ``.spoken`` and sends a soft tone (about 60 ms per character)."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True, needs_network=False)
@@ -52,17 +52,6 @@ class MockTts:
         step = int(CHUNK_MS * 8)
         for i in range(0, len(audio), step):
             yield audio[i : i + step]
-
-    def speak(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Record ``text``, play its tone and wait until the caller heard it (blocking)."""
-        return speak_sync(
-            lambda: self.speak_async(text, session, stop_event), session, "MockTts.speak"
-        )
 
     async def speak_async(
         self,

@@ -34,7 +34,7 @@ from voice_runtime.credentials import CREDENTIAL_VARIABLES, require_credential, 
 from voice_runtime.errors import ProviderConnectionError, ProviderError
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.azure_stt import TERMINAL_CODES, _name, import_speech_sdk
-from voice_runtime.providers.base import nothing_to_say, play_chunks_async, speak_sync
+from voice_runtime.providers.base import SpeakFromAsync, nothing_to_say, play_chunks_async
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -89,7 +89,7 @@ class _Synth:
             call_on_loop(loop, events.put_nowait, item)
 
 
-class AzureTTS:
+class AzureTTS(SpeakFromAsync):
     """Streams Azure neural speech (Raw8Khz8BitMonoMULaw) into a call."""
 
     capabilities = Capabilities(native_ulaw=True, streaming=True)
@@ -234,17 +234,6 @@ class AzureTTS:
                     synth.synthesizer.stop_speaking_async()  # returns a future; not awaited
                 except Exception:
                     logger.debug("stop_speaking_async failed", exc_info=True)
-
-    def speak(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Synthesise ``text`` into the call and wait until the caller heard it (blocking)."""
-        return speak_sync(
-            lambda: self.speak_async(text, session, stop_event), session, "AzureTTS.speak"
-        )
 
     async def speak_async(
         self,

@@ -63,6 +63,7 @@ __all__ = [
     "speak_async",
     "speak_in_thread",
     "speak_sync",
+    "SpeakFromAsync",
     "words_heard",
 ]
 
@@ -450,3 +451,29 @@ async def speak_async(
         result: dict[str, Any] = await native(text, session, stop_event)
         return result
     return await speak_in_thread(tts.speak, text, session, stop_event)
+
+
+class SpeakFromAsync:
+    """Gives a provider whose core is ``speak_async`` its blocking ``speak`` (one place)."""
+
+    if TYPE_CHECKING:
+
+        async def speak_async(
+            self,
+            text: str,
+            session: VoiceSession,
+            stop_event: threading.Event | None = None,
+        ) -> dict[str, Any]: ...
+
+    def speak(
+        self,
+        text: str,
+        session: VoiceSession,
+        stop_event: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Speak ``text`` and wait until the caller heard it (blocking; runs speak_async)."""
+        return speak_sync(
+            lambda: self.speak_async(text, session, stop_event),
+            session,
+            f"{type(self).__name__}.speak",
+        )

@@ -32,7 +32,7 @@ from voice_runtime._sync import running_loop
 from voice_runtime.contracts import SttProvider, TtsProvider
 from voice_runtime.errors import ConfigurationError
 from voice_runtime.logutil import describe_error
-from voice_runtime.providers.base import speak_async, speak_sync
+from voice_runtime.providers.base import SpeakFromAsync, speak_async
 from voice_runtime.types import SessionEvent
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ class FallbackStt(_Chain):
         self._queue = None
 
 
-class FallbackTts(_Chain):
+class FallbackTts(SpeakFromAsync, _Chain):
     """A TTS that speaks with the next provider when the current one fails.
 
     A failed sentence is spoken again from its start by the next provider (what the failing
@@ -354,17 +354,6 @@ class FallbackTts(_Chain):
             self.active = index + 1
             self._switched_at = time.monotonic()
             return True
-
-    def speak(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Speak ``text`` with the first provider that works (blocking)."""
-        return speak_sync(
-            lambda: self.speak_async(text, session, stop_event), session, "FallbackTts.speak"
-        )
 
     async def speak_async(
         self,

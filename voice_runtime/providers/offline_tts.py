@@ -18,7 +18,7 @@ from voice_runtime._sync import call_on_loop
 from voice_runtime.audio import StreamResampler, pcm16_to_ulaw
 from voice_runtime.offline import tts_engine
 from voice_runtime.providers import Capabilities
-from voice_runtime.providers.base import nothing_to_say, play_chunks_async, speak_sync
+from voice_runtime.providers.base import SpeakFromAsync, nothing_to_say, play_chunks_async
 
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
@@ -31,7 +31,7 @@ __all__ = ["OfflineTts"]
 _END = None
 
 
-class OfflineTts:
+class OfflineTts(SpeakFromAsync):
     """Local TTS: ``voice="espeak"`` (fast formant voice) or ``"piper"`` (natural voice).
 
     Audio is resampled to 8 kHz and μ-law encoded chunk by chunk as the engine produces it,
@@ -91,17 +91,6 @@ class OfflineTts:
                 yield item
         finally:
             halt.set()
-
-    def speak(
-        self,
-        text: str,
-        session: VoiceSession,
-        stop_event: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Speak ``text`` on the call and wait until the caller heard it (blocking)."""
-        return speak_sync(
-            lambda: self.speak_async(text, session, stop_event), session, "OfflineTts.speak"
-        )
 
     async def speak_async(
         self,
