@@ -150,6 +150,20 @@ async def single_session_server(
     session.signal_disconnected()
 
 
+@pytest.fixture
+def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A FakeTwilioRest with its credentials (and our number +15550001111) in the environment."""
+    from voice_runtime.testing.fake_twilio_rest import FakeTwilioRest
+
+    with FakeTwilioRest() as fake:
+        for name, value in fake.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("TWILIO_PHONE_NUMBER", "+15550001111")
+        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
+            monkeypatch.delenv(name, raising=False)
+        yield fake
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
     """A private redis-server for this test session (tests/redis_server.py)."""

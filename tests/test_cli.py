@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -39,17 +38,6 @@ def stream_of(twiml: str) -> tuple[str, dict[str, str]]:
     stream = ET.fromstring(twiml).find("Connect/Stream")
     assert stream is not None, twiml
     return stream.attrib["url"], {p.attrib["name"]: p.attrib["value"] for p in stream}
-
-
-@pytest.fixture
-def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
-    with FakeTwilioRest() as fake:
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("TWILIO_PHONE_NUMBER", OUR_NUMBER)
-        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
-            monkeypatch.delenv(name, raising=False)
-        yield fake
 
 
 # --------------------------------------------------------------------------- help

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,17 +231,6 @@ class FarEnd:
             await sim.hangup()
         for fut in self._futures:
             await asyncio.wrap_future(fut)
-
-
-@pytest.fixture
-def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
-    with FakeTwilioRest() as fake:
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("TWILIO_PHONE_NUMBER", OUR_NUMBER)
-        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
-            monkeypatch.delenv(name, raising=False)
-        yield fake
 
 
 async def post_signed(

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,17 +69,6 @@ class Bot:
             return
         result = await warm_transfer_async(self.server, session, AGENT, **self.options)
         self.results.append(result)
-
-
-@pytest.fixture
-def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
-    with FakeTwilioRest() as fake:
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("TWILIO_PHONE_NUMBER", OUR_NUMBER)
-        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
-            monkeypatch.delenv(name, raising=False)
-        yield fake
 
 
 @pytest.fixture(params=["sync", "async"])

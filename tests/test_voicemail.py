@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +29,6 @@ from voice_runtime.voicemail import (
 
 OUR_NUMBER = "+15550001111"
 MESSAGE = "Hi, this is Acme. Your order is ready. Call us back any time."
-
-
-@pytest.fixture
-def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTwilioRest]:
-    with FakeTwilioRest() as fake:
-        for name, value in fake.env().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("TWILIO_PHONE_NUMBER", OUR_NUMBER)
-        for name in ("VOICE_STREAM_URL", "VOICE_PUBLIC_URL", "TWILIO_SKIP_SIGNATURE_VALIDATION"):
-            monkeypatch.delenv(name, raising=False)
-        yield fake
 
 
 @pytest.fixture
