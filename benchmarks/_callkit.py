@@ -242,6 +242,33 @@ class Probe:
         app.add_api_route("/bench/snapshot", snapshot, methods=["GET"])
 
 
+def speaking_handler(probe: Probe, chunk: bytes) -> Callable[[Any], Any]:
+    """The benchmark's ``on_call``: 2 s utterances until the run finishes, caller audio consumed."""
+
+    async def on_call(session: Any) -> None:
+        rec = probe.new_call(session.call_sid or "?")
+        consumer = asyncio.create_task(probe.consume(session.inbound, rec))
+        try:
+            with contextlib.suppress(TimeoutError):
+                while not probe.finishing and not session.is_disconnected:
+                    for _ in range(UTTERANCE_CHUNKS):
+                        await session.put_outbound(chunk)
+                        rec.agent_bytes_queued += len(chunk)
+                    await session.send_mark_and_wait_async("utt", timeout=30)
+                if not session.is_disconnected:
+                    rec.done_mark = await session.send_mark_and_wait_async("bench-done", 30)
+            await session.wait_until_disconnected_async()
+        finally:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(consumer, 5)
+            rec.agent_bytes_sent = session.stats.audio_sent_bytes
+            rec.inbound_dropped = session.stats.inbound_dropped
+            rec.outbound_dropped = session.stats.outbound_dropped
+            probe.end_call(rec)
+
+    return on_call
+
+
 def serve(app: Any, uvicorn_kwargs: dict[str, Any], on_loop: Callable[[], None]) -> None:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port; print ``PORT n`` on stdout."""
     import socket

@@ -137,26 +137,7 @@ def _serve_ours(args: argparse.Namespace) -> None:
     twilio_ws._Pacer = BenchPacer  # type: ignore[misc]
     vserver.MediaStreamCall = BenchCall  # type: ignore[misc]
 
-    async def on_call(session: VoiceSession) -> None:
-        rec = probe.new_call(session.call_sid or "?")
-        consumer = asyncio.create_task(probe.consume(session.inbound, rec))
-        try:
-            with contextlib.suppress(TimeoutError):
-                while not probe.finishing and not session.is_disconnected:
-                    for _ in range(kit.UTTERANCE_CHUNKS):
-                        await session.put_outbound(chunk)
-                        rec.agent_bytes_queued += len(chunk)
-                    await session.send_mark_and_wait_async("utt", timeout=30)
-                if not session.is_disconnected:
-                    rec.done_mark = await session.send_mark_and_wait_async("bench-done", 30)
-            await session.wait_until_disconnected_async()
-        finally:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(consumer, 5)
-            rec.agent_bytes_sent = session.stats.audio_sent_bytes
-            rec.inbound_dropped = session.stats.inbound_dropped
-            rec.outbound_dropped = session.stats.outbound_dropped
-            probe.end_call(rec)
+    on_call = kit.speaking_handler(probe, chunk)
 
     overrides: dict[str, Any] = {}
     if args.frame_bytes:

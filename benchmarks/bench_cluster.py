@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -52,29 +51,11 @@ _voice: Any = None
 def _build_voice() -> Any:
     """The VoiceServer each worker serves (its cluster comes from VOICE_REDIS_URL)."""
     from voice_runtime.server import VoiceServer
-    from voice_runtime.session import VoiceSession
 
     probe = kit.Probe()
     chunk = kit.tone_chunk()
 
-    async def on_call(session: VoiceSession) -> None:
-        rec = probe.new_call(session.call_sid or "?")
-        consumer = asyncio.create_task(probe.consume(session.inbound, rec))
-        try:
-            with contextlib.suppress(TimeoutError):
-                while not probe.finishing and not session.is_disconnected:
-                    for _ in range(kit.UTTERANCE_CHUNKS):
-                        await session.put_outbound(chunk)
-                        rec.agent_bytes_queued += len(chunk)
-                    await session.send_mark_and_wait_async("utt", timeout=30)
-                if not session.is_disconnected:
-                    rec.done_mark = await session.send_mark_and_wait_async("bench-done", 30)
-            await session.wait_until_disconnected_async()
-        finally:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(consumer, 5)
-            rec.agent_bytes_sent = session.stats.audio_sent_bytes
-            probe.end_call(rec)
+    on_call = kit.speaking_handler(probe, chunk)
 
     voice = VoiceServer(on_call=on_call, max_calls=100_000)
     probe.install(voice.app, lambda: voice.registry.live_count)
