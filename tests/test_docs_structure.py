@@ -99,6 +99,26 @@ def test_relative_link_resolves(doc: Path, target: str) -> None:
         assert anchor in _anchors(path), f"{doc.name} links {target}: no such heading"
 
 
+_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+IMAGES = [
+    pytest.param(doc, target, id=f"{doc.relative_to(ROOT)}->{target}")
+    for doc in DOC_FILES
+    for target in _IMAGE.findall(doc.read_text(encoding="utf-8"))
+    if not re.match(r"[a-z]+:", target)
+]
+
+
+@pytest.mark.parametrize(("doc", "target"), IMAGES)
+def test_image_exists(doc: Path, target: str) -> None:
+    """Screenshots and charts the pages show are in the repository."""
+    assert (doc.parent / target).resolve().is_file(), f"{doc.name} shows {target}: no such file"
+
+
+def test_readme_shows_the_console_and_the_phone() -> None:
+    shown = {Path(t).name for t in _IMAGE.findall(README.read_text(encoding="utf-8"))}
+    assert {"console.png", "phone.png"} <= shown
+
+
 def _configuration() -> str:
     return (DOCS / "configuration.md").read_text(encoding="utf-8")
 
