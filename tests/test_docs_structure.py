@@ -1,5 +1,6 @@
 """The README and docs/ stay what a user walks: the two commands first, links that resolve,
-a reference that lists every setting the code has (test_docs_snippets.py runs the blocks)."""
+a reference that lists every setting the code has, an architecture page that names every
+module (test_docs_snippets.py runs the blocks)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,6 @@ DEMO_COMMAND = (
 TEST_COMMAND = (
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[all,dev]" && pytest'
 )
-# Feature pages written on parallel branches of issue 15; the README links them already.
-# Once they are merged this set is dead: delete it, and every link is checked strictly.
 _LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -100,6 +99,26 @@ def test_relative_link_resolves(doc: Path, target: str) -> None:
         assert anchor in _anchors(path), f"{doc.name} links {target}: no such heading"
 
 
+_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+IMAGES = [
+    pytest.param(doc, target, id=f"{doc.relative_to(ROOT)}->{target}")
+    for doc in DOC_FILES
+    for target in _IMAGE.findall(doc.read_text(encoding="utf-8"))
+    if not re.match(r"[a-z]+:", target)
+]
+
+
+@pytest.mark.parametrize(("doc", "target"), IMAGES)
+def test_image_exists(doc: Path, target: str) -> None:
+    """Screenshots and charts the pages show are in the repository."""
+    assert (doc.parent / target).resolve().is_file(), f"{doc.name} shows {target}: no such file"
+
+
+def test_readme_shows_the_console_and_the_phone() -> None:
+    shown = {Path(t).name for t in _IMAGE.findall(README.read_text(encoding="utf-8"))}
+    assert {"console.png", "phone.png"} <= shown
+
+
 def _configuration() -> str:
     return (DOCS / "configuration.md").read_text(encoding="utf-8")
 
@@ -164,3 +183,46 @@ def test_the_subclassing_example_files_a_record_per_call(tmp_path: Path) -> None
         call_sid = asyncio.run(call(f"ws://127.0.0.1:{served.port}/voice"))
     assert len(records) == 1
     assert records[0][0] == call_sid and records[0][1] > 0
+
+
+def _layout_tree() -> dict[str, int]:
+    """The paths docs/architecture.md's layout tree names (relative to the repository), with
+    the line each is on; directories end in ``/``."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    section = text[text.index("## Layout") :]
+    block = re.search(r"```text\n(voice_runtime/\n.*?)```", section, re.S)
+    assert block is not None, "docs/architecture.md: no layout tree under ## Layout"
+    named: dict[str, int] = {}
+    parents: list[tuple[int, str]] = []  # (indent, directory path) of the open directories
+    for number, line in enumerate(block.group(1).splitlines(), 1):
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        name = line.split()[0]
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = (parents[-1][1] if parents else "") + name
+        named[path] = number
+        if name.endswith("/"):
+            parents.append((indent, path))
+    return named
+
+
+def test_architecture_names_every_module() -> None:
+    """Every module file of the package is in the layout tree, at its place: a new module
+    cannot be added without saying what it is. (Package ``__init__.py`` files may be left
+    out: the directory line says what the package is.)"""
+    named = _layout_tree()
+    modules = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "voice_runtime").rglob("*.py")
+        if path.name != "__init__.py"
+    )
+    missing = [m for m in modules if m not in named]
+    assert not missing, f"docs/architecture.md's layout tree does not name {missing}"
+
+
+def test_architecture_names_only_what_exists() -> None:
+    """The layout tree names no file or directory that is gone (or misplaced in the tree)."""
+    stale = [path for path in _layout_tree() if not (ROOT / path).exists()]
+    assert not stale, f"docs/architecture.md's layout tree names missing {stale}"
