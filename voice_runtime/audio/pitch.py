@@ -77,11 +77,14 @@ class _Yin:
         self.voicing = voicing
         self._taus = np.arange(self.tau_max + 1, dtype=np.float64)
 
-    def f0(self, frames: npt.NDArray[np.float64], min_rms: float) -> npt.NDArray[np.float64]:
-        """F0 in Hz for each row of ``frames`` (shape n x span), 0.0 where unvoiced."""
+    def f0(
+        self, frames: npt.NDArray[np.float64], min_rms: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """F0 in Hz for each row of ``frames`` (shape n x span; 0.0 where unvoiced) and the
+        RMS level of each frame."""
         n = frames.shape[0]
         if n == 0:
-            return np.zeros(0)
+            return np.zeros(0), np.zeros(0)
         w, tmax = self.window, self.tau_max
         head = np.fft.rfft(frames[:, :w], self.nfft, axis=1)
         spec = np.fft.rfft(frames, self.nfft, axis=1) * np.conj(head)
@@ -108,7 +111,7 @@ class _Yin:
         rms = np.sqrt(energy[:, 0] / w)
         # A minimum at the edge of the lag range is no period (creak, a subharmonic): unvoiced.
         voiced = (best < self.voicing) & (rms >= min_rms) & (first < tmax - 1)
-        return np.where(voiced, self.rate / tau, 0.0)
+        return np.where(voiced, self.rate / tau, 0.0), rms
 
 
 def _frames_of(x: npt.NDArray[np.float64], hop: int, span: int) -> npt.NDArray[np.float64]:
@@ -157,7 +160,7 @@ class PitchTracker:
         yin = self._yin
         x = np.concatenate([self._buf, as_pcm16(pcm).astype(np.float64)])
         frames = _frames_of(x, yin.hop, yin.span)
-        f0 = yin.f0(frames, self._min_rms)
+        f0, _ = yin.f0(frames, self._min_rms)
         self._buf = x[f0.size * yin.hop :].copy()
         self.frames += f0.size
         self._track.extend(f0.tolist())
@@ -189,14 +192,24 @@ def pitch_track(
     threshold: float = 0.15,
     voicing: float = 0.35,
     min_dbfs: float = -50.0,
+    max_drop_db: float | None = 15.0,
 ) -> npt.NDArray[np.float64]:
-    """F0 per 20 ms frame of a whole buffer (Hz, 0.0 where unvoiced)."""
+    """F0 per 20 ms frame of a whole buffer (Hz, 0.0 where unvoiced).
+
+    With ``max_drop_db``, voiced frames more than that many dB below the median voiced level
+    count as unvoiced: the fading last frames of an utterance are where YIN errs most.
+    """
     yin = _Yin(sample_rate, min_hz, max_hz, threshold, voicing)
     x = as_pcm16(pcm).astype(np.float64)
     count = -(-x.size // yin.hop)  # the last partial frame counts too
     x = np.concatenate([x, np.zeros(yin.span)])
     frames = _frames_of(x, yin.hop, yin.span)[:count]
-    return yin.f0(frames, _FULL_SCALE * 10.0 ** (min_dbfs / 20.0))
+    f0, rms = yin.f0(frames, _FULL_SCALE * 10.0 ** (min_dbfs / 20.0))
+    voiced = f0 > 0
+    if max_drop_db is not None and voiced.any():
+        floor = float(np.median(rms[voiced])) * 10.0 ** (-max_drop_db / 20.0)
+        f0 = np.where(rms >= floor, f0, 0.0)
+    return f0
 
 
 def _running_median(x: npt.NDArray[np.float64], width: int) -> npt.NDArray[np.float64]:
