@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -173,7 +173,7 @@ class PitchTracker:
         """The F0 of the last ``keep_ms`` of frames, oldest first."""
         return np.asarray(self._track[-self._keep :], dtype=np.float64)
 
-    def contour(self, **kwargs: float) -> Contour:
+    def contour(self, **kwargs: Any) -> Contour:
         """:func:`final_contour` of the track so far."""
         return final_contour(self.track, **kwargs)
 
@@ -273,8 +273,6 @@ def final_contour(
     return Contour("level", drop, slope, voiced_ms)
 
 
-def ends_rising(
-    pcm: npt.NDArray[np.int16] | bytes, sample_rate: int = 8000, **kwargs: float
-) -> bool:
+def ends_rising(pcm: npt.NDArray[np.int16] | bytes, sample_rate: int = 8000, **kwargs: Any) -> bool:
     """True when the utterance ``pcm`` ends with a continuation rise (see :func:`final_contour`)."""
     return final_contour(pitch_track(pcm, sample_rate), **kwargs).rising
