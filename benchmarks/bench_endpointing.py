@@ -15,11 +15,19 @@ transcription time is reported on its own). Per configuration:
 * ``median wait``: stream milliseconds from the end of the caller's speech to the commit.
 
 The baseline ("before") is the fixed 500 ms silence the offline STT used; "fixed 1200 ms"
-is the naive fix (a longer timer for every turn); "adaptive" is the lexical end of turn.
+is the naive fix (a longer timer for every turn); "adaptive" is the lexical end of turn;
+"+prosody" adds the rising-pause cue (``EndOfTurn(prosody=True)``).
+
+Two sets of turns, reported apart: "lexical" (the Piper turns above) and "rising": turns
+spoken by eSpeak NG, whose unfinished first part ends in a comma (eSpeak makes it a
+continuation rise; Whisper drops the comma, so no lexical cue is left) and finished
+sentences and a question spoken by eSpeak (which end falling, or rise as a question).
+The per-frame cost of the pitch tracker is printed below the table.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,7 +45,7 @@ RATE = 8000
 FRAME = 160
 TAIL_MS = 3000  # silence after each turn
 
-# (parts, pauses between them in ms): one caller turn each.
+# (parts, pauses between them in ms): one caller turn each, spoken by Piper.
 SAMPLES: list[tuple[list[str], list[int]]] = [
     (["I would like to order a pizza and", "a large lemonade."], [900]),
     (["My phone number is five five five", "one two three four."], [800]),
@@ -55,11 +63,30 @@ SAMPLES: list[tuple[list[str], list[int]]] = [
     (["I want to cancel my subscription."], []),
 ]
 QUICK = [0, 1, 6, 8, 10, 11]
+# The "rising" set, spoken by eSpeak NG: a comma before the pause and no lexical cue.
+RISING: list[tuple[list[str], list[int]]] = [
+    (["I need a table for two,", "at seven tonight."], [900]),
+    (["Send it to my office,", "not to my home."], [900]),
+    (["I have a question about my order,", "it never arrived."], [900]),
+    (["Tomorrow morning,", "around nine."], [900]),
+    (["Let me check my calendar,", "one moment."], [900]),
+    (["I want to fly to Boston,", "next Friday."], [900]),
+    (["I would like a pizza,", "with extra cheese."], [900]),
+    (["My name is John Smith,", "from Denver."], [900]),
+    (["I need a table for two."], []),
+    (["Send it to my office."], []),
+    (["Tomorrow morning."], []),
+    (["I want to fly to Boston."], []),
+    (["Thank you very much."], []),
+    (["Can you help me with my bill?"], []),
+]
+RISING_QUICK = [0, 3, 5, 8, 10, 13]
 
 CONFIGS: list[tuple[str, float, EndOfTurn | None]] = [
     ("before: fixed 500 ms", 500.0, None),
     ("fixed 1200 ms", 1200.0, None),
-    ("adaptive 500/1600 ms", 500.0, EndOfTurn(500.0, 1600.0)),
+    ("adaptive 500/1600 ms", 500.0, EndOfTurn(500.0, 1600.0, prosody=False)),
+    ("+prosody 500/1600 ms", 500.0, EndOfTurn(500.0, 1600.0, prosody=True)),
 ]
 
 
@@ -80,17 +107,21 @@ def _speech_end(pcm: np.ndarray) -> float:
     return (int(loud[-1]) + 1) * FRAME / RATE if loud.size else 0.0
 
 
-def build_turns(indices: list[int]) -> list[Turn]:
-    """Speak every sample with Piper and lay out its parts and pauses."""
+def build_turns(
+    indices: list[int],
+    samples: list[tuple[list[str], list[int]]] = SAMPLES,
+    voice: str = "piper",
+) -> list[Turn]:
+    """Speak every sample with ``voice`` and lay out its parts and pauses."""
     from voice_runtime.offline import synthesize_ulaw
 
     turns = []
     for i in indices:
-        parts, pauses = SAMPLES[i]
+        parts, pauses = samples[i]
         audio = bytearray(b"\xff" * 2400)  # 300 ms lead-in
         last_start = 0.0
         for n, text in enumerate(parts):
-            clip = synthesize_ulaw(text, "piper")
+            clip = synthesize_ulaw(text, voice)
             last_start = len(audio) / RATE
             end = last_start + _speech_end(ulaw_decode(clip))
             audio += clip
@@ -153,12 +184,41 @@ def commits(
     return out
 
 
+def pitch_cost_us() -> tuple[float, float]:
+    """Microseconds per 20 ms frame of 8 kHz speech: the streaming tracker fed frame by frame,
+    and :func:`pitch_track` on a whole utterance (what the end of turn runs); best of 5."""
+    from voice_runtime.audio.pitch import PitchTracker, pitch_track
+    from voice_runtime.offline import synthesize_ulaw
+
+    pcm = ulaw_decode(synthesize_ulaw("I would like to order a pizza and a lemonade.", "piper"))
+    frames = pcm.size // FRAME
+    stream, batch = [], []
+    for _ in range(5):
+        tracker = PitchTracker(RATE)
+        t0 = time.perf_counter()
+        for i in range(0, pcm.size, FRAME):
+            tracker.process(pcm[i : i + FRAME])
+        stream.append((time.perf_counter() - t0) * 1e6 / frames)
+        t0 = time.perf_counter()
+        pitch_track(pcm, RATE)
+        batch.append((time.perf_counter() - t0) * 1e6 / frames)
+    return min(stream), min(batch)
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """One row per configuration: too-early and too-late counts, median and p90 waits."""
-    turns = build_turns(QUICK if quick else list(range(len(SAMPLES))))
+    """One row per configuration and set: too-early and too-late counts, median, p90 waits."""
+    sets = [
+        ("lexical", build_turns(QUICK if quick else list(range(len(SAMPLES))))),
+        (
+            "rising",
+            build_turns(
+                RISING_QUICK if quick else list(range(len(RISING))), RISING, voice="espeak"
+            ),
+        ),
+    ]
     whisper = _Whisper()
     rows = []
-    for name, silence_ms, policy in CONFIGS:
+    for (name, silence_ms, policy), (set_name, turns) in itertools.product(CONFIGS, sets):
         early = late = 0
         waits: list[float] = []
         for turn in turns:
@@ -175,6 +235,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         rows.append(
             {
                 "config": name,
+                "set": set_name,
                 "turns": len(turns),
                 "too_early": early,
                 "too_late": late,
@@ -183,27 +244,33 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 "median_transcribe_ms": round(statistics.median(whisper.seconds) * 1000, 0),
             }
         )
+    stream_us, batch_us = pitch_cost_us()
+    for row in rows:
+        row["pitch_us_per_frame"] = round(stream_us, 1)
+        row["pitch_batch_us_per_frame"] = round(batch_us, 1)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width table."""
     head = (
-        f"{'configuration':<24}{'turns':>6}{'too early':>10}{'too late':>10}"
+        f"{'configuration':<24}{'set':>8}{'turns':>6}{'too early':>10}{'too late':>10}"
         f"{'median wait':>13}{'p90 wait':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['config']:<24}{r['turns']:>6}{r['too_early']:>10}{r['too_late']:>10}"
+            f"{r['config']:<24}{r['set']:>8}{r['turns']:>6}{r['too_early']:>10}{r['too_late']:>10}"
             f"{r['median_wait_ms']:>10.0f} ms{r['p90_wait_ms']:>7.0f} ms"
         )
     lines.append(
         f"(too late: > {LATE_MS:.0f} ms after the speech ended; waits on the stream clock, "
-        f"plus Whisper's median {rows[0]['median_transcribe_ms']:.0f} ms per transcription)"
+        f"plus Whisper's median {rows[0]['median_transcribe_ms']:.0f} ms per transcription)\n"
+        f"pitch tracker per 20 ms frame at 8 kHz: {rows[0]['pitch_us_per_frame']:.0f} µs "
+        f"streaming, {rows[0]['pitch_batch_us_per_frame']:.0f} µs on a whole utterance"
     )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    bench_main(__doc__, run, format_table, "six samples instead of fourteen")
+    bench_main(__doc__, run, format_table, "six samples per set instead of fourteen")

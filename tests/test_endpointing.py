@@ -74,6 +74,37 @@ def test_the_joiner_commits_a_held_turn_when_the_long_silence_ran_out() -> None:
     assert plain.transcribed(audio, "My number is 555", 1.0, 8000) == "My number is 555"
 
 
+def _glide(start_hz: float, end_hz: float, seconds: float = 0.6) -> np.ndarray:
+    """A voiced sound whose pitch glides from ``start_hz`` to ``end_hz`` (8 kHz), then silence."""
+    f0 = np.geomspace(start_hz, end_hz, int(seconds * 8000))
+    phase = 2.0 * np.pi * np.cumsum(f0) / 8000
+    x = sum(np.sin(k * phase) / k for k in range(1, 8))
+    voiced = (x / np.abs(x).max() * 8000).astype(np.int16)
+    return np.concatenate([voiced, np.zeros(2400, dtype=np.int16)])
+
+
+def test_a_rising_pause_holds_the_turn_when_prosody_is_on() -> None:
+    """No lexical cue ("I'd like a pizza." as Whisper writes it), but the pitch ends rising."""
+    rising, falling = _glide(100, 150), _glide(150, 100)
+    text = "I would like a pizza."
+    prosodic = EndOfTurn(silence_ms=500, unfinished_silence_ms=1500, prosody=True)
+    assert prosodic.silence_needed_ms(text, rising) == 1500
+    assert prosodic.silence_needed_ms(text, falling) == 500
+    assert prosodic.silence_needed_ms(text) == 500  # no audio: the text alone decides
+    # A question rises and is finished; an empty transcript (noise) is never held.
+    assert prosodic.silence_needed_ms("Can you help me?", rising) == 500
+    assert not prosodic.unfinished("", rising)
+    joiner = TurnJoiner(prosodic)
+    assert joiner.transcribed(joiner.audio_for(rising), text, 1.0, 8000) is None
+    assert joiner.deadline == pytest.approx(2.5)
+    assert joiner.due(2.6, in_speech=False) == text
+    assert joiner.transcribed(joiner.audio_for(falling), text, 1.0, 8000) == text
+    # Off (the default): the same rising utterance commits at once.
+    assert not EndOfTurn().prosody
+    lexical = TurnJoiner(EndOfTurn(silence_ms=500, unfinished_silence_ms=1500))
+    assert lexical.transcribed(lexical.audio_for(rising), text, 1.0, 8000) == text
+
+
 def test_end_of_turn_rejects_a_shorter_unfinished_wait() -> None:
     with pytest.raises(ValueError):
         EndOfTurn(silence_ms=800, unfinished_silence_ms=500)

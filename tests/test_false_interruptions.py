@@ -239,3 +239,41 @@ def test_a_word_aware_candidate_waits_longer_after_unfinished_words(
     clock.t += 1.0
     feed(b"\xff" * 160)
     assert bi.state == "idle" and bi.count == 0  # never an interruption: too few words
+
+
+@pytest.mark.parametrize(
+    ("text", "prosody", "dismissed_after_1s"),
+    [
+        ("Tomorrow morning.", True, True),
+        ("Tomorrow morning,", True, False),
+        ("Tomorrow morning,", False, True),
+    ],
+)
+def test_a_rising_pause_makes_the_barge_in_wait_longer(
+    espeak_clip: Any, text: str, prosody: bool, dismissed_after_1s: bool
+) -> None:
+    """eSpeak ends "Tomorrow morning," on a continuation rise and "Tomorrow morning." falling:
+    with ``prosody`` the rising one waits twice as long for words before the agent goes on."""
+    from voice_runtime.session import VoiceSession
+
+    session = VoiceSession()
+    session.put_outbound_sync(b"\xff" * 8000)  # agent audio pending (no loop: it stays queued)
+    clock = _Clock()
+    bi = BargeIn(
+        session, min_speech_ms=150, min_words=3, clock=clock, attach=False, prosody=prosody
+    )
+
+    def feed(audio: bytes, step_s: float = 0.02) -> None:
+        for i in range(0, len(audio) - 159, 160):
+            bi.feed(audio[i : i + 160])
+            clock.t += step_s
+
+    feed(espeak_clip(text))
+    assert bi.state == "candidate"
+    feed(b"\xff" * 8000, step_s=0.0)  # the caller's sound ends (the VAD's silence), clock held
+    clock.t += 1.0
+    feed(b"\xff" * 160)
+    assert (bi.state == "idle") is dismissed_after_1s
+    clock.t += 1.0
+    feed(b"\xff" * 160)
+    assert bi.state == "idle" and bi.count == 0

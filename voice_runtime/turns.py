@@ -7,6 +7,10 @@ Three small, sans-I/O pieces (no asyncio, no threads, no clock of their own):
   or article, a comma, or a number being read out, the caller is probably not done, so the
   silence that ends the turn is longer (``unfinished_silence_ms``) than after a finished one
   (``silence_ms``).
+* The prosodic cue (``EndOfTurn(prosody=True)``): an utterance whose pitch ends with a
+  continuation rise (:func:`voice_runtime.audio.pitch.final_contour`, "I'd like a pizza, ...")
+  counts as unfinished too, unless its text ends with a question mark (a yes/no question
+  rises and is finished).
 * :class:`TurnJoiner`: joins the utterances a VAD cut into one caller turn on the stream
   clock: an utterance that looks unfinished is held until either more speech comes (the two
   are transcribed together) or the longer silence ran out. The offline STT uses it; a
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from voice_runtime.audio.pitch import ends_rising
+
 if TYPE_CHECKING:
     from voice_runtime.session import VoiceSession
 
@@ -36,6 +42,7 @@ __all__ = [
     "SentTail",
     "TurnJoiner",
     "discard_paused",
+    "ends_with_rise",
     "looks_unfinished",
     "pause_playback",
     "resume_playback",
@@ -188,23 +195,55 @@ def looks_unfinished(text: str) -> bool:
     return last in _CONTINUATIONS
 
 
+#: Seconds of an utterance's end the pitch tracker looks at (bounds its cost per utterance).
+_PROSODY_TAIL_S = 1.5
+#: Whether the rising-pause cue is on when not given (see docs/turn-taking.md for the numbers).
+PROSODY_DEFAULT = False
+
+
+def ends_with_rise(text: str, pcm: npt.NDArray[np.int16], sample_rate: int) -> bool:
+    """True when the utterance ``pcm`` (reading ``text``) ends with a continuation rise.
+
+    A text ending in "?" never counts (yes/no questions rise and are finished), and neither
+    does an empty one (noise).
+    """
+    stripped = text.strip()
+    if not stripped or stripped.endswith("?") or sample_rate not in (8000, 16000):
+        return False
+    return ends_rising(pcm[-int(_PROSODY_TAIL_S * sample_rate) :], sample_rate)
+
+
 @dataclass(frozen=True)
 class EndOfTurn:
     """How long a silence ends the caller's turn: short after a finished sentence, longer after
-    an unfinished one (see :func:`looks_unfinished`)."""
+    an unfinished one (see :func:`looks_unfinished`; with ``prosody``, also after a rising
+    pause, see :func:`ends_with_rise`)."""
 
     silence_ms: float = 500.0
     unfinished_silence_ms: float = 1600.0
     #: Longest turn held back waiting for more speech (seconds of audio); then it commits.
     max_turn_s: float = 30.0
+    #: Also treat an utterance whose pitch ends rising as unfinished.
+    prosody: bool = PROSODY_DEFAULT
 
     def __post_init__(self) -> None:
         if self.silence_ms <= 0 or self.unfinished_silence_ms < self.silence_ms:
             raise ValueError("need 0 < silence_ms <= unfinished_silence_ms")
 
-    def silence_needed_ms(self, text: str) -> float:
-        """The silence after ``text`` that ends the turn."""
-        return self.unfinished_silence_ms if looks_unfinished(text) else self.silence_ms
+    def unfinished(
+        self, text: str, pcm: npt.NDArray[np.int16] | None = None, sample_rate: int = 8000
+    ) -> bool:
+        """True when the turn is probably not over after ``text`` (spoken as ``pcm``)."""
+        if looks_unfinished(text):
+            return True
+        return self.prosody and pcm is not None and ends_with_rise(text, pcm, sample_rate)
+
+    def silence_needed_ms(
+        self, text: str, pcm: npt.NDArray[np.int16] | None = None, sample_rate: int = 8000
+    ) -> float:
+        """The silence after ``text`` (spoken as ``pcm``, when known) that ends the turn."""
+        unfinished = self.unfinished(text, pcm, sample_rate)
+        return self.unfinished_silence_ms if unfinished else self.silence_ms
 
 
 class TurnJoiner:
@@ -244,8 +283,8 @@ class TurnJoiner:
         policy = self.policy
         if (
             policy is None
-            or not looks_unfinished(text)
             or audio.size >= policy.max_turn_s * sample_rate
+            or not policy.unfinished(text, audio, sample_rate)
         ):
             return self._take(text)
         self._held = [audio]

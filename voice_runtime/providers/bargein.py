@@ -27,7 +27,9 @@ False interruptions (``resume_after_ms``): the barge-in first only *pauses* play
 ``clear``; the unheard rest is kept, see :func:`voice_runtime.turns.pause_playback`). When
 words are committed (or ``min_words`` interim words arrive) the interruption is confirmed as
 above; when the caller's sound ended and no words came within ``resume_after_ms``, it was
-noise or a backchannel and the agent resumes from the unheard point (``on_resume``).
+noise or a backchannel and the agent resumes from the unheard point (``on_resume``). The
+wait doubles when the caller's words so far read as unfinished, and (``prosody=True``) when
+the caller's sound ended on a rising pitch (:func:`voice_runtime.turns.ends_with_rise`).
 
 Word-aware barge-in (``min_words``): speech alone does not interrupt; the caller's transcript
 must reach ``min_words`` words first. Interim text (ElevenLabs partials, Azure recognizing)
@@ -50,8 +52,10 @@ from voice_runtime.audio.codec import ulaw_decode
 from voice_runtime.audio.vad import SileroVad, SpeechSegmenter, SpeechStart, UtteranceEnd
 from voice_runtime.events import BARGE_IN
 from voice_runtime.turns import (
+    PROSODY_DEFAULT,
     SentTail,
     discard_paused,
+    ends_with_rise,
     looks_unfinished,
     pause_playback,
     resume_playback,
@@ -98,6 +102,7 @@ class BargeIn:
         max_pause_ms: float = 6000.0,
         on_resume: Callable[[BargeInEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        prosody: bool = PROSODY_DEFAULT,
     ) -> None:
         if min_speech_ms < 0:
             raise ValueError("min_speech_ms must be >= 0")
@@ -113,6 +118,8 @@ class BargeIn:
         #: A pause (or a word-aware candidate) this long is decided as an interruption.
         self.max_pause_ms = float(max_pause_ms)
         self.on_resume = on_resume
+        #: A caller sound that ended on a rising pitch doubles the wait too.
+        self.prosody = bool(prosody)
         self._clock = clock  # injectable so tests can step through the decision windows
         #: Barge-ins that turned out to be noise or a backchannel (playback resumed).
         self.false_interruptions = 0
@@ -123,6 +130,8 @@ class BargeIn:
         self._speech_end: float | None = None  # monotonic time the caller's sound ended
         self._words = 0  # most words seen in one transcript since the candidate or pause
         self._unfinished = False  # the latest transcript reads as an unfinished sentence
+        self._rising = False  # the caller's sound ended on a rising pitch
+        self._text = ""  # the latest transcript since the candidate or pause
         if resume_after_ms is not None:
             port: Any = getattr(session, "port", None)
             if not hasattr(port, "sent_tail"):
@@ -182,6 +191,7 @@ class BargeIn:
         if self._state == "idle" or words == 0:
             return
         self._words = max(self._words, words)
+        self._text = text
         self._unfinished = looks_unfinished(text)
         if self._state == "paused" and (final or self._words >= max(self.min_words, 1)):
             self._confirm()
@@ -239,6 +249,8 @@ class BargeIn:
         self._speech_end = None
         self._words = 0
         self._unfinished = False
+        self._rising = False
+        self._text = ""
         self._release_stt()  # so the caller's words (interim ones too) are not taken for echo
 
     def _feed_deciding(self, frame: bytes) -> None:
@@ -252,8 +264,12 @@ class BargeIn:
         for event in self._segmenter.process(ulaw_decode(frame)):
             if isinstance(event, SpeechStart):
                 self._speech_end = None
+                self._rising = False
             elif isinstance(event, UtteranceEnd):
                 self._speech_end = now
+                if self.prosody:
+                    # No words yet reads as "some sound": the pitch alone decides.
+                    self._rising = ends_with_rise(self._text or "...", event.pcm, event.sample_rate)
         if self._state == "candidate" and not self.session.agent_audio_pending:
             self._dismiss()  # the agent finished: this speech is the caller's next turn
             return
@@ -272,8 +288,8 @@ class BargeIn:
             return
         end = self._speech_end
         wait_ms = self.resume_after_ms if self.resume_after_ms is not None else 800.0
-        if self._unfinished:
-            wait_ms *= 2.0  # "wait, and..." : the caller is not done yet
+        if self._unfinished or self._rising:
+            wait_ms *= 2.0  # "wait, and..." or a rising pause: the caller is not done yet
         if end is None or now - end < wait_ms / 1000.0:
             return
         if self._state == "paused":

@@ -3,7 +3,9 @@
 End of turn: an utterance whose text reads as unfinished (a trailing "and", a number being
 read out; see :func:`voice_runtime.turns.looks_unfinished`) is held until the caller goes on
 (both parts are transcribed together) or ``end_of_turn.unfinished_silence_ms`` of silence
-passed; a finished one commits after ``min_silence_ms`` as before.
+passed; a finished one commits after ``min_silence_ms`` as before. With
+``end_of_turn=EndOfTurn(prosody=True)`` an utterance whose pitch ends on a continuation rise is
+held the same way (see :func:`voice_runtime.turns.ends_with_rise`).
 """
 
 from __future__ import annotations
