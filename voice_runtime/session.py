@@ -128,6 +128,9 @@ class VoiceSession(TransportSide):
         #: The transport-facing side of this session (see :mod:`voice_runtime.stream_port`).
         self.port = StreamPort(self, self.playback)
         self._loop_none_warned = False
+        # The call generation whose disconnect request was logged: an app's hangup and the
+        # runtime's end-after-handler both request it, and one call gets one log line.
+        self._disconnect_logged: int | None = None
         # Peers control how often some things happen (unknown marks, drops): first few, then
         # one in N, per call; SessionStats counts them all.
         self._log_limit = LogLimiter()
@@ -430,7 +433,9 @@ class VoiceSession(TransportSide):
         self._on_loop(
             self.port.queue_end_mark if after_playback else self._set_disconnect_requested
         )
-        logger.info("disconnect requested", extra={"call_sid": self.call_sid})
+        if self._disconnect_logged != self._call_generation:
+            self._disconnect_logged = self._call_generation
+            logger.info("disconnect requested", extra={"call_sid": self.call_sid})
 
     def _set_disconnect_requested(self) -> None:
         self._disconnect_requested.set()
