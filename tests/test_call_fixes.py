@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import wait_for
 
-from voice_runtime import Conversation, VoiceServer
+from voice_runtime import Conversation, LoopThreadError, VoiceServer, digits, voicemail
 from voice_runtime.mock.stt import MockStt
 from voice_runtime.mock.tts import MockTts
 from voice_runtime.session import VoiceSession
@@ -67,3 +69,51 @@ async def test_drain_lets_a_sync_handler_finish_its_after_call_work() -> None:
         await sim.hangup()
         await asyncio.wait_for(drain, 5)
         assert saved == ["transcript"]
+
+
+async def test_blocking_methods_raise_at_once_on_the_loop_thread_naming_their_twins() -> None:
+    outcomes: dict[str, str] = {}
+
+    async def on_call(session: VoiceSession) -> None:
+        conv = Conversation(session, MockTts())
+        control = session.control
+        checks: dict[str, tuple[Any, Callable[[], Any]]] = {
+            "listen": (conv, lambda: conv.listen(timeout=5)),
+            "say": (conv, lambda: conv.say("hi")),
+            "gather_digits": (conv, lambda: conv.gather_digits(1, timeout=5)),
+            "leave_voicemail": (conv, lambda: conv.leave_voicemail("hi", timeout=5)),
+            "warm_transfer": (conv, lambda: conv.warm_transfer(voice, "+15550001111")),
+            "digits.gather_digits": (digits, lambda: digits.gather_digits(session, 1, timeout=5)),
+            "voicemail.leave_voicemail": (
+                voicemail,
+                lambda: voicemail.leave_voicemail(session, "hi", MockTts(), timeout=5),
+            ),
+            "control.transfer": (control, lambda: control.transfer("+15550001111")),
+            "control.send_digits": (control, lambda: control.send_digits("1")),
+            "control.start_recording": (control, lambda: control.start_recording()),
+            "control.stop_recording": (control, lambda: control.stop_recording("RE1")),
+        }
+        for name, (owner, call) in checks.items():
+            t0 = time.monotonic()
+            try:
+                call()
+            except LoopThreadError as exc:
+                assert exc.twin is not None and f"{exc.twin}()" in str(exc), exc
+                twin = getattr(owner, exc.twin.rsplit(".", 1)[-1], None)
+                fast = time.monotonic() - t0 < 1.0
+                outcomes[name] = "ok" if callable(twin) and fast else f"bad twin {exc.twin}"
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                outcomes[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                outcomes[name] = "returned"
+        with pytest.raises(LoopThreadError, match="session_for_call"):
+            voice.session_for_call("CA00000000000000000000000000000000", timeout=5)
+        conv.hangup()  # never blocked (0.1.x: request_disconnect): it works on the loop
+
+    voice = VoiceServer(on_call=on_call, stt=MockStt)
+    async with (
+        serve_in_loop(voice.app) as srv,
+        CallerSimulator(srv.ws_url + "/voice") as sim,
+    ):
+        assert await sim.wait_closed(10)
+    assert outcomes and set(outcomes.values()) == {"ok"}, outcomes

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
-from voice_runtime._sync import run_loop_cleanups
+from voice_runtime._sync import forbid_on_loop, run_loop_cleanups, running_loop
 from voice_runtime.call_lifecycle import CallLifecycle
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
@@ -332,9 +332,13 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         return route
 
     def session_for_call(self, call_sid: str, timeout: float = 0.0) -> VoiceSession | None:
-        """The session of ``call_sid``; waits up to ``timeout`` for its stream to start."""
+        """The session of ``call_sid``; waits up to ``timeout`` for its stream to start.
+
+        Waiting blocks: LoopThreadError on an event loop thread (wait in a worker thread).
+        """
         if timeout <= 0:
             return self.registry.by_call_sid(call_sid)
+        forbid_on_loop(running_loop(), "VoiceServer.session_for_call")
         return self.registry.wait_for_call(call_sid, timeout)
 
     def _route_token(self, ttl_s: float, call_sid: str | None = None) -> str | None:

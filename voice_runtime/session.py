@@ -66,7 +66,12 @@ OUTBOUND_MAX_BYTES = 2 << 20  # about 4.4 minutes of agent audio queued ahead of
 # A blocking wrapper waits this much beyond the async twin's own timeout before giving up.
 _BLOCKING_GRACE_S = 1.0
 # What a coroutine awaits instead of each blocking method (named in LoopThreadError).
-_ASYNC_TWINS = {"send_mark_and_wait": "send_mark_and_wait_async", "iter_dtmf": "dtmf"}
+_ASYNC_TWINS = {
+    "send_mark_and_wait": "send_mark_and_wait_async",
+    "iter_dtmf": "dtmf",
+    "gather_digits": "gather_digits_async",
+    "leave_voicemail": "leave_voicemail_async",
+}
 
 # 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
 ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
