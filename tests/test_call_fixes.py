@@ -117,3 +117,45 @@ async def test_blocking_methods_raise_at_once_on_the_loop_thread_naming_their_tw
     ):
         assert await sim.wait_closed(10)
     assert outcomes and set(outcomes.values()) == {"ok"}, outcomes
+
+
+async def test_a_slow_stt_factory_stalls_no_call_and_loses_no_audio() -> None:
+    built: list[MockStt] = []
+    frames = b"\xff" * 160 * 25  # 0.5 s of caller audio, sent while the STT is being built
+
+    def slow_stt() -> MockStt:
+        if built:
+            time.sleep(0.5)  # a model load, for every call but the first
+        built.append(MockStt())
+        return built[-1]
+
+    async def on_call(session: VoiceSession) -> None:
+        await session.wait_until_disconnected_async()
+
+    voice = VoiceServer(on_call=on_call, stt=slow_stt)
+    gaps: list[float] = []
+
+    async def ticker(stop: asyncio.Event) -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with (
+        serve_in_loop(voice.app) as srv,
+        CallerSimulator(srv.ws_url + "/voice") as first,
+    ):
+        assert await wait_for(lambda: len(built) == 1)
+        stop = asyncio.Event()
+        ticks = asyncio.create_task(ticker(stop))
+        talking = asyncio.create_task(first.send_audio(b"\xff" * 160 * 50))  # paced, 1 s
+        async with CallerSimulator(srv.ws_url + "/voice") as second:
+            await second.send_audio(frames, realtime=False)
+            assert await wait_for(lambda: len(built) == 2 and built[1].frames >= 25, 5)
+            stop.set()
+            await ticks
+            await talking
+    # The loop kept running while the second call's STT was built in a worker thread.
+    assert max(gaps) < 0.3, max(gaps)
