@@ -201,8 +201,10 @@ class CallWiring:
         hangup_regions: Any = None,
         *,
         stt_factory: Callable[[], Any] | None = None,
+        in_thread: bool = True,
     ) -> None:
         self.session = session
+        self.in_thread = in_thread  # build the STT in a worker thread (False: on the loop)
         # The server's STT, unless the session brings its own (its STT or its factory).
         if stt_factory is not None and session.stt is None and session.stt_factory is None:
             session.stt_factory = stt_factory
@@ -219,12 +221,13 @@ class CallWiring:
         """The stream's ``on_start``: start the STT, then run ``then(session)``."""
 
         def started(session: Any) -> Any:
-            if session.stt is None and session.stt_factory is not None:
+            if self.in_thread and session.stt is None and session.stt_factory is not None:
                 task = asyncio.create_task(self._build_then_start(then), name="vr-stt-build")
                 self._tasks.append(task)
                 return None
-            if session.stt is not None:
-                self._start(session.stt)
+            stt, self._built_stt = build_stt(session)
+            if stt is not None:
+                self._start(stt)
             return then(session) if then is not None else None
 
         return started

@@ -113,6 +113,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     it the server runs alone and never imports Redis; False never joins one.
     """
 
+    _stt_in_thread = True  # build each call's STT off the loop (see call_wiring.CallWiring)
+
     def __init__(
         self,
         *,
@@ -522,7 +524,12 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
         session.port.callbacks.runner = self.callbacks
         session.port.events.bus = self.events
-        wiring = CallWiring(session, self.hangup_regions, stt_factory=self.stt_factory)
+        wiring = CallWiring(
+            session,
+            self.hangup_regions,
+            stt_factory=self.stt_factory,
+            in_thread=self._stt_in_thread,
+        )
         call = MediaStreamCall(
             websocket,
             session,
