@@ -165,6 +165,61 @@ def test_call_places_a_call_that_connects_back(
     }
 
 
+BOT_THAT_LISTENS = """
+from voice_runtime import Conversation, VoiceServer
+from voice_runtime.mock.stt import MockStt
+from voice_runtime.mock.tts import MockTts
+
+heard = []
+
+
+def handle(session):
+    conv = Conversation(session, MockTts())
+    heard.append(conv.listen(timeout=0.2))  # the server's STT: no ConfigurationError
+    conv.hangup()
+
+
+app = VoiceServer(on_call=handle, stt=MockStt)
+"""
+
+
+def test_call_runs_an_app_voice_server_with_its_stt(
+    fake_env: FakeTwilioRest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "cli_listening_bot.py").write_text(BOT_THAT_LISTENS)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "cli_listening_bot", raising=False)
+    port = free_port()
+    phones: list[threading.Thread] = []
+
+    async def answer(call: FakeCall) -> None:
+        url, params = stream_of(call.twiml or "")
+        signature = RequestValidator(fake_env.auth_token).compute_signature(url, {})
+        headers = {"X-Twilio-Signature": signature}
+        async with CallerSimulator(url, call_sid=call.sid, parameters=params, headers=headers):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while fake_env.calls[call.sid].status != "completed" and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+
+    def created(call: FakeCall) -> None:
+        phones.append(threading.Thread(target=asyncio.run, args=(answer(call),)))
+        phones[-1].start()
+
+    fake_env.on_call_created(created)
+    code = main(["call", "+15550002222", "--public-url", f"http://127.0.0.1:{port}",
+                 "--port", str(port), "--app", "cli_listening_bot:app",
+                 "--app-dir", str(tmp_path)])  # fmt: skip
+    for phone in phones:
+        phone.join(10)
+    assert code == 0, capsys.readouterr()
+    assert sys.modules["cli_listening_bot"].heard == [None]
+    sys.modules.pop("cli_listening_bot", None)
+
+
 def test_call_not_answered_exits_1(
     fake_env: FakeTwilioRest, capsys: pytest.CaptureFixture[str]
 ) -> None:

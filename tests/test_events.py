@@ -106,6 +106,21 @@ async def test_stream_subscribers_get_one_call_and_a_slow_one_loses_the_oldest()
     assert not bus.active
 
 
+async def test_a_timed_out_get_leaves_the_stream_open() -> None:
+    bus = EventBus()
+    async with bus.stream(call_sid="CA1") as stream:
+        for _ in range(2):
+            try:
+                await stream.get(0.01)
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError("get() returned with nothing published")
+        assert bus.active
+        bus.publish(CallEvent(ev.DTMF, "CA1", None, 1.0, 0.0, {"digit": "5"}))
+        assert (await stream.get(1)).data["digit"] == "5"
+
+
 async def test_a_failing_listener_is_counted_and_others_still_hear() -> None:
     bus = EventBus()
     got: list[CallEvent] = []

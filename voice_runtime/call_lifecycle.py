@@ -121,6 +121,12 @@ class CallLifecycle:
             await asyncio.sleep(0.05)
         for session in self.registry.live_sessions():
             session.request_disconnect()
+        # Handlers may still be doing their after-call work (saving a transcript): the rest
+        # of the budget is theirs, then what is left is cancelled.
+        if self._call_tasks:
+            await asyncio.wait(set(self._call_tasks), timeout=max(0.0, deadline - loop.time()))
+        while self._pool.threads and loop.time() < deadline:  # noqa: ASYNC110 - threads
+            await asyncio.sleep(0.05)
         for task in list(self._call_tasks):
             task.cancel()
 

@@ -1,7 +1,8 @@
 """Per-call wiring of the server layer: what a call needs beyond moving frames.
 
 A media stream (:class:`~voice_runtime.transports.twilio_ws.MediaStreamCall`) only moves
-frames. When a stream starts, :class:`CallWiring` builds the session's STT from
+frames. When a stream starts, :class:`CallWiring` builds the session's STT in a worker thread
+(the loop serves other calls meanwhile; the handler starts once it is set) from
 ``stt_factory`` (wrapped in an :class:`~voice_runtime.stt_tee.SttTee` when
 ``stt_secondary_factory`` is set), calls ``on_stt_ready(stt)`` and starts it on
 ``session.inbound``; it installs :class:`~voice_runtime.transports.call_control.CallControl`
@@ -29,6 +30,7 @@ __all__ = [
     "CallWiring",
     "build_stt",
     "hangup_call_now",
+    "make_stt",
     "rest_hangup",
     "start_stt",
     "stt_factory_for",
@@ -110,18 +112,22 @@ def stt_factory_for(
     return create
 
 
-def build_stt(session: Any) -> tuple[Any, bool]:
-    """The session's STT, built from its factories when it has none; (stt, built_here)."""
-    if getattr(session, "stt", None) is not None or session.stt_factory is None:
-        return getattr(session, "stt", None), False
+def make_stt(session: Any) -> Any:
+    """A new STT from the session's factories (an SttTee with a secondary); any thread."""
     primary = session.stt_factory()
     secondary = getattr(session, "stt_secondary_factory", None)
     if secondary is not None:
         from voice_runtime.stt_tee import SttTee
 
-        session.stt = SttTee(primary, secondary())
-    else:
-        session.stt = primary
+        return SttTee(primary, secondary())
+    return primary
+
+
+def build_stt(session: Any) -> tuple[Any, bool]:
+    """The session's STT, built from its factories when it has none; (stt, built_here)."""
+    if getattr(session, "stt", None) is not None or session.stt_factory is None:
+        return getattr(session, "stt", None), False
+    session.stt = make_stt(session)
     return session.stt, True
 
 
@@ -195,8 +201,10 @@ class CallWiring:
         hangup_regions: Any = None,
         *,
         stt_factory: Callable[[], Any] | None = None,
+        in_thread: bool = True,
     ) -> None:
         self.session = session
+        self.in_thread = in_thread  # build the STT in a worker thread (False: on the loop)
         # The server's STT, unless the session brings its own (its STT or its factory).
         if stt_factory is not None and session.stt is None and session.stt_factory is None:
             session.stt_factory = stt_factory
@@ -213,14 +221,41 @@ class CallWiring:
         """The stream's ``on_start``: start the STT, then run ``then(session)``."""
 
         def started(session: Any) -> Any:
+            if self.in_thread and session.stt is None and session.stt_factory is not None:
+                task = asyncio.create_task(self._build_then_start(then), name="vr-stt-build")
+                self._tasks.append(task)
+                return None
             stt, self._built_stt = build_stt(session)
             if stt is not None:
-                attach(stt, session.port.events)
-                task = asyncio.create_task(self._ready_then_start(stt), name="vr-stt-start")
-                self._tasks.append(task)
+                self._start(stt)
             return then(session) if then is not None else None
 
         return started
+
+    def _start(self, stt: Any) -> None:
+        attach(stt, self.session.port.events)
+        task = asyncio.create_task(self._ready_then_start(stt), name="vr-stt-start")
+        self._tasks.append(task)
+
+    async def _build_then_start(self, then: Callable[[Any], Any] | None) -> None:
+        # A factory may load a model (the offline STT: hundreds of ms), so it runs in a worker
+        # thread and the loop keeps serving other calls. This call's audio waits meanwhile in
+        # its bounded inbound queue; the handler starts once session.stt is set, as before.
+        session = self.session
+        try:
+            # A failing factory is logged there; the call goes on without speech recognition.
+            stt = await session.port.callbacks.call(make_stt, session, what="stt_factory")
+        except asyncio.CancelledError:
+            # The call ended during the build: its handler still runs (and sees the end).
+            if then is not None:
+                then(session)
+            raise
+        # Set here, on the loop: a build that the end of the call overtook leaves no STT behind.
+        if stt is not None and session.stt is None and not self._finished:
+            session.stt, self._built_stt = stt, True
+            self._start(stt)
+        if then is not None:
+            await maybe_await(then(session))
 
     async def _ready_then_start(self, stt: Any) -> None:
         # on_stt_ready runs off the loop (it is user code) and before the STT starts, so the

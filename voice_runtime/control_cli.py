@@ -143,13 +143,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         factory = load_target(args.session_factory, args.app_dir) if args.session_factory else None
     except ConfigurationError as exc:
         return _fail(str(exc))
-    if isinstance(target, VoiceServer):
-        voice = target
-        if factory is not None:
-            voice.session_factory = factory
-    elif callable(target):
-        voice = VoiceServer(on_call=target, session_factory=factory or VoiceSession)
-    else:
+    voice = _as_server(target, factory)
+    if voice is None:
         return _fail(f"{args.app} is neither a call handler nor a VoiceServer")
     if args.public_url is not None:
         voice.public_url = args.public_url
@@ -176,6 +171,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigurationError, ValueError) as exc:
         return _fail(str(exc))
     return 0
+
+
+def _as_server(target: Any, factory: Any = None) -> VoiceServer | None:
+    """The app's VoiceServer as given (its STT, TTS, options), or one around a handler."""
+    if isinstance(target, VoiceServer):
+        if factory is not None:
+            target.session_factory = factory
+        return target
+    if callable(target):
+        return VoiceServer(on_call=target, session_factory=factory or VoiceSession)
+    return None
 
 
 def _announce_console(voice: VoiceServer, args: argparse.Namespace) -> None:
@@ -290,8 +296,11 @@ def _cmd_call(args: argparse.Namespace) -> int:
                 return _fail("--twiml-only needs --public-url (or VOICE_PUBLIC_URL)")
             print(build_stream_twiml(public_url, parameters=params or None))
             return 0
-        handler = load_target(args.app, args.app_dir) if args.app else _end_when_answered
-        voice = VoiceServer(on_call=handler, public_url=public_url)
+        voice = _as_server(load_target(args.app, args.app_dir) if args.app else _end_when_answered)
+        if voice is None:
+            return _fail(f"{args.app} is neither a call handler nor a VoiceServer")
+        if args.public_url is not None or voice.public_url is None:
+            voice.public_url = public_url
         options: dict[str, Any] = {"parameters": params}
         if args.ring_timeout is not None:
             options["timeout"] = args.ring_timeout
@@ -542,14 +551,14 @@ def add_commands(subparsers: Any, env_help: Callable[[Sequence[str]], str]) -> N
         "call",
         help="place an outbound call and run a handler on it",
         description="Serve the media stream on --port, place a call to NUMBER whose stream "
-        "comes back to --public-url, and run --app (MODULE:FUNCTION) with the call's session. "
-        "Without --app the call is hung up as soon as it is answered. Exit status: 0 "
-        "answered, 1 not answered, 2 error. --twiml-only prints the stream TwiML and exits.",
+        "comes back to --public-url, and run --app (a handler, or a VoiceServer with its own STT "
+        "and TTS) with the call's session. Without --app the call is hung up once answered. "
+        "Exit status: 0 answered, 1 not answered, 2 error. --twiml-only prints the TwiML.",
         epilog=env_help(CALL_ENV),
         formatter_class=fmt,
     )
     call.add_argument("number", metavar="NUMBER", help="the number to call (E.164)")
-    call.add_argument("--app", metavar="MODULE:FUNCTION", help="call handler to run")
+    call.add_argument("--app", help="MODULE:FUNCTION call handler or MODULE:NAME VoiceServer")
     call.add_argument("--app-dir", default=".", help="look for MODULE here first (default .)")
     call.add_argument("--public-url", help="public base URL of this server (VOICE_PUBLIC_URL)")
     call.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from voice_runtime._compat import is_voice_session
+from voice_runtime._sync import forbid_on_loop
 from voice_runtime.digits import Digits, PromptSpeaker, gather
 from voice_runtime.errors import CallHangupError, ConfigurationError, IdleHangupError
 from voice_runtime.idle import POLL_S, IdleClock, IdlePolicy
@@ -153,11 +154,21 @@ class Conversation:
             return contextlib.nullcontext()
         return self.session.uninterruptible()
 
+    def _forbid_on_loop(self, method: str) -> None:
+        """LoopThreadError when a blocking method runs on the call's event loop thread."""
+        forbid_on_loop(
+            getattr(self.session, "loop", None),
+            f"Conversation.{method}",
+            f"Conversation.{method}_async",
+        )
+
     def say(self, text: str, *, interruptible: bool = True) -> dict[str, Any]:
         """Speak and return when the caller heard it, or was interrupted (the TTS result dict).
 
-        With ``interruptible=False`` barge-in does not cut it off.
+        With ``interruptible=False`` barge-in does not cut it off. Blocking: raises
+        LoopThreadError on the event loop thread (await :meth:`say_async` there).
         """
+        self._forbid_on_loop("say")
         stt, stop = self._before_say(interruptible)
         try:
             with self._protect(interruptible):
@@ -236,7 +247,9 @@ class Conversation:
         ``timeout`` defaults to 15 s, or to no limit with an idle policy (which re-prompts
         and finally hangs up, raising IdleHangupError). Raises
         :class:`~voice_runtime.errors.ConfigurationError` at once when the call has no STT.
+        Blocking: raises LoopThreadError on the event loop thread (await :meth:`listen_async`).
         """
+        self._forbid_on_loop("listen")
         deadline = self._start_listening(timeout)
         try:
             while True:
@@ -348,6 +361,7 @@ class Conversation:
         interruptible: bool = True,
     ) -> Digits:
         """Blocking twin of :meth:`gather_digits_async` for sync handlers."""
+        self._forbid_on_loop("gather_digits")
         coro = self.gather_digits_async(
             max_digits,
             finish_on_key=finish_on_key,
@@ -371,6 +385,7 @@ class Conversation:
         """
         from voice_runtime.voicemail import leave_voicemail
 
+        self._forbid_on_loop("leave_voicemail")
         result = leave_voicemail(self.session, text, self.tts, **options)
         self._record_voicemail(text, result)
         return result
@@ -391,6 +406,7 @@ class Conversation:
         """
         from voice_runtime.transfer import warm_transfer
 
+        self._forbid_on_loop("warm_transfer")
         return warm_transfer(server, self.session, agent, **options)
 
     async def warm_transfer_async(self, server: Any, agent: str, **options: Any) -> Any:

@@ -346,8 +346,21 @@ class EventStream:
         return self._queue.popleft()
 
     async def get(self, timeout: float | None = None) -> CallEvent:
-        """The next event; TimeoutError after ``timeout`` s, StopAsyncIteration once closed."""
-        return await asyncio.wait_for(self.__anext__(), timeout)
+        """The next event; TimeoutError after ``timeout`` s, StopAsyncIteration once closed.
+
+        A timed-out (or cancelled) get leaves the stream open: the next get reads on.
+        """
+        self._open()
+        if not self._queue and not self._closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                # wait_for cancels only the waiter future on timeout, never the subscription.
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        if not self._queue:
+            raise StopAsyncIteration
+        return self._queue.popleft()
 
     async def __aenter__(self) -> EventStream:
         self._open()

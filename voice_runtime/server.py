@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 
 from voice_runtime._callbacks import CallbackRunner, CallbacksBusyError
-from voice_runtime._sync import run_loop_cleanups
+from voice_runtime._sync import forbid_on_loop, run_loop_cleanups, running_loop
 from voice_runtime.call_lifecycle import CallLifecycle
 from voice_runtime.call_wiring import CallWiring, stt_factory_for
 from voice_runtime.calls import CallRegistry, HandlerPool, Route, make_route
@@ -112,6 +112,8 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     hand-off when full; see docs/scaling.md); None uses VOICE_REDIS_URL when set, and without
     it the server runs alone and never imports Redis; False never joins one.
     """
+
+    _stt_in_thread = True  # build each call's STT off the loop (see call_wiring.CallWiring)
 
     def __init__(
         self,
@@ -332,9 +334,13 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
         return route
 
     def session_for_call(self, call_sid: str, timeout: float = 0.0) -> VoiceSession | None:
-        """The session of ``call_sid``; waits up to ``timeout`` for its stream to start."""
+        """The session of ``call_sid``; waits up to ``timeout`` for its stream to start.
+
+        Waiting blocks: LoopThreadError on an event loop thread (wait in a worker thread).
+        """
         if timeout <= 0:
             return self.registry.by_call_sid(call_sid)
+        forbid_on_loop(running_loop(), "VoiceServer.session_for_call")
         return self.registry.wait_for_call(call_sid, timeout)
 
     def _route_token(self, ttl_s: float, call_sid: str | None = None) -> str | None:
@@ -518,7 +524,12 @@ class VoiceServer(CallLifecycle, WebhookRoutes):
     async def _run_call(self, websocket: Any, session: VoiceSession, expected: str | None) -> None:
         session.port.callbacks.runner = self.callbacks
         session.port.events.bus = self.events
-        wiring = CallWiring(session, self.hangup_regions, stt_factory=self.stt_factory)
+        wiring = CallWiring(
+            session,
+            self.hangup_regions,
+            stt_factory=self.stt_factory,
+            in_thread=self._stt_in_thread,
+        )
         call = MediaStreamCall(
             websocket,
             session,

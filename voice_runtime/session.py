@@ -66,7 +66,12 @@ OUTBOUND_MAX_BYTES = 2 << 20  # about 4.4 minutes of agent audio queued ahead of
 # A blocking wrapper waits this much beyond the async twin's own timeout before giving up.
 _BLOCKING_GRACE_S = 1.0
 # What a coroutine awaits instead of each blocking method (named in LoopThreadError).
-_ASYNC_TWINS = {"send_mark_and_wait": "send_mark_and_wait_async", "iter_dtmf": "dtmf"}
+_ASYNC_TWINS = {
+    "send_mark_and_wait": "send_mark_and_wait_async",
+    "iter_dtmf": "dtmf",
+    "gather_digits": "gather_digits_async",
+    "leave_voicemail": "leave_voicemail_async",
+}
 
 # 0.1.x read VOICE_SERVER_PORT at import; now reading it gives the setting at that moment.
 ModuleConstants(__name__, {"VOICE_SERVER_PORT": "voice_server_port"})
@@ -128,6 +133,9 @@ class VoiceSession(TransportSide):
         #: The transport-facing side of this session (see :mod:`voice_runtime.stream_port`).
         self.port = StreamPort(self, self.playback)
         self._loop_none_warned = False
+        # The call generation whose disconnect request was logged: an app's hangup and the
+        # runtime's end-after-handler both request it, and one call gets one log line.
+        self._disconnect_logged: int | None = None
         # Peers control how often some things happen (unknown marks, drops): first few, then
         # one in N, per call; SessionStats counts them all.
         self._log_limit = LogLimiter()
@@ -430,7 +438,9 @@ class VoiceSession(TransportSide):
         self._on_loop(
             self.port.queue_end_mark if after_playback else self._set_disconnect_requested
         )
-        logger.info("disconnect requested", extra={"call_sid": self.call_sid})
+        if self._disconnect_logged != self._call_generation:
+            self._disconnect_logged = self._call_generation
+            logger.info("disconnect requested", extra={"call_sid": self.call_sid})
 
     def _set_disconnect_requested(self) -> None:
         self._disconnect_requested.set()

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 class SingleSessionServer(VoiceServer):
     """A :class:`VoiceServer` for one given session (see the module doc)."""
 
+    # One call at a time, and 0.1.x code reads session.stt as soon as the stream connects:
+    # the STT is built on the loop as it was.
+    _stt_in_thread = False
+
     def __init__(
         self,
         app: Any,

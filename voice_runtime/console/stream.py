@@ -8,7 +8,6 @@ stream ends when the call ends, when the server drains, or when the viewer goes 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -45,7 +44,6 @@ async def call_event_stream(
         return
     session = server.registry.by_call_sid(card.call_sid)
     tap = LevelTap.watch(session) if session is not None else None
-    pending: asyncio.Future[CallEvent] | None = None
     # Subscribe before replaying the history, so no event falls between the two.
     stream = server.events.stream(call_sid=card.call_sid, maxsize=STREAM_QUEUE)
     try:
@@ -55,19 +53,14 @@ async def call_event_stream(
             for event in replayed:
                 yield _message(event, card, content)
             last_sent = last_levels = time.monotonic()
-            # One pending read survives the level ticks (a timed-out read would end the stream).
             while not server.draining:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(stream))
-                done, _ = await asyncio.wait({pending}, timeout=LEVELS_EVERY_S)
                 got: CallEvent | None = None
-                if done:
-                    try:
-                        got = pending.result()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        pending = None
+                try:
+                    got = await stream.get(LEVELS_EVERY_S)
+                except TimeoutError:
+                    pass  # a level tick; the stream stays open
+                except StopAsyncIteration:
+                    break
                 now = time.monotonic()
                 if got is not None and id(got) in seen:
                     seen.discard(id(got))  # already sent in the replay
@@ -87,7 +80,5 @@ async def call_event_stream(
                     last_sent = now
             yield "event: end\ndata: {}\n\n"
     finally:
-        if pending is not None:
-            pending.cancel()
         if tap is not None and session is not None:
             tap.unwatch(session)

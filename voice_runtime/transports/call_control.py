@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from voice_runtime._sync import forbid_on_loop
 from voice_runtime.errors import SessionError
 from voice_runtime.transports import twilio_call
 
@@ -36,6 +37,10 @@ class CallControl:
             raise SessionError("the session has no call SID yet: its stream has not started")
         return sid
 
+    def _blocking(self, method: str) -> None:
+        """A REST request held on the loop thread would stall every call: raise there."""
+        forbid_on_loop(self.session.loop, f"CallControl.{method}", f"CallControl.{method}_async")
+
     def _stream_parameters(self) -> dict[str, str]:
         info = self.session.call_info
         return dict(info.custom_parameters) if info is not None else {}
@@ -46,6 +51,7 @@ class CallControl:
 
     def transfer(self, target: str, *, caller_id: str | None = None) -> str:
         """Hand the call to a number or ``sip:`` address with ``<Dial>``; ends the stream."""
+        self._blocking("transfer")
         return twilio_call.transfer_call(
             self._sid(), target, caller_id=caller_id, client=self.client
         )
@@ -58,6 +64,7 @@ class CallControl:
 
     def send_digits(self, digits: str) -> str:
         """Play DTMF ``digits`` to the far end; the media stream then restarts as a new stream."""
+        self._blocking("send_digits")
         return twilio_call.send_digits(
             self._sid(),
             digits,
@@ -78,6 +85,7 @@ class CallControl:
 
     def start_recording(self, **options: Any) -> str:
         """Start a Twilio recording of the call; return (and remember) its SID."""
+        self._blocking("start_recording")
         self.recording_sid = twilio_call.start_recording(self._sid(), client=self.client, **options)
         return self.recording_sid
 
@@ -90,6 +98,7 @@ class CallControl:
 
     def stop_recording(self, recording_sid: str | None = None) -> None:
         """Stop a recording (default: the one this control started)."""
+        self._blocking("stop_recording")
         twilio_call.stop_recording(self._sid(), self._recording(recording_sid), client=self.client)
 
     async def stop_recording_async(self, recording_sid: str | None = None) -> None:
