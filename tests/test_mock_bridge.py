@@ -15,7 +15,7 @@ from voice_runtime.transports.twilio_call import build_route_stream_xml
 from voice_runtime.transports.twilio_ws import register_voice_websocket
 
 
-def test_initiate_mock_call_dials_the_twiml_stream_and_echoes_marks(monkeypatch) -> None:
+def test_initiate_mock_call_dials_the_twiml_stream_and_echoes_marks(monkeypatch, caplog) -> None:
     session = VoiceSession()
     app = FastAPI()
     register_voice_websocket(app, session)
@@ -48,6 +48,9 @@ def test_initiate_mock_call_dials_the_twiml_stream_and_echoes_marks(monkeypatch)
             assert result["last_spoken"] == "hello over the bridge"
             assert not result["interrupted"] and not result["call_disconnected"]
             assert injected == ["hello over the bridge"]
+            # on_spoken runs off the loop: the relay's POST to this same server got through
+            # (on the loop it waited out its 10 s timeout and failed).
+            assert "text relay to the peer failed" not in caplog.text
         finally:
             mock_bridge.cleanup_bridges()
         assert session.wait_until_disconnected(5)

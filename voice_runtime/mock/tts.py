@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from voice_runtime._sync import running_loop
 from voice_runtime.audio import tone_ulaw
 from voice_runtime.providers import Capabilities
 from voice_runtime.providers.base import SpeakFromAsync, SpeakResult, play_chunks_async
@@ -63,7 +65,12 @@ class MockTts(SpeakFromAsync):
         self.spoken.append(text)
         if self.on_spoken is not None:
             try:
-                self.on_spoken(text)
+                if running_loop() is None:
+                    self.on_spoken(text)
+                else:
+                    # User code (the mock bridge's relay posts over HTTP, maybe to this very
+                    # server): never on the loop, where it would stall every call.
+                    await asyncio.to_thread(self.on_spoken, text)
             except Exception:
                 logger.exception("on_spoken callback failed")
         if session.loop is None:
