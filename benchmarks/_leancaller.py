@@ -19,7 +19,9 @@ import asyncio
 import base64
 import collections
 import json
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import _callkit as kit
@@ -248,3 +250,54 @@ def farm_result(callers: list[LeanCaller]) -> list[dict[str, Any]]:
         }
         for c in callers
     ]
+
+
+async def hold_farm(
+    callers: list[LeanCaller],
+    target: Callable[[int], tuple[int, str]],
+    cpu: Callable[[], float] | None = None,
+) -> dict[str, Any]:
+    """The client role of a benchmark: open ``callers`` (32 at a time) at ``target(i)``
+    (port, path), tick them, print ``CONNECTED n``, hold until a line arrives on stdin, wait
+    (at most 20 s) for every ``bench-done`` mark, hang up. Returns what the orchestrator reads;
+    ``cpu`` (a CPU clock) adds the CPU the farm spent holding the calls."""
+    gate = asyncio.Semaphore(32)
+    opened: list[LeanCaller] = []
+    errors = 0
+
+    async def open_one(i: int, caller: LeanCaller) -> None:
+        nonlocal errors
+        port, path = target(i)
+        async with gate:
+            try:
+                await caller.open("127.0.0.1", port, path)
+            except Exception:
+                errors += 1
+                return
+        opened.append(caller)
+
+    stop = asyncio.Event()
+    await asyncio.gather(*(open_one(i, c) for i, c in enumerate(callers)))
+    groups = [opened[k::GROUPS] for k in range(GROUPS)]
+    tickers = [
+        asyncio.create_task(run_group(g, k * FRAME_S / GROUPS, stop)) for k, g in enumerate(groups)
+    ]
+    cpu0 = cpu() if cpu is not None else 0.0
+    print(f"CONNECTED {len(opened)}", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)
+    cpu1 = cpu() if cpu is not None else 0.0
+    deadline = loop.time() + 20
+    # Marks arrive through protocol callbacks, not awaitables: poll, as a harness may.
+    while loop.time() < deadline and not all(  # noqa: ASYNC110
+        any(m.startswith("bench-done") for m in c.marks) for c in opened
+    ):
+        await asyncio.sleep(0.05)
+    for c in opened:
+        c.hangup()
+    stop.set()
+    await asyncio.gather(*tickers)
+    out: dict[str, Any] = {"connect_errors": errors, "calls": farm_result(opened)}
+    if cpu is not None:
+        out["cpu_hold_s"] = cpu1 - cpu0
+    return out

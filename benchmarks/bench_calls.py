@@ -398,43 +398,9 @@ async def _lean_client_main(args: argparse.Namespace) -> None:
         lc.LeanCaller(f"CA{args.tag}{i:07d}".ljust(34, "0"), "MZ" + uuid.uuid4().hex)
         for i in range(args.calls)
     ]
-    gate = asyncio.Semaphore(32)
-    opened: list[Any] = []
-    errors = 0
-
-    async def open_one(i: int, caller: Any) -> None:
-        nonlocal errors
-        async with gate:
-            try:
-                await caller.open("127.0.0.1", args.port, base.format(args.first + i))
-            except Exception:
-                errors += 1
-                return
-        opened.append(caller)
-
-    stop = asyncio.Event()
-    await asyncio.gather(*(open_one(i, c) for i, c in enumerate(callers)))
-    groups = [opened[k :: lc.GROUPS] for k in range(lc.GROUPS)]
-    tickers = [
-        asyncio.create_task(lc.run_group(g, k * lc.FRAME_S / lc.GROUPS, stop))
-        for k, g in enumerate(groups)
-    ]
-    cpu0 = _cpu_self()
-    print(f"CONNECTED {len(opened)}", flush=True)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)
-    cpu1 = _cpu_self()
-    deadline = loop.time() + 20
-    # Marks arrive through protocol callbacks, not awaitables: poll, as a harness may.
-    while loop.time() < deadline and not all(  # noqa: ASYNC110
-        any(m.startswith("bench-done") for m in c.marks) for c in opened
-    ):
-        await asyncio.sleep(0.05)
-    for c in opened:
-        c.hangup()
-    stop.set()
-    await asyncio.gather(*tickers)
-    out = {"connect_errors": errors, "cpu_hold_s": cpu1 - cpu0, "calls": lc.farm_result(opened)}
+    out = await lc.hold_farm(
+        callers, lambda i: (args.port, base.format(args.first + i)), cpu=_cpu_self
+    )
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
     sys.stdout.flush()
 

@@ -92,40 +92,7 @@ async def _client_main(args: argparse.Namespace) -> None:
         lc.LeanCaller(f"CA{i:08d}".ljust(34, "0"), "MZ" + uuid.uuid4().hex)
         for i in range(args.calls)
     ]
-    gate = asyncio.Semaphore(32)
-    opened: list[Any] = []
-    errors = 0
-
-    async def open_one(i: int, caller: Any) -> None:
-        nonlocal errors
-        async with gate:
-            try:
-                await caller.open("127.0.0.1", ports[i % len(ports)], "/voice")
-            except Exception:
-                errors += 1
-                return
-        opened.append(caller)
-
-    stop = asyncio.Event()
-    await asyncio.gather(*(open_one(i, c) for i, c in enumerate(callers)))
-    groups = [opened[k :: lc.GROUPS] for k in range(lc.GROUPS)]
-    tickers = [
-        asyncio.create_task(lc.run_group(g, k * lc.FRAME_S / lc.GROUPS, stop))
-        for k, g in enumerate(groups)
-    ]
-    print(f"CONNECTED {len(opened)}", flush=True)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)
-    deadline = loop.time() + 20
-    while loop.time() < deadline and not all(  # noqa: ASYNC110 - marks arrive in callbacks
-        any(m.startswith("bench-done") for m in c.marks) for c in opened
-    ):
-        await asyncio.sleep(0.05)
-    for c in opened:
-        c.hangup()
-    stop.set()
-    await asyncio.gather(*tickers)
-    out = {"connect_errors": errors, "calls": lc.farm_result(opened)}
+    out = await lc.hold_farm(callers, lambda i: (ports[i % len(ports)], "/voice"))
     sys.stdout.write("RESULT " + json.dumps(out) + "\n")
     sys.stdout.flush()
 
