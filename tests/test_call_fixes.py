@@ -37,14 +37,21 @@ async def test_an_app_hangup_logs_disconnect_requested_once(
     assert len(lines) == 1, [r.getMessage() for r in caplog.records]
 
 
-async def test_drain_lets_a_handler_finish_its_after_call_work() -> None:
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_drain_lets_a_handler_finish_its_after_call_work(kind: str) -> None:
     saved: list[str] = []
 
-    async def on_call(session: VoiceSession) -> None:
+    async def async_handler(session: VoiceSession) -> None:
         await session.wait_until_disconnected_async()
         await asyncio.sleep(0.3)  # after-call work, e.g. saving the transcript
         saved.append("transcript")
 
+    def sync_handler(session: VoiceSession) -> None:
+        session.wait_until_disconnected(10)
+        time.sleep(0.3)  # after-call work in the handler's thread
+        saved.append("transcript")
+
+    on_call = async_handler if kind == "async" else sync_handler
     voice = VoiceServer(on_call=on_call, stt=MockStt, drain_timeout=5.0)
     async with serve_in_loop(voice.app) as srv, CallerSimulator(srv.ws_url + "/voice") as sim:
         assert await wait_for(lambda: voice.registry.live_count == 1)
@@ -52,23 +59,6 @@ async def test_drain_lets_a_handler_finish_its_after_call_work() -> None:
         await sim.hangup()
         await asyncio.wait_for(drain, 5)
     assert saved == ["transcript"]
-
-
-async def test_drain_lets_a_sync_handler_finish_its_after_call_work() -> None:
-    saved: list[str] = []
-
-    def on_call(session: VoiceSession) -> None:
-        session.wait_until_disconnected(10)
-        time.sleep(0.3)  # after-call work in the handler's thread
-        saved.append("transcript")
-
-    voice = VoiceServer(on_call=on_call, stt=MockStt, drain_timeout=5.0)
-    async with serve_in_loop(voice.app) as srv, CallerSimulator(srv.ws_url + "/voice") as sim:
-        assert await wait_for(lambda: voice.registry.live_count == 1)
-        drain = asyncio.create_task(voice.drain(3.0))
-        await sim.hangup()
-        await asyncio.wait_for(drain, 5)
-        assert saved == ["transcript"]
 
 
 async def test_blocking_methods_raise_at_once_on_the_loop_thread_naming_their_twins() -> None:

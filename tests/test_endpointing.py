@@ -149,17 +149,21 @@ def clips() -> dict[str, bytes]:
     return {t: synthesize_ulaw(t, "piper") for t in texts}
 
 
-@pytest.mark.timeout(120)
-async def test_offline_stt_waits_for_the_rest_of_an_unfinished_sentence(
-    voice_server: VoiceServer, clips: dict[str, bytes]
-) -> None:
-    audio = (
+def _pizza_pause_lemonade(clips: dict[str, bytes]) -> bytes:
+    """An unfinished sentence, a 1 s pause, its end, then silence."""
+    return (
         clips["I would like to order a pizza and"]
         + _pause(1000)
         + clips["a large lemonade."]
         + _pause(2500)
     )
-    joined = await _commits(voice_server, audio, 1)
+
+
+@pytest.mark.timeout(120)
+async def test_offline_stt_waits_for_the_rest_of_an_unfinished_sentence(
+    voice_server: VoiceServer, clips: dict[str, bytes]
+) -> None:
+    joined = await _commits(voice_server, _pizza_pause_lemonade(clips), 1)
     assert len(joined) == 1, joined
     assert "pizza" in joined[0].lower() and "lemonade" in joined[0].lower()
 
@@ -168,12 +172,7 @@ async def test_offline_stt_waits_for_the_rest_of_an_unfinished_sentence(
 async def test_without_end_of_turn_the_pause_cuts_the_caller_off(
     voice_server: VoiceServer, clips: dict[str, bytes]
 ) -> None:
-    audio = (
-        clips["I would like to order a pizza and"]
-        + _pause(1000)
-        + clips["a large lemonade."]
-        + _pause(2500)
-    )
+    audio = _pizza_pause_lemonade(clips)
     assert len(await _commits(voice_server, audio, 2, end_of_turn=None)) == 2
 
 
