@@ -151,6 +151,19 @@ async def single_session_server(
 
 
 @pytest.fixture
+def no_twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials and no public URL: signatures off, hang-up by closing the stream."""
+    for name in (
+        "TWILIO_AUTH_TOKEN",
+        "TWILIO_ACCOUNT_SID",
+        "TWILIO_SKIP_SIGNATURE_VALIDATION",
+        "VOICE_PUBLIC_URL",
+        "VOICE_STREAM_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def fake_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A FakeTwilioRest with its credentials (and our number +15550001111) in the environment."""
     from voice_runtime.testing.fake_twilio_rest import FakeTwilioRest

@@ -102,19 +102,6 @@ async def wait_admission(http: httpx.AsyncClient, check: Any, timeout: float = 1
 
 
 @pytest.fixture
-def no_twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credentials and no public URL: signatures off."""
-    for name in (
-        "TWILIO_AUTH_TOKEN",
-        "TWILIO_ACCOUNT_SID",
-        "TWILIO_SKIP_SIGNATURE_VALIDATION",
-        "VOICE_PUBLIC_URL",
-        "VOICE_STREAM_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
 async def served() -> AsyncIterator[tuple[ServedApp, PacedCaller, httpx.AsyncClient]]:
     """The abuse app in a second process with room for 5 calls beside one legitimate call."""
     app = ServedApp({"ABUSE_MAX_CALLS": str(MAX_CALLS + 1)})

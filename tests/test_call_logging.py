@@ -28,19 +28,6 @@ user_log = logging.getLogger("user.bot")
 
 
 @pytest.fixture
-def no_twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credentials and no public URL: signatures off."""
-    for name in (
-        "TWILIO_AUTH_TOKEN",
-        "TWILIO_ACCOUNT_SID",
-        "TWILIO_SKIP_SIGNATURE_VALIDATION",
-        "VOICE_PUBLIC_URL",
-        "VOICE_STREAM_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
 def call_caplog(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """caplog at INFO whose handler adds the call context, as ``serve``'s handler does."""
     context = CallContextFilter()

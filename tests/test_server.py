@@ -87,19 +87,6 @@ def vr_tasks() -> list[str]:
     return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("vr-"))
 
 
-@pytest.fixture
-def no_twilio_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credentials and no public URL: signatures off, hang-up by closing the stream."""
-    for name in (
-        "TWILIO_AUTH_TOKEN",
-        "TWILIO_ACCOUNT_SID",
-        "TWILIO_SKIP_SIGNATURE_VALIDATION",
-        "VOICE_PUBLIC_URL",
-        "VOICE_STREAM_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
 # --------------------------------------------------------------------------- 50 concurrent calls
 
 
